@@ -1,0 +1,43 @@
+"""lightning-qat: quantization-aware training down to 4 bits, from a Lightning callback to ONNX.
+
+The numeric core, used by everything else:
+
+- :class:`QuantSpec` — one quantizer's numeric format;
+- :mod:`qat.fake_quant` — the fake-quantization math (training and export faces);
+- :mod:`qat.observers` — range statistics; :mod:`qat.qparams` — scales from ranges;
+- :class:`Quantizer` — spec + observer + state + switches;
+- :class:`QuantRecipe` + :func:`prepare` — which layers to quantize and how;
+- :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`.
+"""
+
+from qat.control import freeze_bn_stats, quantizers, set_fake_quant, set_observers
+from qat.errors import ConfigError, QATError
+from qat.fake_quant import fake_quantize
+from qat.prepare import is_prepared, prepare
+from qat.quantizer import Quantizer
+from qat.recipe import LayerRule, QuantRecipe
+from qat.spec import Granularity, ObserverKind, QuantSpec
+from qat.summary import QuantSummary, strip, summary
+from qat.version import __version__
+
+__all__ = [
+    "ConfigError",
+    "Granularity",
+    "LayerRule",
+    "ObserverKind",
+    "QATError",
+    "QuantRecipe",
+    "QuantSpec",
+    "QuantSummary",
+    "Quantizer",
+    "__version__",
+    "fake_quantize",
+    "freeze_bn_stats",
+    "is_prepared",
+    "prepare",
+    "quantizers",
+    "set_fake_quant",
+    "set_observers",
+    "strip",
+    "summary",
+]

@@ -1,0 +1,50 @@
+"""Switches over a prepared model: the phases of a QAT run, as plain functions.
+
+These are what the Lightning callback calls at each phase, and what a plain PyTorch loop calls
+directly::
+
+    qat.set_fake_quant(model, False)      # calibration: observe ranges, compute in float
+    for batch in calibration_batches:
+        model(batch)
+    qat.set_fake_quant(model, True)       # QAT
+    ...
+    qat.set_observers(model, False)       # freeze ranges
+    qat.freeze_bn_stats(model)            # freeze folded BatchNorm statistics
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+from qat.modules import QuantConvNd
+from qat.quantizer import Quantizer
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """Every quantizer in ``model``, with its fully-qualified name."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            yield name, module
+
+
+def set_observers(model: nn.Module, enabled: bool, role: str | None = None) -> None:
+    """Turn range observation on or off for every quantizer (of one ``role``, when given)."""
+    for _, q in quantizers(model):
+        if role is None or q.role == role:
+            q.enable_observer(enabled)
+
+
+def set_fake_quant(model: nn.Module, enabled: bool, role: str | None = None) -> None:
+    """Turn fake quantization on or off for every quantizer (of one ``role``, when given)."""
+    for _, q in quantizers(model):
+        if role is None or q.role == role:
+            q.enable_fake_quant(enabled)
+
+
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
+    """Freeze (or unfreeze) the statistics of every BatchNorm folded into a convolution."""
+    for module in model.modules():
+        if isinstance(module, QuantConvNd) and module.bn is not None:
+            module.freeze_bn_stats(frozen)

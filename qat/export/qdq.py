@@ -1,0 +1,72 @@
+"""Lowering of ``torch.ops.qat.fake_quantize`` to ONNX QuantizeLinear → DequantizeLinear (opset 21).
+
+Pass :data:`CUSTOM_TRANSLATION_TABLE` to ``torch.onnx.export(..., dynamo=True,
+opset_version=OPSET, custom_translation_table=...)``. The op's integer range picks the ONNX integer type: the
+smallest of int4/uint4, int8/uint8, int16/uint16 that holds it. A range narrower than that
+type (2 or 3 bits, narrow range) is applied first as ``Min(Max(x, (qmin - z)·s), (qmax - z)·s)``,
+which gives the same codes (the numeric contract in :mod:`qat.fake_quant`).
+The scale and zero-point guards of :func:`~qat.fake_quant.fake_quantize_math` are emitted too
+(``Max(s, MIN_SCALE)``, ``Clip(Round(z))``); on constant parameters the exporter's optimizer
+folds them away.
+
+Example:
+    >>> import torch, qat
+    >>> from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
+    >>> model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 4)), {"weight": {"bits": 4}})
+    >>> _ = model(torch.randn(2, 8))  # observe ranges
+    >>> qat.set_observers(model, False)
+    >>> program = torch.onnx.export(model.eval(), (torch.randn(2, 8),), dynamo=True, verbose=False,
+    ...                             opset_version=OPSET, custom_translation_table=CUSTOM_TRANSLATION_TABLE)
+    >>> sorted({n.op_type for n in program.model_proto.graph.node})
+    ['DequantizeLinear', 'Gemm', 'QuantizeLinear']
+"""
+
+from __future__ import annotations
+
+import torch
+from onnx import TensorProto
+from onnxscript import opset21 as op
+
+from qat.errors import QATError
+from qat.fake_quant import MIN_SCALE
+
+OPSET = 21
+
+_CONTAINERS = (
+    (-8, 7, TensorProto.INT4),
+    (0, 15, TensorProto.UINT4),
+    (-128, 127, TensorProto.INT8),
+    (0, 255, TensorProto.UINT8),
+    (-32768, 32767, TensorProto.INT16),
+    (0, 65535, TensorProto.UINT16),
+)
+
+
+def onnx_container(qmin: int, qmax: int) -> tuple[int, int, int]:
+    """``(onnx_dtype, type_min, type_max)`` of the smallest ONNX integer type holding ``[qmin, qmax]``."""
+    for low, high, dtype in _CONTAINERS:
+        if low <= qmin and qmax <= high:
+            return dtype, low, high
+    raise QATError(f"no ONNX integer type holds the code range [{qmin}, {qmax}]")
+
+
+def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, block_size: int):
+    """onnxscript translation of ``qat::fake_quantize`` (see the module docstring)."""
+    dtype, type_min, type_max = onnx_container(qmin, qmax)
+    s = op.Max(scale, op.Constant(value_float=MIN_SCALE))
+    z_float = op.Clip(op.Round(zero_point), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
+    z = op.Cast(z_float, to=dtype)
+    if (qmin, qmax) != (type_min, type_max):
+        # The bounds (qmin - z)·s and (qmax - z)·s in x's full shape, for any layout: DequantizeLinear
+        # of a tensor of constant codes with the same scale, zero point, axis and block size.
+        def bound(code: int):
+            codes = op.Expand(op.Constant(value_int=code), op.Shape(x))
+            return op.DequantizeLinear(op.Cast(codes, to=dtype), s, z, axis=axis, block_size=block_size)
+
+        x = op.Min(op.Max(x, bound(qmin)), bound(qmax))
+    q = op.QuantizeLinear(x, s, z, axis=axis, block_size=block_size, output_dtype=dtype)
+    return op.DequantizeLinear(q, s, z, axis=axis, block_size=block_size)
+
+
+CUSTOM_TRANSLATION_TABLE = {torch.ops.qat.fake_quantize.default: fake_quantize_to_qdq}
+"""``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``."""

@@ -1,0 +1,165 @@
+"""Fake quantization: the one definition of the math, with a training face and an export face.
+
+The contract (DESIGN.md, "Numeric contract"): for a scale ``s``, an integer zero point ``z`` and a
+code range ``[qmin, qmax]``::
+
+    q = clamp(round_half_to_even(x / s) + z, qmin, qmax)
+    y = (q - z) * s
+
+bit for bit what ONNX ``DequantizeLinear(QuantizeLinear(x, s, z), s, z)`` gives, with ``s`` and ``z``
+in ONNX layout: a scalar (per tensor), a 1-D tensor with ``axis`` (per channel), or a tensor of
+``x``'s rank with ``block_size`` along ``axis`` (blocked; also used for per-token scales, whose
+block is the whole last dimension). Ranges narrower than the integer type (3 bits, narrow range)
+are the same ops after a ``Clip`` to ``[(qmin - z) * s, (qmax - z) * s]``.
+
+The arithmetic is done in float32: an input in bf16/fp16 is upcast, quantized, and the result
+cast back (in ONNX: ``Cast → Q → DQ → Cast``). Two guards keep bad parameters from producing NaN:
+the scale is clamped to at least :data:`MIN_SCALE` (torch.ao's ``eps``) and the zero point is
+rounded and clamped into ``[qmin, qmax]`` (learnable zero points are real-valued).
+
+Two faces of the same function:
+
+- :class:`FakeQuantizeFunction` (training): an ``autograd.Function`` whose forward is plain tensor
+  ops, so ``torch.compile`` sees through it and fuses it with neighbours; its backward gives the
+  straight-through gradient for ``x`` and LSQ / LSQ+ gradients for scale and zero point.
+- ``torch.ops.qat.fake_quantize`` (export): a ``torch.library.custom_op`` that the ONNX exporter
+  maps to QuantizeLinear/DequantizeLinear (:mod:`qat.export.qdq`). A custom op is opaque to
+  Inductor, which is why training does not use it.
+
+:func:`fake_quantize` picks the face: the custom op while ``torch.export`` traces (which the
+dynamo ONNX exporter uses), the autograd function otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MIN_SCALE = torch.finfo(torch.float32).eps
+"""Smallest scale used: zero or tiny scales are raised to this (torch.ao observers' ``eps``)."""
+
+
+def broadcast_qparam(param: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
+    """Reshape a scale or zero point from ONNX layout to a shape that broadcasts against ``x``.
+
+    ``axis`` must already be non-negative. Per-tensor ``()`` stays a scalar; per-axis ``(C,)``
+    becomes ``(1, …, C, …, 1)``; blocked ``(…, ceil(n / B), …)`` is repeated ``B`` times along
+    ``axis`` and cut to ``n`` (the last block may be partial, as in ONNX).
+    """
+    if param.ndim == 0:
+        return param
+    if block_size == 0:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        return param.reshape(shape)
+    if param.shape[axis] == 1:  # one block spans the axis (per-token): plain broadcasting
+        return param
+    return param.repeat_interleave(block_size, dim=axis).narrow(axis, 0, x.shape[axis])
+
+
+def _guarded(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    return scale.float().clamp_min(MIN_SCALE), zero_point.float().round().clamp(qmin, qmax)
+
+
+def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The forward value, with ``scale`` and ``zero_point`` already broadcastable against ``x``."""
+    s, z = _guarded(scale, zero_point, qmin, qmax)
+    q = torch.clamp(torch.round(x.float() / s) + z, qmin, qmax)
+    return ((q - z) * s).to(x.dtype)
+
+
+class FakeQuantizeFunction(torch.autograd.Function):
+    """Training face: forward = :func:`fake_quantize_math`; backward = STE + LSQ / LSQ+.
+
+    Gradients (Esser et al. 2020, LSQ; Bhalgat et al. 2020, LSQ+; the same formulas as ATen's
+    ``_fake_quantize_learnable_per_*_affine``), with ``u = x / s`` and ``q`` the clamped code:
+
+    - ``x``: ``dy`` where ``qmin <= round(u) + z <= qmax``, else 0 (straight-through estimator).
+    - ``s``: ``(q - z) - u`` inside the range, ``qmin - z`` / ``qmax - z`` outside; summed over
+      the elements that share the scale and multiplied by ``grad_factor`` (LSQ's gradient
+      scale ``1 / sqrt(N * qmax)``, supplied by the caller).
+    - ``z``: 0 inside the range, ``-s`` outside, scaled the same way.
+
+    Only the inputs are saved; the backward recomputes the rest, so the op costs no extra
+    activation memory beyond ``x`` (which the following matmul keeps anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qrange = (qmin, qmax)
+        ctx.grad_factor = grad_factor
+        return fake_quantize_math(x, scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, scale, zero_point = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        s, z = _guarded(scale, zero_point, qmin, qmax)
+        u = x.float() / s
+        code = torch.round(u) + z
+        inside = (code >= qmin) & (code <= qmax)
+        grad_x = grad_y * inside if ctx.needs_input_grad[0] else None
+        grad_scale = grad_zero_point = None
+        if ctx.needs_input_grad[1]:
+            d_scale = torch.clamp(code, qmin, qmax) - z - torch.where(inside, u, 0.0)
+            grad_scale = (grad_y.float() * d_scale).sum_to_size(scale.shape) * ctx.grad_factor
+        if ctx.needs_input_grad[2]:
+            d_zero_point = torch.where(inside, 0.0, -s)
+            grad_zero_point = (grad_y.float() * d_zero_point).sum_to_size(zero_point.shape) * ctx.grad_factor
+        return grad_x, grad_scale, grad_zero_point, None, None, None
+
+
+@torch.library.custom_op("qat::fake_quantize", mutates_args=())
+def fake_quantize_op(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, axis: int, block_size: int
+) -> Tensor:
+    """Export face: ``DequantizeLinear(QuantizeLinear(x))`` as one op the ONNX exporter can map.
+
+    ``scale`` / ``zero_point`` are in ONNX layout; ``block_size`` 0 means per-tensor or per-axis.
+    """
+    s = broadcast_qparam(scale, x, axis, block_size)
+    z = broadcast_qparam(zero_point, x, axis, block_size)
+    return fake_quantize_math(x, s, z, qmin, qmax)
+
+
+@fake_quantize_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, axis, block_size):
+    return torch.empty_like(x)
+
+
+def fake_quantize(
+    x: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    *,
+    axis: int = 0,
+    block_size: int = 0,
+    grad_factor: float = 1.0,
+) -> Tensor:
+    """Fake-quantize ``x`` with ONNX-layout parameters; differentiable (STE, LSQ / LSQ+).
+
+    Args:
+        x: any float tensor (fp32, bf16, fp16).
+        scale: float scale: ``()``, ``(C,)`` along ``axis``, or blocked (``x``'s rank).
+        zero_point: same shape as ``scale``, integer-valued (a real-valued learnable zero point
+            is rounded in the forward pass, straight-through in the backward pass).
+        qmin, qmax: the integer code range, e.g. ``-8, 7`` for int4.
+        axis: the per-channel or block axis (negative counts from the end).
+        block_size: elements per block along ``axis``; 0 for per-tensor / per-channel.
+        grad_factor: multiplies the scale and zero-point gradients (LSQ gradient scaling).
+
+    Example:
+        >>> import torch
+        >>> from qat.fake_quant import fake_quantize
+        >>> fake_quantize(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), torch.tensor(0.0), -8, 7)
+        tensor([ 0.5000, -1.0000,  3.5000])
+    """
+    axis = axis % x.ndim if x.ndim else 0
+    if torch.compiler.is_exporting():
+        return torch.ops.qat.fake_quantize(x, scale, zero_point, qmin, qmax, axis, block_size)
+    s = broadcast_qparam(scale, x, axis, block_size)
+    z = broadcast_qparam(zero_point, x, axis, block_size)
+    return FakeQuantizeFunction.apply(x, s, z, qmin, qmax, grad_factor)

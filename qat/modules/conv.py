@@ -1,0 +1,147 @@
+"""Quantized twins of ``nn.Conv1d/2d/3d`` (with optional BatchNorm folding) and ``nn.ConvTranspose2d``.
+
+BatchNorm folding for QAT (Jacob et al. 2018, §3.2; torch.ao's ``ConvBn``): when a BatchNorm
+directly follows a convolution, the twin takes the BatchNorm in as ``bn`` and quantizes the
+*folded* weight, the weight the deployed model will hold. With ``γ, β, μ, σ² , ε`` the BN's
+parameters and running statistics::
+
+    f      = γ / sqrt(σ² + ε)                  # per output channel
+    W_fold = W · f                             # what the weight quantizer observes and rounds
+    y      = BN(conv(x, Q(W_fold)) / f + b)    # training: BN still normalises with batch statistics
+
+Dividing by ``f`` undoes the scaling, so the BatchNorm keeps learning its statistics while the
+convolution already runs with quantized folded weights. Once the statistics are frozen
+(:meth:`QuantConvNd.freeze_bn_stats`, or in eval mode) the BN uses its running statistics and the
+layer equals a plain convolution with weight ``Q(W_fold)`` and bias ``β + (b - μ) · f``, which is
+what :meth:`~qat.modules.base.QuantizedLayer.to_float` and the exporter produce. A timm
+``BatchNormAct2d`` folds the same way; its dropout and activation still run after the BatchNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qat.bn_fold import bn_tail
+from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
+from qat.snapshot import snapshot
+
+
+class QuantConvNd(QuantizedLayer):
+    """Shared forward of the Conv1d/2d/3d twins, with BatchNorm folding."""
+
+    bn: nn.modules.batchnorm._BatchNorm | None
+
+    @classmethod
+    def from_float(cls, layer, weight, activation):
+        twin = super().from_float(layer, weight, activation)
+        twin.register_module("bn", None)
+        twin.bn_frozen = False
+        return twin
+
+    def attach_bn(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Fold ``bn`` (which must directly follow this convolution) into this layer."""
+        self.bn = bn
+
+    def freeze_bn_stats(self, frozen: bool = True) -> None:
+        """Stop (or restart) updating the folded BatchNorm's statistics: a frozen BatchNorm stays
+        in eval mode (running statistics) even while the model trains."""
+        self.bn_frozen = frozen
+        if self.bn is not None:
+            self.bn.train(self.training and not frozen)
+
+    def train(self, mode: bool = True) -> QuantConvNd:
+        super().train(mode)
+        if self.bn is not None and self.bn_frozen:
+            self.bn.train(False)
+        return self
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"bn_frozen": self.bn_frozen}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.freeze_bn_stats(bool(state.get("bn_frozen", False)))
+
+    def _bn_factor(self) -> Tensor:
+        """``f = γ / sqrt(σ² + ε)`` per output channel (``γ = 1`` without affine parameters).
+
+        ``running_var`` is updated in place later in the same forward, hence the snapshot."""
+        bn = self.bn
+        factor = snapshot(torch.rsqrt(bn.running_var + bn.eps))
+        return factor * bn.weight if bn.weight is not None else factor
+
+    def _channel_shape(self, ndim: int, axis: int) -> list[int]:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return shape
+
+    def float_weight_bias(self) -> tuple[Tensor, Tensor | None]:
+        if self.bn is None:
+            return self.weight, self.bias
+        factor = self._bn_factor()
+        bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
+        folded_bias = (bias - self.bn.running_mean) * factor
+        if self.bn.bias is not None:
+            folded_bias = folded_bias + self.bn.bias
+        return self.weight * factor.reshape(self._channel_shape(self.weight.ndim, 0)), folded_bias
+
+    def forward(self, input: Tensor) -> Tensor:
+        x = self.quantize_input(input)
+        if self.bn is None:
+            return self._conv_forward(x, self.quantize_weight(self.weight), self.bias)
+        factor = self._bn_factor()
+        weight = self.quantize_weight(self.weight * factor.reshape(self._channel_shape(self.weight.ndim, 0)))
+        y = self._conv_forward(x, weight, None) / factor.reshape(self._channel_shape(x.ndim, 1))
+        if self.bias is not None:
+            y = y + self.bias.reshape(self._channel_shape(x.ndim, 1))
+        return self.bn(y)  # the module, so a BatchNorm-with-activation runs its activation too
+
+    def to_float(self) -> nn.Module:
+        conv = super().to_float()
+        tail = bn_tail(self.bn) if self.bn is not None else []
+        return nn.Sequential(conv, *tail) if tail else conv
+
+    def twin_children(self) -> tuple[str, ...]:
+        return (*QUANT_CHILDREN, "bn")
+
+    def twin_attributes(self) -> tuple[str, ...]:
+        return ("bn_frozen",)
+
+
+class QuantConv1d(QuantConvNd, nn.Conv1d):
+    """``nn.Conv1d`` twin (grouped and depthwise included)."""
+
+    float_cls = nn.Conv1d
+
+
+class QuantConv2d(QuantConvNd, nn.Conv2d):
+    """``nn.Conv2d`` twin (grouped and depthwise included)."""
+
+    float_cls = nn.Conv2d
+
+
+class QuantConv3d(QuantConvNd, nn.Conv3d):
+    """``nn.Conv3d`` twin (grouped and depthwise included)."""
+
+    float_cls = nn.Conv3d
+
+
+class QuantConvTranspose2d(QuantizedLayer, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` twin. Its weight is ``(in, out / groups, kh, kw)``: per-channel
+    scales run along axis 1, per-group blocks along axis 0."""
+
+    float_cls = nn.ConvTranspose2d
+    channel_axis = 1
+    input_axis = 0
+
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.padding_mode != "zeros":
+            raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
+        return F.conv_transpose2d(
+            self.quantize_input(input), self.quantize_weight(self.weight), self.bias,
+            self.stride, self.padding, output_padding, self.groups, self.dilation,
+        )

@@ -1,0 +1,155 @@
+"""`qat.prepare`: swap a float model's layers for quantized twins according to a recipe.
+
+Walks the model, decides for every layer with parameters whether it is quantized (and with
+which specs) or left float (and why), folds BatchNorms into their convolutions, swaps the layers
+in place and records the recipe and the float layers as ``model.qat_state``, which lets
+:func:`qat.summary` list what was left float. Nothing is skipped silently: every parameterised layer is either
+quantized, folded, or listed with its reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from qat.bn_fold import find_conv_bn_pairs, is_foldable_bn
+from qat.errors import QATError
+from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
+from qat.recipe import QuantRecipe
+from qat.version import __version__
+
+STATE_NAME = "qat_state"
+
+OPAQUE = (nn.MultiheadAttention,)
+"""Layers that read their children's weights directly (``F.multi_head_attention_forward`` uses
+``out_proj.weight``), so a twin of a child would never run: the whole layer stays float."""
+
+
+@dataclass
+class QATState:
+    """What :func:`prepare` leaves on the model as ``model.qat_state``: the recipe it used and the
+    layers it left float, with the reason for each.
+
+    A plain attribute rather than a submodule: a submodule would become a step of an
+    ``nn.Sequential`` model. Checkpoint-level metadata is the Lightning callback's job.
+    """
+
+    recipe: QuantRecipe
+    float_layers: dict[str, str] = field(default_factory=dict)
+    version: str = __version__
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """True when ``model`` already holds quantized layers."""
+    return isinstance(getattr(model, STATE_NAME, None), QATState) or any(isinstance(m, QuantizedLayer) for m in model.modules())
+
+
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Named descendants, not entering opaque layers or layers that have a twin."""
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        yield full, child
+        if not isinstance(child, OPAQUE) and twin_for(child) is None:
+            yield from _walk(child, full)
+
+
+def _float_reason(layer: nn.Module) -> str:
+    """Why a parameterised layer without a twin stays float."""
+    cls = type(layer)
+    if isinstance(layer, OPAQUE):
+        return f"{cls.__name__} reads its weights directly: no quantized twin (its children stay float too)"
+    base = next((t for t in TWINS if isinstance(layer, t)), None)
+    if base is not None:
+        return f"{cls.__name__} subclasses {base.__name__} with its own code: no quantized twin"
+    if "Norm" in cls.__name__:
+        return "normalization layer: kept in float"
+    params = ", ".join(name for name, p in layer.named_parameters(recurse=False))
+    return f"no quantized twin for {cls.__name__} (parameters: {params})"
+
+
+def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | None = None, example_inputs: Any = None) -> nn.Module:
+    """Quantize ``model`` in place for QAT and return it.
+
+    Args:
+        model: a float ``nn.Module`` (torchvision, timm, Hugging Face, or your own).
+        recipe: a :class:`~qat.QuantRecipe`, a mapping, a YAML path, or None for the default
+            (int8 per-channel weights, uint8 per-tensor inputs).
+        example_inputs: inputs the model's forward accepts (a tensor, a tuple of positional
+            arguments, or a mapping of keyword arguments); needed to find Conv+BatchNorm pairs.
+
+    Example:
+        >>> import torch, qat
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        ...                             torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 10))
+        >>> model = qat.prepare(model, {"weight": {"bits": 4}}, example_inputs=torch.randn(2, 3, 8, 8))
+        >>> type(model[0]).__name__, type(model[1]).__name__
+        ('QuantConv2d', 'Identity')
+    """
+    recipe = QuantRecipe.coerce(recipe)
+    if is_prepared(model):
+        raise QATError("the model is already prepared (it holds quantized layers); call qat.prepare on a float model")
+    has_bn = any(is_foldable_bn(m) for m in model.modules())
+    fold_pairs: dict[str, str] = {}
+    float_layers: dict[str, str] = {}
+    if recipe.fold_bn and has_bn:
+        if example_inputs is None:
+            reason = "BatchNorm not folded: pass example_inputs to qat.prepare to find Conv+BatchNorm pairs"
+            float_layers.update({n: reason for n, m in model.named_modules() if is_foldable_bn(m)})
+        else:
+            plan = find_conv_bn_pairs(model, example_inputs)
+            fold_pairs = plan.pairs
+            float_layers.update(plan.unfolded)
+    elif has_bn:
+        float_layers.update({n: "BatchNorm not folded: the recipe sets fold_bn false"
+                             for n, m in model.named_modules() if is_foldable_bn(m)})
+
+    twins: dict[int, QuantizedLayer] = {}
+    twin_names: dict[str, QuantizedLayer] = {}
+    matched_rules: set[int] = set()
+    for name, layer in _walk(model):
+        twin_cls = twin_for(layer)
+        if twin_cls is None:
+            if name not in float_layers and any(True for _ in layer.parameters(recurse=False)) and not is_foldable_bn(layer):
+                float_layers[name] = _float_reason(layer)
+            continue
+        if id(layer) in twins:  # the same layer object reached under another name
+            twin_names[name] = twins[id(layer)]
+            continue
+        skip = recipe.skip_reason(name)
+        weight, activation, matched = recipe.specs_for(name, layer)
+        matched_rules.update(matched)
+        if not twin_cls.takes_activation:
+            activation = None
+        if skip or (weight is None and activation is None):
+            float_layers[name] = skip or f"the recipe turns off its weight and input quantization (rules {matched})"
+            continue
+        twins[id(layer)] = twin_names[name] = twin_cls.from_float(layer, weight, activation)
+
+    for i, rule in enumerate(recipe.rules):
+        if i not in matched_rules:
+            names = list(twin_names) + list(float_layers)
+            raise QATError(f"recipe rules[{i}] ({rule.describe()}) matches no layer of {type(model).__name__}; "
+                           f"layer names look like: {', '.join(names[:6])}")
+    if not twins:
+        raise QATError(f"the recipe quantizes no layer of {type(model).__name__}: no Linear, Conv, ConvTranspose2d or "
+                       f"Embedding layer is selected (left float: {', '.join(list(float_layers)[:6]) or 'none'})")
+
+    bn_by_name = dict(model.named_modules())
+    replacements: dict[int, nn.Module] = dict(twins)
+    for conv_name, bn_name in fold_pairs.items():
+        twin = twin_names.get(conv_name)
+        if isinstance(twin, QuantConvNd) and twin.weight_quantizer is not None:
+            bn = bn_by_name[bn_name]
+            twin.attach_bn(bn)
+            replacements[id(bn)] = nn.Identity()
+        else:
+            float_layers[bn_name] = f"BatchNorm not folded: its convolution `{conv_name}` is left float"
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child is not None and id(child) in replacements:
+                setattr(parent, child_name, replacements[id(child)])
+    setattr(model, STATE_NAME, QATState(recipe, float_layers))
+    return model

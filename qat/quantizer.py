@@ -1,0 +1,154 @@
+"""`Quantizer`: spec + observer + scale/zero-point state + switches, as one module.
+
+A quantizer sits wherever a tensor is fake-quantized (a layer's weight, a layer's input). Its
+forward observes the tensor when observation is on (updating ``scale`` / ``zero_point``), then
+fake-quantizes it with the current parameters when fake quantization is on. The two switches
+give the phases of a QAT run: calibration (observe, no fake-quant), QAT (both), frozen ranges
+(fake-quant only), and float (neither). They do not follow ``train()`` / ``eval()``: calibration
+usually runs in eval mode, so turning observation off for validation or export is the caller's
+decision (the Lightning callback makes it).
+
+State: ``scale`` and ``zero_point`` are buffers, or parameters when the spec is learnable (LSQ;
+the zero point is learned too when the spec is affine, LSQ+); the observer's range is in its
+buffers; the two switches are plain Python booleans saved through ``get_extra_state`` — a
+tensor flag would need a host read (a GPU sync) at every step. ``state_dict`` therefore carries
+all of it, and ``load_state_dict`` restores it exactly.
+
+Example:
+    >>> import torch
+    >>> from qat import QuantSpec
+    >>> from qat.quantizer import Quantizer
+    >>> q = Quantizer(QuantSpec(bits=4, granularity="per_channel"), shape=(8, 16), role="weight", default_axis=0)
+    >>> w = torch.randn(8, 16)
+    >>> bool(((q(w) - w).abs() <= q.scale[:, None] / 2 + 1e-6).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qat.fake_quant import fake_quantize
+from qat.observers import finite_range, make_observer, reduce_groups
+from qat.qparams import qparams_from_range
+from qat.snapshot import snapshot
+from qat.spec import Granularity, QuantSpec, Role
+
+
+class Quantizer(nn.Module):
+    """Observe and fake-quantize one tensor according to ``spec``.
+
+    Args:
+        spec: the numeric format.
+        shape: shape of the tensor this quantizer sees; required for ``per_channel`` and
+            ``per_group`` (a weight's shape is known when the layer is prepared).
+        role: ``weight`` (the range follows the current weight) or ``activation`` (ranges
+            accumulate over batches and are all-reduced across ranks).
+        default_axis: the axis used when ``spec.axis`` is None (the layer's channel axis for
+            ``per_channel``, its input axis for ``per_group``).
+    """
+
+    def __init__(self, spec: QuantSpec, shape: Sequence[int] | None = None, role: Role = "activation", default_axis: int = 0) -> None:
+        super().__init__()
+        spec.check_role(role)
+        needs_shape = spec.granularity in (Granularity.PER_CHANNEL, Granularity.PER_GROUP)
+        if needs_shape and shape is None:
+            raise ValueError(f"a {spec.granularity.value} quantizer needs the shape of the tensor it quantizes")
+        shape = tuple(shape or ())
+        self.spec, self.role, self.shape = spec, role, shape
+        self.axis = spec.resolve_axis(len(shape), default_axis) if needs_shape else 0
+        self.block_size = spec.group_size if spec.granularity is Granularity.PER_GROUP else 0
+        self.observer_enabled = not spec.dynamic
+        self.fake_quant_enabled = True
+        self.observer = None
+        if not spec.dynamic:
+            is_activation = role == "activation"
+            self.observer = make_observer(spec, shape, self.axis, accumulate=is_activation, sync=is_activation)
+        qshape = spec.qparam_shape(shape, self.axis) if not spec.dynamic else ()
+        scale = torch.ones(qshape)
+        zero_point = torch.full(qshape, float(spec.symmetric_zero_point if spec.symmetric else spec.qmin))
+        if spec.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        if spec.learnable and not spec.symmetric:
+            self.zero_point = nn.Parameter(zero_point)
+        else:
+            self.register_buffer("zero_point", zero_point)
+
+    # -- switches ------------------------------------------------------------------------------
+
+    def enable_observer(self, enabled: bool = True) -> Quantizer:
+        """Turn range observation on or off (dynamic per-token quantizers have nothing to observe)."""
+        self.observer_enabled = bool(enabled) and not self.spec.dynamic
+        return self
+
+    def enable_fake_quant(self, enabled: bool = True) -> Quantizer:
+        """Turn fake quantization on or off (off: the tensor passes through unchanged)."""
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.enable_observer(state.get("observer_enabled", True))
+        self.enable_fake_quant(state.get("fake_quant_enabled", True))
+
+    # -- numbers ---------------------------------------------------------------------------------
+
+    @property
+    def calibrated(self) -> bool:
+        """True once a finite range was observed for every group (dynamic: always). Reads the host."""
+        if self.observer is None:
+            return True
+        return bool(torch.isfinite(self.observer.min_val).all() and torch.isfinite(self.observer.max_val).all())
+
+    def grad_factor(self, x: Tensor) -> float:
+        """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale."""
+        per_scale = max(1, x.numel() // max(1, self.scale.numel()))
+        return 1.0 / math.sqrt(per_scale * max(1, self.spec.qmax))
+
+    def dynamic_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token scale and zero point of ``x`` (shape ``(..., 1)``), from its own range.
+
+        Snapshotted so a compiled backward reuses them: recomputed there with other arithmetic,
+        a row's maximum — which sits exactly on the tie ``(qmax - qmin) / 2`` — can round the
+        other way and flip its straight-through mask."""
+        low, high = reduce_groups(x.detach().float(), self.spec, x.ndim - 1, finite_range)
+        scale, zero_point = qparams_from_range(low, high, self.spec)
+        return snapshot(scale), snapshot(zero_point)
+
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` with the current parameters, without observing it."""
+        if self.spec.dynamic:
+            scale, zero_point = self.dynamic_qparams(x)
+            return fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1])
+        grad_factor = self.grad_factor(x) if self.spec.learnable else 1.0
+        # scale / zero_point are buffers this forward may have just updated: see qat.snapshot
+        return fake_quantize(
+            x, snapshot(self.scale), snapshot(self.zero_point), self.spec.qmin, self.spec.qmax,
+            axis=self.axis, block_size=self.block_size, grad_factor=grad_factor,
+        )
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold ``x`` into the observer and refresh ``scale`` / ``zero_point`` from it."""
+        self.observer(x)
+        scale, zero_point = self.observer.qparams()
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled:
+            self.observe(x)
+        return self.fake_quantize(x) if self.fake_quant_enabled else x
+
+    def extra_repr(self) -> str:
+        flags = f"observe={self.observer_enabled}, fake_quant={self.fake_quant_enabled}"
+        return f"{self.spec.describe()}, role={self.role}, {flags}"

@@ -1,0 +1,101 @@
+"""Quantizer: switches, learnable mode, and exact state_dict round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qat import QuantSpec
+from qat.quantizer import Quantizer
+
+SPECS = {
+    "static_tensor": (QuantSpec(bits=8, signed=False, symmetric=False, observer="moving_average_minmax"), None, "activation"),
+    "channel_learnable_affine": (QuantSpec(bits=4, symmetric=False, granularity="per_channel", learnable=True), (6, 5), "weight"),
+    "group_mse": (QuantSpec(bits=4, granularity="per_group", group_size=2, observer="mse"), (6, 5), "weight"),
+    "percentile": (QuantSpec(bits=8, signed=False, symmetric=False, observer="percentile"), None, "activation"),
+    "per_token": (QuantSpec(bits=8, granularity="per_token"), None, "activation"),
+}
+
+
+def _trained_quantizer(name):
+    spec, shape, role = SPECS[name]
+    q = Quantizer(spec, shape, role, default_axis=0 if spec.granularity == "per_channel" else 1)
+    for step in range(3):
+        q(torch.randn(shape or (4, 5)) * (step + 1))
+    if spec.learnable:
+        with torch.no_grad():
+            q.scale.mul_(1.1)
+            q.zero_point.add_(0.3)
+    q.enable_observer(False)
+    q.enable_fake_quant(name != "percentile")
+    return q
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_state_dict_round_trip_restores_everything(name):
+    q = _trained_quantizer(name)
+    spec, shape, role = SPECS[name]
+    fresh = Quantizer(spec, shape, role, default_axis=0 if spec.granularity == "per_channel" else 1)
+    fresh.load_state_dict(q.state_dict())
+    for key, value in q.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[key], value), key
+    assert fresh.observer_enabled == q.observer_enabled and fresh.fake_quant_enabled == q.fake_quant_enabled
+    x = torch.randn(shape or (4, 5))
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_state_dict_survives_torch_save_with_weights_only(tmp_path):
+    q = _trained_quantizer("channel_learnable_affine")
+    torch.save(q.state_dict(), tmp_path / "q.pt")
+    fresh = Quantizer(*SPECS["channel_learnable_affine"])
+    fresh.load_state_dict(torch.load(tmp_path / "q.pt", weights_only=True))
+    assert torch.equal(fresh.scale, q.scale) and fresh.observer_enabled is False
+
+
+def test_switches():
+    q = Quantizer(QuantSpec(bits=4), role="activation")
+    x = torch.randn(100)
+    q.enable_fake_quant(False)
+    assert torch.equal(q(x), x)  # calibration: observes, passes through
+    scale = q.scale.clone()
+    assert scale.item() == pytest.approx(x.abs().max().item() / 7.5)
+    q.enable_fake_quant(True).enable_observer(False)
+    q(x * 10)  # frozen range: the scale does not move
+    assert torch.equal(q.scale, scale)
+    assert not torch.equal(q(x), x)
+
+
+def test_learnable_mode_trains_scale_and_affine_zero_point():
+    sym = Quantizer(QuantSpec(bits=4, learnable=True), role="activation")
+    aff = Quantizer(QuantSpec(bits=4, learnable=True, symmetric=False), role="activation")
+    assert isinstance(sym.scale, torch.nn.Parameter) and not isinstance(sym.zero_point, torch.nn.Parameter)
+    assert isinstance(aff.scale, torch.nn.Parameter) and isinstance(aff.zero_point, torch.nn.Parameter)
+    x = torch.randn(64)
+    for q in (sym, aff):
+        q(x)  # calibrate
+        q.enable_observer(False)
+        (q(x) - x * 0.5).pow(2).sum().backward()
+        assert q.scale.grad is not None and q.scale.grad.abs() > 0
+    assert aff.zero_point.grad is not None
+
+
+def test_grad_factor_is_lsq_gradient_scale():
+    q = Quantizer(QuantSpec(bits=4, granularity="per_channel", learnable=True), (8, 16), "weight")
+    assert q.grad_factor(torch.empty(8, 16)) == pytest.approx(1 / (16 * 7) ** 0.5)
+
+
+def test_per_channel_needs_a_shape_and_role_rules_apply():
+    with pytest.raises(ValueError, match="needs the shape"):
+        Quantizer(QuantSpec(granularity="per_channel"), role="weight")
+    with pytest.raises(ValueError, match="`bits`"):
+        Quantizer(QuantSpec(bits=16), (4, 4), role="weight")
+    with pytest.raises(ValueError, match="`granularity`"):
+        Quantizer(QuantSpec(granularity="per_token"), (4, 4), role="weight")
+
+
+def test_calibrated_reports_whether_ranges_were_observed():
+    q = Quantizer(QuantSpec(granularity="per_channel"), (3, 4), role="weight")
+    assert not q.calibrated
+    q(torch.randn(3, 4))
+    assert q.calibrated

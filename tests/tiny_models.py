@@ -1,0 +1,36 @@
+"""Small models shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class TinyCNN(nn.Module):
+    """Conv+BN+ReLU, a depthwise conv, and two Linear layers: every core feature in 8×8 inputs."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8 * 8 * 8, 32)
+        self.fc2 = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.dw(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+EVERYTHING_RECIPE = {
+    "weight": {"bits": 4},
+    "rules": [
+        {"names": "fc1", "weight": {"granularity": "per_group", "group_size": 32, "observer": "mse"},
+         "activation": {"learnable": True, "observer": "moving_average_minmax"}},
+        {"names": "fc2", "weight": {"learnable": True, "symmetric": False},
+         "activation": {"granularity": "per_token", "signed": True, "symmetric": True}},
+    ],
+}
+"""A recipe that uses BN folding, per-channel, per-group + MSE, learnable (LSQ and LSQ+), and per-token."""
