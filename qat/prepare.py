@@ -47,9 +47,23 @@ def is_prepared(model: nn.Module) -> bool:
     return isinstance(getattr(model, STATE_NAME, None), QATState) or any(isinstance(m, QuantizedLayer) for m in model.modules())
 
 
+def children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every (name, child), a child registered under two names included (``named_children``
+    reports a shared child once; a swap must reach every name)."""
+    return [(name, child) for name, child in module._modules.items() if child is not None]
+
+
+def replace_children(model: nn.Module, replacements: Mapping[int, nn.Module]) -> None:
+    """Put ``replacements[id(child)]`` in place of every matching child, under every name."""
+    for parent in list(model.modules()):
+        for name, child in children(parent):
+            if id(child) in replacements:
+                setattr(parent, name, replacements[id(child)])
+
+
 def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """Named descendants, not entering opaque layers or layers that have a twin."""
-    for name, child in module.named_children():
+    for name, child in children(module):
         full = f"{prefix}.{name}" if prefix else name
         yield full, child
         if not isinstance(child, OPAQUE) and twin_for(child) is None:
@@ -106,6 +120,8 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
         float_layers.update({n: "BatchNorm not folded: the recipe sets fold_bn false"
                              for n, m in model.named_modules() if is_foldable_bn(m)})
 
+    if any(True for _ in model.parameters(recurse=False)):  # parameters held by the model itself
+        float_layers[""] = _float_reason(model)
     twins: dict[int, QuantizedLayer] = {}
     twin_names: dict[str, QuantizedLayer] = {}
     matched_rules: set[int] = set()
@@ -147,9 +163,6 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
             replacements[id(bn)] = nn.Identity()
         else:
             float_layers[bn_name] = f"BatchNorm not folded: its convolution `{conv_name}` is left float"
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if child is not None and id(child) in replacements:
-                setattr(parent, child_name, replacements[id(child)])
+    replace_children(model, replacements)
     setattr(model, STATE_NAME, QATState(recipe, float_layers))
     return model

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from qat.errors import QATError
 from qat.modules import QuantConvNd, QuantizedLayer
-from qat.prepare import STATE_NAME, QATState
+from qat.prepare import STATE_NAME, QATState, replace_children
 from qat.quantizer import Quantizer
 
 
@@ -62,7 +62,7 @@ class QuantSummary:
         left.add_column("layer")
         left.add_column("reason")
         for name, reason in self.float_layers.items():
-            left.add_row(name, reason)
+            left.add_row(name or "(the model itself)", reason)
         return Group(table, left)
 
     def __str__(self) -> str:
@@ -132,11 +132,5 @@ def strip(model: nn.Module) -> nn.Module:
             raise QATError(f"layer `{name}` was never calibrated: run forward passes with observers on before qat.strip")
     stripped = copy.deepcopy(model)
     del stripped.__dict__[STATE_NAME]
-    floats: dict[int, nn.Module] = {}
-    for parent in list(stripped.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, QuantizedLayer):
-                if id(child) not in floats:
-                    floats[id(child)] = child.to_float()
-                setattr(parent, child_name, floats[id(child)])
+    replace_children(stripped, {id(m): m.to_float() for m in stripped.modules() if isinstance(m, QuantizedLayer)})
     return stripped

@@ -93,6 +93,10 @@ class QuantConvNd(QuantizedLayer):
         if self.bn is None:
             return self._conv_forward(x, self.quantize_weight(self.weight), self.bias)
         factor = self._bn_factor()
+        # A channel with γ = 0 (zero-init residual BatchNorms) would divide 0 by 0 below. Folding
+        # it with 1 instead is exact (the BatchNorm's own γ = 0 still zeroes its output) and keeps
+        # γ's gradient (folding with 0 would zero the normalised input and freeze γ at 0).
+        factor = torch.where(factor == 0, torch.ones_like(factor), factor)
         weight = self.quantize_weight(self.weight * factor.reshape(self._channel_shape(self.weight.ndim, 0)))
         y = self._conv_forward(x, weight, None) / factor.reshape(self._channel_shape(x.ndim, 1))
         if self.bias is not None:

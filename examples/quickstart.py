@@ -1,0 +1,153 @@
+"""lightning-qat quick start: float → post-training quantization → QAT → ONNX, in about a minute.
+
+Trains a small CNN on scikit-learn's digits (1,797 real 8×8 images that ship with scikit-learn,
+so it runs offline), then for each weight bit width:
+
+1. PTQ: ``qat.prepare`` with the recipe, calibrate ranges on training batches, evaluate;
+2. QAT: fine-tune the prepared model with fake quantization on (activation ranges and BatchNorm
+   statistics frozen after the first epoch), evaluate;
+3. export the QAT model to ONNX (QuantizeLinear/DequantizeLinear, opset 21) and check that ONNX
+   Runtime predicts the same classes as PyTorch.
+
+Run: ``python examples/quickstart.py`` (``--epochs`` / ``--qat-epochs`` / ``--bits`` to change it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from sklearn.datasets import load_digits
+from torch import nn
+
+import qat
+from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
+
+console = Console()
+
+
+def digits(seed: int = 0):
+    """Deterministic 80/20 split of scikit-learn's digits, as (N, 1, 8, 8) float tensors in [0, 1]."""
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.8 * len(y))
+    return (x[order[:cut]], y[order[:cut]]), (x[order[cut:]], y[order[cut:]])
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def batches(x, y, size=64, shuffle=False, seed=0):
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(len(y))
+    for i in range(0, len(y), size):
+        idx = order[i : i + size]
+        yield x[idx], y[idx]
+
+
+def train(model, data, epochs, lr, label):
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for epoch in track(range(epochs), description=label, console=console, transient=True, disable=not console.is_terminal):
+        for xb, yb in batches(*data, shuffle=True, seed=epoch):
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def accuracy(model, data) -> float:
+    model.eval()
+    correct = sum((model(xb).argmax(1) == yb).sum().item() for xb, yb in batches(*data))
+    return 100.0 * correct / len(data[1])
+
+
+@torch.no_grad()
+def calibrate(model, data, n_batches=8):
+    """PTQ calibration: observe ranges with fake quantization off, then freeze them."""
+    model.eval()
+    qat.set_fake_quant(model, False)
+    for _, (xb, _) in zip(range(n_batches), batches(*data, shuffle=True)):
+        model(xb)
+    qat.set_fake_quant(model, True)
+    qat.set_observers(model, False)
+
+
+def export_and_check(model, data, path: Path) -> float:
+    """ONNX export (Q/DQ) and the share of test images where ONNX Runtime and PyTorch agree."""
+    model.eval()
+    x, _ = data
+    program = torch.onnx.export(model, (x[:1],), dynamo=True, verbose=False, opset_version=OPSET,
+                                custom_translation_table=CUSTOM_TRANSLATION_TABLE,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path))
+    session = ort.InferenceSession(str(path))
+    onnx_pred = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].argmax(1)
+    with torch.no_grad():
+        torch_pred = model(x).argmax(1).numpy()
+    return 100.0 * float(np.mean(onnx_pred == torch_pred))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=15, help="float training epochs")
+    parser.add_argument("--qat-epochs", type=int, default=6, help="QAT fine-tuning epochs")
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2], help="weight bit widths to try")
+    parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    train_data, test_data = digits()
+    example = train_data[0][:8]
+
+    float_model = make_model()
+    train(float_model, train_data, args.epochs, 1e-2, "float training")
+    float_acc = accuracy(float_model, test_data)
+
+    table = Table(title="sklearn digits, test accuracy (%)")
+    for column in ("weights / inputs", "float", "PTQ", "QAT", "ONNX Runtime = PyTorch", "weight SQNR dB"):
+        table.add_column(column, justify="right")
+    paths = []
+    for bits in args.bits:
+        recipe = {"weight": {"bits": bits}, "rules": [{"names": "0", "weight": {"bits": 8}}]}  # first conv at 8 bits
+        model = qat.prepare(copy.deepcopy(float_model), recipe, example_inputs=example)
+        calibrate(model, train_data)
+        ptq_acc = accuracy(model, test_data)
+
+        # QAT: one epoch with every range still observed, then activation ranges and BatchNorm
+        # statistics frozen while the weights (and their ranges) keep training
+        qat.set_observers(model, True)
+        train(model, train_data, 1, 1e-3, f"QAT W{bits}, ranges settling")
+        qat.set_observers(model, False, role="activation")
+        qat.freeze_bn_stats(model)
+        train(model, train_data, args.qat_epochs - 1, 1e-3, f"QAT W{bits}")
+        qat.set_observers(model, False)
+        qat_acc = accuracy(model, test_data)
+        path = args.out / f"digits_w{bits}a8.onnx"
+        agreement = export_and_check(model, test_data, path)
+        paths.append(path)
+        sqnr = np.mean([r.weight_sqnr_db for r in qat.summary(model).layers])
+        table.add_row(f"W{bits}A8", f"{float_acc:.1f}", f"{ptq_acc:.1f}", f"{qat_acc:.1f}", f"{agreement:.1f}", f"{sqnr:.1f}")
+        if bits == args.bits[-1]:
+            console.print(qat.summary(model))
+    console.print(table)
+    for path in paths:
+        console.print(f"ONNX (QuantizeLinear/DequantizeLinear, opset {OPSET}): {path}", soft_wrap=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""The README's Python example runs as written, and so does the quick-start script."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision")
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["program"].model_proto.graph.node
+
+
+@pytest.mark.slow
+def test_quickstart_example_runs_end_to_end(tmp_path):
+    pytest.importorskip("sklearn")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--epochs", "2", "--qat-epochs", "2", "--bits", "4",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "140"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "W4A8" in result.stdout and "ONNX Runtime = PyTorch" in result.stdout
+    assert (tmp_path / "digits_w4a8.onnx").stat().st_size > 0
