@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from qat.bn_fold import find_conv_bn_pairs, is_foldable_bn
+from qat.bn_fold import FoldPlan, find_conv_bn_pairs, is_foldable_bn
 from qat.errors import QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
 from qat.recipe import QuantRecipe
@@ -70,6 +70,10 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
             yield from _walk(child, full)
 
 
+def _has_own_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(recurse=False), None) is not None
+
+
 def _float_reason(layer: nn.Module) -> str:
     """Why a parameterised layer without a twin stays float."""
     cls = type(layer)
@@ -82,6 +86,14 @@ def _float_reason(layer: nn.Module) -> str:
         return "normalization layer: kept in float"
     params = ", ".join(name for name, p in layer.named_parameters(recurse=False))
     return f"no quantized twin for {cls.__name__} (parameters: {params})"
+
+
+def _fold_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any) -> FoldPlan:
+    """Conv+BatchNorm pairs to fold, and the reason each other BatchNorm stays."""
+    if recipe.fold_bn and example_inputs is not None:
+        return find_conv_bn_pairs(model, example_inputs)
+    why = "the recipe sets fold_bn false" if not recipe.fold_bn else "pass example_inputs to qat.prepare to find Conv+BatchNorm pairs"
+    return FoldPlan(unfolded={n: f"BatchNorm not folded: {why}" for n, m in model.named_modules() if is_foldable_bn(m)})
 
 
 def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | None = None, example_inputs: Any = None) -> nn.Module:
@@ -105,22 +117,13 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
     recipe = QuantRecipe.coerce(recipe)
     if is_prepared(model):
         raise QATError("the model is already prepared (it holds quantized layers); call qat.prepare on a float model")
-    has_bn = any(is_foldable_bn(m) for m in model.modules())
-    fold_pairs: dict[str, str] = {}
-    float_layers: dict[str, str] = {}
-    if recipe.fold_bn and has_bn:
-        if example_inputs is None:
-            reason = "BatchNorm not folded: pass example_inputs to qat.prepare to find Conv+BatchNorm pairs"
-            float_layers.update({n: reason for n, m in model.named_modules() if is_foldable_bn(m)})
-        else:
-            plan = find_conv_bn_pairs(model, example_inputs)
-            fold_pairs = plan.pairs
-            float_layers.update(plan.unfolded)
-    elif has_bn:
-        float_layers.update({n: "BatchNorm not folded: the recipe sets fold_bn false"
-                             for n, m in model.named_modules() if is_foldable_bn(m)})
-
-    if any(True for _ in model.parameters(recurse=False)):  # parameters held by the model itself
+    if twin_for(model) is not None:
+        raise QATError(f"qat.prepare swaps the layers inside a model; to quantize a single {type(model).__name__}, "
+                       "wrap it: nn.Sequential(layer)")
+    fold_plan = _fold_plan(model, recipe, example_inputs)
+    fold_pairs = fold_plan.pairs
+    float_layers = dict(fold_plan.unfolded)
+    if _has_own_parameters(model):  # parameters held by the model itself
         float_layers[""] = _float_reason(model)
     twins: dict[int, QuantizedLayer] = {}
     twin_names: dict[str, QuantizedLayer] = {}
@@ -128,7 +131,7 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
     for name, layer in _walk(model):
         twin_cls = twin_for(layer)
         if twin_cls is None:
-            if name not in float_layers and any(True for _ in layer.parameters(recurse=False)) and not is_foldable_bn(layer):
+            if name not in float_layers and _has_own_parameters(layer) and not is_foldable_bn(layer):
                 float_layers[name] = _float_reason(layer)
             continue
         if id(layer) in twins:  # the same layer object reached under another name

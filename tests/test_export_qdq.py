@@ -57,7 +57,7 @@ def test_single_fake_quant_exports_bit_exact(tmp_path):
             return qat.fake_quantize(x, torch.tensor([0.3, 0.05, 1.0]), torch.tensor([0.0, 2.0, -1.0]), -4, 3, axis=1)
 
     x = torch.randn(4, 3, 5) * 2
-    _export(FQ(), x, tmp_path / "fq.onnx")
+    _export(FQ().eval(), x, tmp_path / "fq.onnx")
     session = ort.InferenceSession(str(tmp_path / "fq.onnx"))
     np.testing.assert_array_equal(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], FQ()(x).numpy())
 

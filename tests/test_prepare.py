@@ -211,6 +211,8 @@ def test_preparing_twice_or_quantizing_nothing_is_an_error():
         qat.prepare(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)))
     with pytest.raises(qat.QATError, match="quantizes no layer"):
         qat.prepare(TinyCNN(), {"skip": [".*"]})
+    with pytest.raises(qat.QATError, match=r"wrap it: nn.Sequential\(layer\)"):
+        qat.prepare(nn.Linear(4, 4))
 
 
 class Mixed(nn.Module):
