@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat.errors import QATError
 from qat.fake_quant import fake_quantize
 from qat.observers import finite_range, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
@@ -58,9 +59,9 @@ class Quantizer(nn.Module):
         spec.check_role(role)
         needs_shape = spec.granularity in (Granularity.PER_CHANNEL, Granularity.PER_GROUP)
         if needs_shape and shape is None:
-            raise ValueError(f"a {spec.granularity.value} quantizer needs the shape of the tensor it quantizes")
+            raise QATError(f"a {spec.granularity.value} quantizer needs the shape of the tensor it quantizes")
         shape = tuple(shape or ())
-        self.spec, self.role, self.shape = spec, role, shape
+        self.spec, self.role = spec, role
         self.axis = spec.resolve_axis(len(shape), default_axis) if needs_shape else 0
         self.block_size = spec.group_size if spec.granularity is Granularity.PER_GROUP else 0
         self.observer_enabled = not spec.dynamic

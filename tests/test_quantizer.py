@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qat
 from qat import QuantSpec
 from qat.quantizer import Quantizer
 
@@ -86,7 +87,7 @@ def test_grad_factor_is_lsq_gradient_scale():
 
 
 def test_per_channel_needs_a_shape_and_role_rules_apply():
-    with pytest.raises(ValueError, match="needs the shape"):
+    with pytest.raises(qat.QATError, match="needs the shape"):
         Quantizer(QuantSpec(granularity="per_channel"), role="weight")
     with pytest.raises(ValueError, match="`bits`"):
         Quantizer(QuantSpec(bits=16), (4, 4), role="weight")
