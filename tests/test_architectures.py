@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import assert_every_parameter_accounted_for
 
 import qat
 from qat.modules import QuantConvNd, QuantizedLayer, twin_for
@@ -51,13 +52,7 @@ def _assert_accounted_for(model, expect_all_bn_folded: bool):
     float_layers = report.float_layers
     # every layer of a type with a quantized twin was swapped: none is left float
     assert [n for n, m in model.named_modules() if twin_for(m) is not None] == []
-    # every parameter belongs to a quantized layer (a folded BatchNorm included) or a listed float layer
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
-    for name, _ in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        listed = owner in float_layers or any(owner.startswith(f"{f}.") for f in float_layers if f)
-        inside_twin = any(owner == q or owner.startswith(f"{q}.") for q in quantized)
-        assert listed or inside_twin, f"parameter {name} is neither quantized nor reported"
+    assert_every_parameter_accounted_for(model)
     for name, reason in float_layers.items():
         assert reason, name
     if expect_all_bn_folded:

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from tiny_models import EVERYTHING_RECIPE, TinyCNN
+from tiny_models import EVERYTHING_RECIPE, TinyCNN, assert_every_parameter_accounted_for
 from torch import nn
 
 import qat
@@ -244,11 +244,7 @@ def test_layers_left_float_are_listed_with_reasons_and_cover_every_parameter():
     assert float_layers[""] == "no quantized twin for Mixed (parameters: scale)"
     assert isinstance(model.attn.out_proj, nn.Linear) and not isinstance(model.attn.out_proj, QuantizedLayer)
     assert "(the model itself)" in str(qat.summary(model))
-    # every parameter belongs to a quantized layer or to a layer listed as float
-    covered = set(float_layers) | {n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
-    for name, _ in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        assert any(owner == c or owner.startswith(c + ".") for c in covered if c) or owner in covered, name
+    assert_every_parameter_accounted_for(model)
 
 
 def test_a_module_used_twice_gets_one_twin_at_both_places_and_tied_weights_stay_tied():

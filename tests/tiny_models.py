@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import qat
+from qat.modules import QuantizedLayer
+
 
 class TinyCNN(nn.Module):
     """Conv+BN+ReLU, a depthwise conv, and two Linear layers: every core feature in 8×8 inputs."""
@@ -34,3 +37,15 @@ EVERYTHING_RECIPE = {
     ],
 }
 """A recipe that uses BN folding, per-channel, per-group + MSE, learnable (LSQ and LSQ+), and per-token."""
+
+
+def assert_every_parameter_accounted_for(model: nn.Module) -> None:
+    """Each parameter of a prepared model belongs to a quantized layer (a folded BatchNorm and
+    the quantizers included) or to a layer that qat.summary lists as float ("" = the model)."""
+    float_layers = qat.summary(model).float_layers
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedLayer)]
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        listed = owner in float_layers or any(owner.startswith(f"{f}.") for f in float_layers if f)
+        inside_twin = any(owner == q or owner.startswith(f"{q}.") for q in quantized)
+        assert listed or inside_twin, f"parameter {name} is neither quantized nor reported"
