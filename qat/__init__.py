@@ -7,23 +7,31 @@ The numeric core, used by everything else:
 - :mod:`qat.observers` — range statistics; :mod:`qat.qparams` — scales from ranges;
 - :class:`Quantizer` — spec + observer + state + switches;
 - :class:`QuantRecipe` + :func:`prepare` — which layers to quantize and how;
-- :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`.
+- :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`;
+- :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log.
+
+The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
-from qat.control import freeze_bn_stats, quantizers, set_fake_quant, set_observers
+from qat.control import evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers
 from qat.errors import ConfigError, QATError
 from qat.fake_quant import fake_quantize
 from qat.prepare import is_prepared, prepare
 from qat.quantizer import Quantizer
 from qat.recipe import LayerRule, QuantRecipe
+from qat.schedule import Phase, QATSchedule
 from qat.spec import Granularity, ObserverKind, QuantSpec
+from qat.stats import ClipTracker, layer_stats
 from qat.summary import QuantSummary, strip, summary
 from qat.version import __version__
 
 __all__ = [
+    "ClipTracker",
     "ConfigError",
     "Granularity",
     "LayerRule",
+    "Phase",
+    "QATSchedule",
     "ObserverKind",
     "QATError",
     "QuantRecipe",
@@ -31,9 +39,11 @@ __all__ = [
     "QuantSummary",
     "Quantizer",
     "__version__",
+    "evaluating",
     "fake_quantize",
     "freeze_bn_stats",
     "is_prepared",
+    "layer_stats",
     "prepare",
     "quantizers",
     "set_fake_quant",

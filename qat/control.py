@@ -10,11 +10,17 @@ directly::
     ...
     qat.set_observers(model, False)       # freeze ranges
     qat.freeze_bn_stats(model)            # freeze folded BatchNorm statistics
+
+    with qat.evaluating(model):           # evaluation must not move the observed ranges
+        evaluate(model)
+
+:class:`qat.QATSchedule` sets the same switches from a step or epoch number.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -48,3 +54,17 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, QuantConvNd) and module.bn is not None:
             module.freeze_bn_stats(frozen)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Observers off inside the block, restored after it: evaluation, export or any forward pass
+    that must not move the observed ranges. Fake quantization stays as it is."""
+    saved = [(q, q.observer_enabled) for _, q in quantizers(model)]
+    for q, _ in saved:
+        q.enable_observer(False)
+    try:
+        yield model
+    finally:
+        for q, enabled in saved:
+            q.enable_observer(enabled)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from qat.bn_fold import FoldPlan, find_conv_bn_pairs, is_foldable_bn
+from qat.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
 from qat.errors import QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
 from qat.recipe import QuantRecipe
@@ -39,6 +39,9 @@ class QATState:
 
     recipe: QuantRecipe
     float_layers: dict[str, str] = field(default_factory=dict)
+    bn_folds: dict[str, str] = field(default_factory=dict)
+    """Folded pairs, convolution name → BatchNorm name: with the recipe, all it takes to prepare
+    a fresh model into the same structure (``prepare(model, recipe, bn_folds=...)``)."""
     version: str = __version__
 
 
@@ -88,15 +91,35 @@ def _float_reason(layer: nn.Module) -> str:
     return f"no quantized twin for {cls.__name__} (parameters: {params})"
 
 
-def _fold_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any) -> FoldPlan:
+def _fold_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, bn_folds: Mapping[str, str] | None) -> FoldPlan:
     """Conv+BatchNorm pairs to fold, and the reason each other BatchNorm stays."""
+    bns = {n: m for n, m in model.named_modules() if is_foldable_bn(m)}
+    if bn_folds is not None:
+        layers = dict(model.named_modules())
+        for conv, bn in bn_folds.items():
+            if bn not in bns or type(layers.get(conv)) not in FOLDABLE:
+                raise QATError(f"bn_folds pairs `{conv}` with `{bn}`, but {type(model).__name__} has no such "
+                               "Conv1d/2d/3d and BatchNorm: was it built with another configuration?")
+        folded = set(bn_folds.values())
+        return FoldPlan(dict(bn_folds), {n: "BatchNorm not folded: not in bn_folds" for n in bns if n not in folded})
     if recipe.fold_bn and example_inputs is not None:
         return find_conv_bn_pairs(model, example_inputs)
     why = "the recipe sets fold_bn false" if not recipe.fold_bn else "pass example_inputs to qat.prepare to find Conv+BatchNorm pairs"
-    return FoldPlan(unfolded={n: f"BatchNorm not folded: {why}" for n, m in model.named_modules() if is_foldable_bn(m)})
+    return FoldPlan(unfolded={n: f"BatchNorm not folded: {why}" for n in bns})
 
 
-def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | None = None, example_inputs: Any = None) -> nn.Module:
+def needs_example_inputs(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | None = None) -> bool:
+    """True when :func:`prepare` would trace example inputs: the recipe folds and there is a BatchNorm."""
+    return QuantRecipe.coerce(recipe).fold_bn and any(is_foldable_bn(m) for m in model.modules())
+
+
+def prepare(
+    model: nn.Module,
+    recipe: QuantRecipe | Mapping[str, Any] | str | None = None,
+    example_inputs: Any = None,
+    *,
+    bn_folds: Mapping[str, str] | None = None,
+) -> nn.Module:
     """Quantize ``model`` in place for QAT and return it.
 
     Args:
@@ -105,6 +128,8 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
             (int8 per-channel weights, uint8 per-tensor inputs).
         example_inputs: inputs the model's forward accepts (a tensor, a tuple of positional
             arguments, or a mapping of keyword arguments); needed to find Conv+BatchNorm pairs.
+        bn_folds: fold exactly these convolution → BatchNorm pairs instead of tracing (what
+            ``model.qat_state.bn_folds`` of an earlier preparation, or a checkpoint, records).
 
     Example:
         >>> import torch, qat
@@ -120,7 +145,7 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
     if twin_for(model) is not None:
         raise QATError(f"qat.prepare swaps the layers inside a model; to quantize a single {type(model).__name__}, "
                        "wrap it: nn.Sequential(layer)")
-    fold_plan = _fold_plan(model, recipe, example_inputs)
+    fold_plan = _fold_plan(model, recipe, example_inputs, bn_folds)
     fold_pairs = fold_plan.pairs
     float_layers = dict(fold_plan.unfolded)
     if _has_own_parameters(model):  # parameters held by the model itself
@@ -158,14 +183,16 @@ def prepare(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | No
 
     bn_by_name = dict(model.named_modules())
     replacements: dict[int, nn.Module] = dict(twins)
+    folded: dict[str, str] = {}
     for conv_name, bn_name in fold_pairs.items():
         twin = twin_names.get(conv_name)
         if isinstance(twin, QuantConvNd) and twin.weight_quantizer is not None:
             bn = bn_by_name[bn_name]
             twin.attach_bn(bn)
             replacements[id(bn)] = nn.Identity()
+            folded[conv_name] = bn_name
         else:
             float_layers[bn_name] = f"BatchNorm not folded: its convolution `{conv_name}` is left float"
     replace_children(model, replacements)
-    setattr(model, STATE_NAME, QATState(recipe, float_layers))
+    setattr(model, STATE_NAME, QATState(recipe, float_layers, folded))
     return model

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.errors import QATError
-from qat.fake_quant import fake_quantize
+from qat.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize
 from qat.observers import finite_range, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
 from qat.snapshot import snapshot
@@ -136,6 +136,18 @@ class Quantizer(nn.Module):
             x, snapshot(self.scale), snapshot(self.zero_point), self.spec.qmin, self.spec.qmax,
             axis=self.axis, block_size=self.block_size, grad_factor=grad_factor,
         )
+
+    @torch.no_grad()
+    def clipped_fraction(self, x: Tensor) -> Tensor:
+        """Fraction of ``x`` saturated at the ends of the grid (error beyond half a step), with
+        the current parameters, as a 0-dim tensor (no host read)."""
+        if self.spec.dynamic:
+            scale, axis, block_size = self.dynamic_qparams(x)[0], x.ndim - 1, x.shape[-1]
+        else:
+            scale, axis, block_size = self.scale, self.axis, self.block_size
+        half_step = broadcast_qparam(scale.float().clamp_min(MIN_SCALE), x, axis, block_size) / 2
+        error = (x.float() - self.fake_quantize(x).float()).abs()
+        return (error > half_step * (1 + 1e-4)).float().mean()  # 1e-4: ties sit exactly on half a step
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:

@@ -82,6 +82,16 @@ def _observed_range(q: Quantizer | None) -> tuple[float, float] | None:
     return q.observer.min_val.min().item(), q.observer.max_val.max().item()
 
 
+@torch.no_grad()
+def weight_sqnr_db(layer: QuantizedLayer) -> float | None:
+    """SQNR of a layer's fake-quantized weight (folded, for conv+BN) in dB; None until calibrated."""
+    wq = layer.weight_quantizer
+    if wq is None or not wq.calibrated:
+        return None
+    weight, _ = layer.float_weight_bias()
+    return sqnr_db(weight, wq.fake_quantize(weight))
+
+
 def _state(model: nn.Module) -> QATState:
     state = getattr(model, STATE_NAME, None)
     if not isinstance(state, QATState):
@@ -102,10 +112,6 @@ def summary(model: nn.Module) -> QuantSummary:
         if not isinstance(layer, QuantizedLayer):
             continue
         wq, iq = layer.weight_quantizer, layer.input_quantizer
-        sqnr = None
-        if wq is not None and wq.calibrated:
-            weight, _ = layer.float_weight_bias()
-            sqnr = sqnr_db(weight, wq.fake_quantize(weight))
         reports.append(LayerReport(
             name=name,
             layer=type(layer).float_cls.__name__,
@@ -113,7 +119,7 @@ def summary(model: nn.Module) -> QuantSummary:
             activation=iq.spec.describe() if iq is not None else "float",
             weight_range=_observed_range(wq),
             input_range=_observed_range(iq),
-            weight_sqnr_db=sqnr,
+            weight_sqnr_db=weight_sqnr_db(layer),
             bn_folded=isinstance(layer, QuantConvNd) and layer.bn is not None,
         ))
     return QuantSummary(reports, dict(state.float_layers))

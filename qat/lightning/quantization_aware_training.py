@@ -1,0 +1,296 @@
+"""`QuantizationAwareTraining`: quantization-aware training added to a Lightning loop by one callback.
+
+::
+
+    trainer = Trainer(callbacks=[QuantizationAwareTraining({"weight": {"bits": 4}})])
+    trainer.fit(model)            # the LightningModule is unchanged
+
+What it does, and when:
+
+- ``setup`` (before the optimizer is built and before DDP wraps the model): swaps the
+  LightningModule's layers for quantized twins (:func:`qat.prepare`). The twins share the float
+  layers' Parameters, so the optimizer that ``configure_optimizers`` builds next holds exactly the
+  parameters that train, learnable scales included. Conv+BatchNorm pairs are found by tracing
+  one input: ``example_inputs`` given here, else the module's ``example_input_array``, else the
+  first batch of the stage's dataloader (a tensor, the first element of a tuple/list, or a
+  mapping passed as keyword arguments). Models without BatchNorm are never traced.
+- every training batch: the :class:`~qat.QATSchedule` phase for the current step or epoch.
+- validation / test / predict: observers off, so evaluation never moves the ranges.
+- checkpoints: the quantizers' scales, zero points, observer ranges and switches are in the
+  model's ``state_dict``; the recipe, the folded pairs and the schedule are stored under the
+  checkpoint's ``"qat"`` key. The schedule position is Lightning's own step/epoch counter, so
+  ``fit(ckpt_path=...)`` resumes in the same phase with the same numbers.
+- logging: the phase, and every ``log_every_n_steps`` the per-layer range, scale, weight SQNR and
+  fraction clipped (:func:`qat.layer_stats`) to the Trainer's loggers; a summary table at fit start and end.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from rich.console import Console
+from torch import Tensor, nn
+
+from qat.control import evaluating, quantizers
+from qat.errors import QATError
+from qat.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
+from qat.recipe import QuantRecipe
+from qat.schedule import Phase, QATSchedule
+from qat.stats import ClipTracker, layer_stats
+from qat.summary import summary
+from qat.version import __version__
+
+CHECKPOINT_KEY = "qat"
+"""Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
+
+
+def batch_inputs(batch: Any) -> Any:
+    """A model's forward inputs from a dataloader batch: a tensor as is, the first element of a
+    tuple or list (``(x, y)``), a mapping as keyword arguments (Hugging Face batches)."""
+    if isinstance(batch, Tensor | Mapping):
+        return batch
+    if isinstance(batch, Sequence) and batch and not isinstance(batch, str):
+        return batch[0]
+    raise QATError(f"cannot tell the model inputs in a batch of type {type(batch).__name__}; set `example_input_array` on the "
+                   "LightningModule or pass example_inputs= to QuantizationAwareTraining")
+
+
+def first_batch(trainer: pl.Trainer, stage: str) -> Any:
+    """One batch of the dataloader the Trainer is about to run for ``stage``, leaving the global RNG
+    as it was (a shuffling sampler draws its seed from it: the run must not depend on this peek)."""
+    loop = {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop,
+            "predict": trainer.predict_loop}[stage]
+    # Lightning has no public "dataloader of this stage before it runs"; every 2.x loop keeps it here.
+    source = loop._data_source
+    if not source.is_defined():
+        raise QATError(f"no {stage} dataloader to take an example batch from; set `example_input_array` on the LightningModule "
+                       "or pass example_inputs= to QuantizationAwareTraining")
+    with torch.random.fork_rng(devices=[]):
+        loaders = source.dataloader()
+        if isinstance(loaders, Mapping):
+            loaders = next(iter(loaders.values()))
+        elif isinstance(loaders, Sequence):
+            loaders = loaders[0]
+        return next(iter(loaders))
+
+
+def check_strategy(strategy: Any) -> None:
+    """Reject strategies that shard parameters: a per-channel or per-group weight observer needs
+    the whole weight, and the shards are created before this callback could swap the layers."""
+    sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or (
+        isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
+    if sharded:
+        raise QATError(f"QuantizationAwareTraining does not support {type(strategy).__name__} yet: it shards each weight across "
+                       "ranks, while weight observers need whole weights. Use strategy='ddp' (the model must fit on one device), "
+                       "or DeepSpeed ZeRO stage 1/2")
+
+
+def keep_quantizers_fp32(model: nn.Module) -> None:
+    """Scales, zero points and ranges stay float32 when the Trainer casts the model
+    (``precision="bf16-true"``): a bf16 scale would move the grid by up to 0.4 %."""
+    for _, q in quantizers(model):
+        if q.scale.dtype != torch.float32:
+            q.float()
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware training for any LightningModule, by adding one callback.
+
+    Args:
+        recipe: what to quantize and how: a :class:`~qat.QuantRecipe`, a mapping, a YAML path, or
+            None for the default (int8 per-channel weights, uint8 per-tensor activations).
+        schedule: when each phase starts (:class:`~qat.QATSchedule` or a mapping); default: QAT
+            from the first step.
+        example_inputs: inputs for the model's forward, used to find Conv+BatchNorm pairs
+            (default: ``example_input_array``, else the first batch).
+        log_every_n_steps: per-layer statistics every N optimizer steps (None: the Trainer's
+            ``log_every_n_steps``; 0: off).
+        print_summary: print the per-layer table at fit start and end (global rank zero).
+
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from qat.lightning import QuantizationAwareTraining
+        >>> qat_callback = QuantizationAwareTraining(
+        ...     {"weight": {"bits": 4}},
+        ...     schedule={"unit": "epochs", "calibrate_from": 0, "fake_quant_from": 1, "freeze_bn_at": 3},
+        ... )
+        >>> trainer = Trainer(callbacks=[qat_callback], max_epochs=5, logger=False, enable_progress_bar=False)
+    """
+
+    def __init__(
+        self,
+        recipe: QuantRecipe | Mapping[str, Any] | str | None = None,
+        schedule: QATSchedule | Mapping[str, Any] | None = None,
+        example_inputs: Any = None,
+        log_every_n_steps: int | None = None,
+        print_summary: bool = True,
+    ) -> None:
+        self.recipe = QuantRecipe.coerce(recipe)
+        self.schedule = QATSchedule.coerce(schedule)
+        self.example_inputs = example_inputs
+        if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
+                                              or log_every_n_steps < 0):
+            raise QATError(f"log_every_n_steps must be an integer ≥ 0 or None, got `{log_every_n_steps!r}`")
+        self.log_every_n_steps = log_every_n_steps
+        self.print_summary = print_summary
+        self._model: weakref.ref[nn.Module] | None = None
+        self._phase: Phase | None = None
+        self._clips: ClipTracker | None = None
+        self._logged_step = -1
+        self._stats_pending = False
+        self._evaluation = ExitStack()
+
+    # -- setup: prepare the model before the optimizer and DDP see it ------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        count = sum(isinstance(c, QuantizationAwareTraining) for c in trainer.callbacks)
+        if count > 1:
+            raise QATError(f"QuantizationAwareTraining was added to the Trainer {count} times; add it once "
+                           "(one recipe describes every layer: use its rules for per-layer settings)")
+        check_strategy(trainer.strategy)
+        if self._model is not None and self._model() is pl_module:
+            return  # fit() again, or validate/test/predict after fit(): already prepared by us
+        if is_prepared(pl_module):
+            self._adopt(pl_module)
+        else:
+            example = self._example_inputs(trainer, pl_module, stage) if needs_example_inputs(pl_module, self.recipe) else None
+            try:
+                prepare(pl_module, self.recipe, example)
+            except QATError as error:
+                hint = (" If the LightningModule builds its layers in setup() or configure_model(), build them in __init__: "
+                        "the callback prepares the model before those hooks run.") if not list(pl_module.parameters()) else ""
+                raise QATError(f"{error}{hint}") from error
+        self._model = weakref.ref(pl_module)
+
+    def _adopt(self, pl_module: nn.Module) -> None:
+        """Accept a model prepared with this recipe (by an earlier callback or ``qat.prepare``); refuse any other."""
+        state = getattr(pl_module, STATE_NAME, None)
+        if not isinstance(state, QATState) or state.recipe.to_dict() != self.recipe.to_dict():
+            theirs = state.recipe.to_dict() if isinstance(state, QATState) else "unknown (quantized layers without qat_state)"
+            raise QATError(f"{type(pl_module).__name__} is already prepared with another recipe ({theirs}); "
+                           "pass a float model to the Trainer, or give the callback the recipe the model was prepared with")
+
+    def _example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
+        if self.example_inputs is not None:
+            return self.example_inputs
+        if pl_module.example_input_array is not None:
+            return pl_module.example_input_array
+        return batch_inputs(first_batch(trainer, stage))
+
+    # -- training: the schedule, logging, summaries --------------------------------------------------
+
+    def _position(self, trainer: pl.Trainer) -> int:
+        return trainer.global_step if self.schedule.unit == "steps" else trainer.current_epoch
+
+    def _log(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        # straight to the loggers (as LearningRateMonitor does): global, per-step values that need
+        # no reduction across ranks or epochs
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def _apply_phase(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        position = self._position(trainer)
+        phase = self.schedule.phase_at(position)
+        if phase != self._phase:
+            self.schedule.apply(pl_module, position)
+            rank_zero_info(f"QAT phase at {self.schedule.unit[:-1]} {position}: {phase.describe()}")
+            self._log(trainer, {"qat/phase": float(phase.index)})
+            self._phase = phase
+
+    def _print_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.print_summary and trainer.is_global_zero:
+            Console().print(summary(pl_module))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        keep_quantizers_fp32(pl_module)
+        self._phase = None
+        self._apply_phase(trainer, pl_module)
+        self._print_summary(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._print_summary(trainer, pl_module)
+
+    def _stats_interval(self, trainer: pl.Trainer) -> int:
+        return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._apply_phase(trainer, pl_module)
+        interval, step = self._stats_interval(trainer), trainer.global_step
+        if interval and step % interval == 0 and step != self._logged_step and trainer.is_global_zero and trainer.loggers:
+            self._logged_step = step
+            # input clipping is measured by hooks, which a compiled forward would have to recompile for
+            compiled = pl_module._compiler_ctx is not None or any(isinstance(m, torch._dynamo.OptimizedModule) for m in pl_module.modules())
+            self._clips = None if compiled else ClipTracker(pl_module).__enter__()
+            self._stats_pending = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._stats_pending:
+            return
+        self._stats_pending = False
+        clips, self._clips = self._clips, None
+        if clips is not None:
+            clips.__exit__(None, None, None)
+        stats = {f"qat/{name}": value for name, value in layer_stats(pl_module, clips).items()}
+        stats["qat/phase"] = float(self._phase.index) if self._phase is not None else 0.0
+        self._log(trainer, stats)
+
+    # -- evaluation: observers off ---------------------------------------------------------------------
+
+    def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        keep_quantizers_fp32(pl_module)
+        if trainer.state.fn != "fit":
+            uncalibrated = [name for name, q in quantizers(pl_module) if q.fake_quant_enabled and not q.calibrated]
+            if uncalibrated:
+                raise QATError(f"quantizer `{uncalibrated[0]}` was never calibrated ({len(uncalibrated)} in all): pass the QAT "
+                               f"checkpoint to {trainer.state.fn}(ckpt_path=...), or fit() first")
+        self._evaluation.enter_context(evaluating(pl_module))
+
+    def _end_evaluation(self, *args: Any) -> None:
+        self._evaluation.close()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, pl_module)
+
+    on_validation_end = on_test_end = on_predict_end = _end_evaluation
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._evaluation.close()  # an exception mid-evaluation must not leave the observers off
+        if self._clips is not None:
+            self._clips.__exit__(None, None, None)
+            self._clips = None
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = getattr(pl_module, STATE_NAME)
+        checkpoint[CHECKPOINT_KEY] = {
+            "version": __version__,
+            "recipe": self.recipe.to_dict(),
+            "bn_folds": dict(state.bn_folds),
+            "schedule": self.schedule.to_dict(),
+            "phase": self._phase.name if self._phase is not None else None,
+        }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            return
+        if saved.get("recipe") != self.recipe.to_dict():
+            raise QATError(f"the checkpoint was trained with another recipe ({saved.get('recipe')}) than this callback's "
+                           f"({self.recipe.to_dict()}); give the callback the checkpoint's recipe")
+        if saved.get("schedule") != self.schedule.to_dict():
+            rank_zero_info(f"QAT schedule changed since the checkpoint: {saved.get('schedule')} → {self.schedule.to_dict()}")
