@@ -91,9 +91,9 @@ def export_and_check(model, data, path: Path) -> float:
     """ONNX export (Q/DQ) and the share of test images where ONNX Runtime and PyTorch agree."""
     model.eval()
     x, _ = data
-    program = torch.onnx.export(model, (x[:1],), dynamo=True, verbose=False, opset_version=OPSET,
-                                custom_translation_table=CUSTOM_TRANSLATION_TABLE,
-                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with qat.exporting():
+        program = torch.onnx.export(model, (x[:1],), dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                                    verbose=False, opset_version=OPSET, custom_translation_table=CUSTOM_TRANSLATION_TABLE)
     path.parent.mkdir(parents=True, exist_ok=True)
     program.save(str(path))
     session = ort.InferenceSession(str(path))

@@ -15,7 +15,7 @@ The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 
 from qat.control import evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers
 from qat.errors import ConfigError, QATError
-from qat.fake_quant import fake_quantize
+from qat.fake_quant import exporting, fake_quantize
 from qat.prepare import is_prepared, prepare
 from qat.quantizer import Quantizer
 from qat.recipe import LayerRule, QuantRecipe
@@ -30,16 +30,17 @@ __all__ = [
     "ConfigError",
     "Granularity",
     "LayerRule",
-    "Phase",
-    "QATSchedule",
     "ObserverKind",
+    "Phase",
     "QATError",
+    "QATSchedule",
     "QuantRecipe",
     "QuantSpec",
     "QuantSummary",
     "Quantizer",
     "__version__",
     "evaluating",
+    "exporting",
     "fake_quantize",
     "freeze_bn_stats",
     "is_prepared",

@@ -26,14 +26,19 @@ Two faces of the same function:
   maps to QuantizeLinear/DequantizeLinear (:mod:`qat.export.qdq`). A custom op is opaque to
   Inductor, which is why training does not use it.
 
-:func:`fake_quantize` picks the face: the custom op while ``torch.export`` traces (which the
-dynamo ONNX exporter uses), the autograd function otherwise.
+:func:`fake_quantize` picks the face: the custom op while a model is exported (inside
+:func:`exporting`, or whenever ``torch.export`` traces on torch ≥ 2.14), the autograd function
+otherwise.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 MIN_SCALE = torch.finfo(torch.float32).eps
 """Smallest scale used: zero or tiny scales are raised to this (torch.ao observers' ``eps``)."""
@@ -65,7 +70,10 @@ def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, 
     """The forward value, with ``scale`` and ``zero_point`` already broadcastable against ``x``."""
     s, z = _guarded(scale, zero_point, qmin, qmax)
     q = torch.clamp(torch.round(x.float() / s) + z, qmin, qmax)
-    return ((q - z) * s).to(x.dtype)
+    y = (q - z) * s
+    # no `.to()` when the dtype already matches: a no-op `.to` as an autograd.Function's output
+    # makes Dynamo before torch 2.13 drop the custom backward's gradient (zero gradients, seen with 2.11)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class FakeQuantizeFunction(torch.autograd.Function):
@@ -128,6 +136,32 @@ def _(x, scale, zero_point, qmin, qmax, axis, block_size):
     return torch.empty_like(x)
 
 
+IS_EXPORTING_RELIABLE = TorchVersion(torch.__version__) >= "2.14"
+"""From torch 2.7 to 2.13, Dynamo answers ``torch.compiler.is_exporting()`` with True under plain
+``torch.compile`` too (pytorch#176347, fixed in 2.14 by #176499), so it cannot tell training under
+compile from export; there only :func:`exporting` selects the export face."""
+
+_exporting = False
+
+
+@contextmanager
+def exporting() -> Iterator[None]:
+    """Inside this block, fake quantization traces as the ``qat::fake_quantize`` custom op (the
+    export face) on every torch version. Wrap ``torch.onnx.export`` / ``torch.export`` in it."""
+    global _exporting
+    previous, _exporting = _exporting, True
+    try:
+        yield
+    finally:
+        _exporting = previous
+
+
+def export_face() -> bool:
+    """True while a model is being exported: inside :func:`exporting`, or (torch ≥ 2.14) whenever
+    ``torch.export`` traces."""
+    return _exporting or (IS_EXPORTING_RELIABLE and torch.compiler.is_exporting())
+
+
 def fake_quantize(
     x: Tensor,
     scale: Tensor,
@@ -158,7 +192,7 @@ def fake_quantize(
         tensor([ 0.5000, -1.0000,  3.5000])
     """
     axis = axis % x.ndim if x.ndim else 0
-    if torch.compiler.is_exporting():
+    if export_face():
         return torch.ops.qat.fake_quantize(x, scale, zero_point, qmin, qmax, axis, block_size)
     s = broadcast_qparam(scale, x, axis, block_size)
     z = broadcast_qparam(zero_point, x, axis, block_size)

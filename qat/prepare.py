@@ -44,6 +44,11 @@ class QATState:
     a fresh model into the same structure (``prepare(model, recipe, bn_folds=...)``)."""
     version: str = __version__
 
+    def to_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to prepare a fresh model the same way: ``qat.prepare(model,
+        d["recipe"], bn_folds=d["bn_folds"])`` (plain values: loads with ``weights_only=True``)."""
+        return {"version": self.version, "recipe": self.recipe.to_dict(), "bn_folds": dict(self.bn_folds)}
+
 
 def is_prepared(model: nn.Module) -> bool:
     """True when ``model`` already holds quantized layers."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qat.fake_quant import export_face
+
 
 @torch.library.custom_op("qat::snapshot", mutates_args=())
 def _snapshot_op(t: Tensor) -> Tensor:
@@ -34,4 +36,4 @@ _snapshot_op.register_autograd(lambda ctx, grad: grad)
 def snapshot(t: Tensor) -> Tensor:
     """A copy of ``t`` that compiled backward passes save instead of recomputing (``t`` itself
     while ``torch.export`` traces: an exported graph has no backward)."""
-    return t if torch.compiler.is_exporting() else _snapshot_op(t)
+    return t if export_face() else _snapshot_op(t)

@@ -116,3 +116,48 @@ def test_training_step_never_reads_tensor_values_on_the_host(forbid_host_reads):
         opt.zero_grad()
         model(x).pow(2).mean().backward()
         opt.step()
+
+
+@pytest.mark.slow
+def test_compile_on_torch_that_reports_exporting_under_compile(monkeypatch):
+    """torch 2.7–2.13 answer ``is_exporting()`` with True under plain torch.compile
+    (pytorch#176347): simulated here, compiled training must still take the training face
+    (the custom op has no autograd formula), and only ``qat.exporting()`` selects the export face."""
+    import qat.fake_quant
+
+    monkeypatch.setattr(qat.fake_quant, "IS_EXPORTING_RELIABLE", False)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    torch._dynamo.reset()
+    model, x = _prepared()
+    eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
+    out_eager = _train_steps(eager, x, steps=2)
+    out_compiled = _train_steps(torch.compile(compiled, fullgraph=True, backend="aot_eager"), x, steps=2)
+    for a, b in zip(out_eager, out_compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+    assert not qat.fake_quant.export_face()
+    with qat.exporting():
+        assert qat.fake_quant.export_face()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_compiled_fake_quant_gradients_match_eager(dtype, learnable):
+    """Gradients of x, scale and zero point through a compiled fake-quant equal eager's. On torch
+    2.11 a no-op ``.to(dtype)`` at the end of the forward made Dynamo drop the custom backward
+    (all-zero gradients); this fails there with that code."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 32).to(dtype).requires_grad_()
+    scale = torch.full((16,), 0.1, requires_grad=learnable)
+    zero_point = torch.full((16,), 3.0, requires_grad=learnable)
+    inputs = (x, scale, zero_point) if learnable else (x,)
+
+    def loss(x, scale, zero_point):
+        return fake_quantize(x, scale, zero_point, 0, 15, axis=0, grad_factor=0.5).float().pow(2).sum()
+
+    expected = torch.autograd.grad(loss(x, scale, zero_point), inputs)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(loss, backend="aot_eager", fullgraph=True)(x, scale, zero_point), inputs)
+    for e, g in zip(expected, got, strict=True):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(g, e, rtol=0, atol=0)

@@ -23,8 +23,9 @@ RECIPES = {
 
 
 def _export(model, x, path):
-    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, opset_version=OPSET,
-                                custom_translation_table=CUSTOM_TRANSLATION_TABLE)
+    with qat.exporting():
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False, opset_version=OPSET,
+                                    custom_translation_table=CUSTOM_TRANSLATION_TABLE)
     program.save(str(path))
     return program.model_proto
 

@@ -131,7 +131,7 @@ def test_observers_are_off_during_validation_test_and_predict(kind):
 
 def test_validate_without_calibration_is_refused():
     model, callback = build("cnn")
-    with pytest.raises(qat.QATError, match="never calibrated.*ckpt_path"):
+    with pytest.raises(qat.QATError, match=r"never calibrated.*ckpt_path"):
         trainer(callbacks=[callback]).validate(model)
 
 
@@ -230,6 +230,7 @@ def test_bf16_precision(kind, precision):
     assert all(q.calibrated for _, q in qat.quantizers(model))
 
 
+@pytest.mark.slow
 @both
 def test_compiled_model(kind):
     model, callback = build(kind)
@@ -290,10 +291,13 @@ def test_schedule_errors(schedule, message):
 
 def test_learnable_scales_observe_one_step_before_learning_by_default():
     model, callback = build("cnn")  # QAT from step 0: the learnable scale observes step 0, learns from step 1
-    recorder = Recorder()
     q_flags = []
-    spy = type("Spy", (Callback,), {"on_train_batch_start": lambda self, t, m, b, i: q_flags.append(m.model.fc2.input_quantizer.observer_enabled)})()
-    trainer(max_steps=3, callbacks=[callback, recorder, spy], limit_val_batches=0).fit(model)
+
+    class Spy(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            q_flags.append(pl_module.model.fc2.input_quantizer.observer_enabled)
+
+    trainer(max_steps=3, callbacks=[callback, Spy()], limit_val_batches=0).fit(model)
     assert q_flags == [True, False, False]
 
 
@@ -302,5 +306,5 @@ def test_sharded_strategies_are_refused():
 
     from qat.lightning.quantization_aware_training import check_strategy
 
-    with pytest.raises(qat.QATError, match="does not support FSDPStrategy.*strategy='ddp'"):
+    with pytest.raises(qat.QATError, match=r"does not support FSDPStrategy.*strategy='ddp'"):
         check_strategy(FSDPStrategy())

@@ -1,6 +1,6 @@
 """Lowering of ``torch.ops.qat.fake_quantize`` to ONNX QuantizeLinear → DequantizeLinear (opset 21).
 
-Pass :data:`CUSTOM_TRANSLATION_TABLE` to ``torch.onnx.export(..., dynamo=True,
+Inside :func:`qat.exporting`, pass :data:`CUSTOM_TRANSLATION_TABLE` to ``torch.onnx.export(..., dynamo=True,
 opset_version=OPSET, custom_translation_table=...)``. The op's integer range picks the ONNX integer type: the
 smallest of int4/uint4, int8/uint8, int16/uint16 that holds it. A range narrower than that
 type (2 or 3 bits, narrow range) is applied first as ``Min(Max(x, (qmin - z)·s), (qmax - z)·s)``,
@@ -15,8 +15,9 @@ Example:
     >>> model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 4)), {"weight": {"bits": 4}})
     >>> _ = model(torch.randn(2, 8))  # observe ranges
     >>> qat.set_observers(model, False)
-    >>> program = torch.onnx.export(model.eval(), (torch.randn(2, 8),), dynamo=True, verbose=False,
-    ...                             opset_version=OPSET, custom_translation_table=CUSTOM_TRANSLATION_TABLE)
+    >>> with qat.exporting():
+    ...     program = torch.onnx.export(model.eval(), (torch.randn(2, 8),), dynamo=True, verbose=False,
+    ...                                 opset_version=OPSET, custom_translation_table=CUSTOM_TRANSLATION_TABLE)
     >>> sorted({n.op_type for n in program.model_proto.graph.node})
     ['DequantizeLinear', 'Gemm', 'QuantizeLinear']
 """

@@ -46,7 +46,6 @@ from qat.recipe import QuantRecipe
 from qat.schedule import Phase, QATSchedule
 from qat.stats import ClipTracker, layer_stats
 from qat.summary import summary
-from qat.version import __version__
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
@@ -276,11 +275,8 @@ class QuantizationAwareTraining(Callback):
     # -- checkpoints ------------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        state = getattr(pl_module, STATE_NAME)
         checkpoint[CHECKPOINT_KEY] = {
-            "version": __version__,
-            "recipe": self.recipe.to_dict(),
-            "bn_folds": dict(state.bn_folds),
+            **getattr(pl_module, STATE_NAME).to_dict(),
             "schedule": self.schedule.to_dict(),
             "phase": self._phase.name if self._phase is not None else None,
         }
