@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx_oracle import onnx_fake_quant
 
+import qat.fake_quant
 from qat import QuantSpec
 from qat.fake_quant import MIN_SCALE, FakeQuantizeFunction, broadcast_qparam, fake_quantize, fake_quantize_op
 
@@ -260,7 +261,12 @@ def test_function_is_used_outside_export_and_custom_op_under_export():
         def forward(self, x):
             return fake_quantize(x, torch.tensor(0.1), torch.tensor(0.0), -8, 7)
 
-    graph = torch.export.export(M(), (torch.randn(4),)).graph
-    targets = {str(node.target) for node in graph.nodes if node.op == "call_function"}
-    assert "qat.fake_quantize.default" in targets
+    def exported_ops():
+        graph = torch.export.export(M(), (torch.randn(4),)).graph
+        return {str(node.target) for node in graph.nodes if node.op == "call_function"}
+
+    with qat.fake_quant.exporting():
+        assert "qat.fake_quantize.default" in exported_ops()
+    # torch.export alone selects the export face only where is_exporting() is trustworthy (≥ 2.14)
+    assert ("qat.fake_quantize.default" in exported_ops()) == qat.fake_quant.IS_EXPORTING_RELIABLE
     assert isinstance(FakeQuantizeFunction.apply, type(torch.autograd.Function.apply))

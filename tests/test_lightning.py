@@ -7,7 +7,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning_models import CNN_RECIPE, MODELS, LitClassifier, MemoryLogger, quantizer_state, trainer
+from lightning_models import MODELS, LitClassifier, MemoryLogger, quantizer_state, trainer
 from torch import nn
 
 import qat
@@ -249,29 +249,32 @@ def test_compiled_model(kind):
 # -- errors --------------------------------------------------------------------------------------------
 
 
-def test_recipe_matching_no_layer_fails_at_setup():
+@both
+def test_recipe_matching_no_layer_fails_at_setup(kind):
     callback = QuantizationAwareTraining({"rules": [{"names": "model.nope", "weight": {"bits": 4}}]})
     with pytest.raises(qat.QATError, match=r"rules\[0\].*matches no layer"):
-        trainer(max_steps=1, callbacks=[callback]).fit(LitClassifier())
+        trainer(max_steps=1, callbacks=[callback]).fit(MODELS[kind][0]())
 
 
-def test_callback_added_twice_fails_at_setup():
+@both
+def test_callback_added_twice_fails_at_setup(kind):
     with pytest.raises(qat.QATError, match="added to the Trainer 2 times"):
-        trainer(max_steps=1, callbacks=[QuantizationAwareTraining(), QuantizationAwareTraining()]).fit(LitClassifier())
+        trainer(max_steps=1, callbacks=[QuantizationAwareTraining(), QuantizationAwareTraining()]).fit(MODELS[kind][0]())
 
 
-def test_model_prepared_with_another_recipe_fails_at_setup():
-    model = LitClassifier()
-    qat.prepare(model, {"weight": {"bits": 8}})
+@both
+def test_model_prepared_with_another_recipe_fails_at_setup(kind):
+    model, callback = build(kind)
+    qat.prepare(model, {"weight": {"bits": 8}}, example_inputs=torch.randn(2, 3, 8, 8) if kind == "cnn" else None)
     with pytest.raises(qat.QATError, match="already prepared with another recipe"):
-        trainer(max_steps=1, callbacks=[QuantizationAwareTraining(CNN_RECIPE)]).fit(model)
+        trainer(max_steps=1, callbacks=[callback]).fit(model)
 
 
-def test_model_prepared_with_the_same_recipe_is_adopted():
-    model = LitClassifier()
-    qat.prepare(model, CNN_RECIPE, example_inputs=torch.randn(2, 3, 8, 8))
-    trainer(max_steps=1, callbacks=[QuantizationAwareTraining(CNN_RECIPE, schedule={"fake_quant_from": 1})],
-            limit_val_batches=0).fit(model)
+@both
+def test_model_prepared_with_the_same_recipe_is_adopted(kind):
+    model, callback = build(kind)
+    qat.prepare(model, MODELS[kind][1], example_inputs=torch.randn(2, 3, 8, 8) if kind == "cnn" else None)
+    trainer(max_steps=2, callbacks=[callback], limit_val_batches=0).fit(model)
     assert all(q.calibrated for _, q in qat.quantizers(model))
 
 
