@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from qat.modules import QuantizedLayer
 from qat.quantizer import Quantizer
-from qat.summary import weight_sqnr_db
+from qat.summary import observed_range, weight_sqnr_db
 
 
 class ClipTracker:
@@ -83,9 +83,9 @@ def layer_stats(model: nn.Module, clips: ClipTracker | None = None) -> dict[str,
             stats[f"{name}/weight_scale"] = wq.scale.float().mean().item()
             stats[f"{name}/weight_sqnr_db"] = weight_sqnr_db(layer)
             stats[f"{name}/weight_clipped"] = wq.clipped_fraction(weight).item()
-        if iq is not None and iq.observer is not None and iq.calibrated:
-            stats[f"{name}/input_min"] = iq.observer.min_val.min().item()
-            stats[f"{name}/input_max"] = iq.observer.max_val.max().item()
+        input_range = observed_range(iq)
+        if input_range is not None:
+            stats[f"{name}/input_min"], stats[f"{name}/input_max"] = input_range
             stats[f"{name}/input_scale"] = iq.scale.float().mean().item()
         if name in input_clipped:
             stats[f"{name}/input_clipped"] = input_clipped[name]

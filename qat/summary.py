@@ -76,7 +76,8 @@ def _range(r: tuple[float, float] | None) -> str:
     return "-" if r is None else f"[{r[0]:.4g}, {r[1]:.4g}]"
 
 
-def _observed_range(q: Quantizer | None) -> tuple[float, float] | None:
+def observed_range(q: Quantizer | None) -> tuple[float, float] | None:
+    """The (min, max) a static quantizer has observed over all its groups; None until calibrated."""
     if q is None or q.observer is None or not q.calibrated:
         return None
     return q.observer.min_val.min().item(), q.observer.max_val.max().item()
@@ -117,8 +118,8 @@ def summary(model: nn.Module) -> QuantSummary:
             layer=type(layer).float_cls.__name__,
             weight=wq.spec.describe() if wq is not None else "float",
             activation=iq.spec.describe() if iq is not None else "float",
-            weight_range=_observed_range(wq),
-            input_range=_observed_range(iq),
+            weight_range=observed_range(wq),
+            input_range=observed_range(iq),
             weight_sqnr_db=weight_sqnr_db(layer),
             bn_folded=isinstance(layer, QuantConvNd) and layer.bn is not None,
         ))
