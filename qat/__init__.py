@@ -8,7 +8,8 @@ The numeric core, used by everything else:
 - :class:`Quantizer` — spec + observer + state + switches;
 - :class:`QuantRecipe` + :func:`prepare` — which layers to quantize and how;
 - :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`;
-- :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log.
+- :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
+- ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use).
 
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
@@ -28,6 +29,7 @@ from qat.version import __version__
 __all__ = [
     "ClipTracker",
     "ConfigError",
+    "ExportResult",
     "Granularity",
     "LayerRule",
     "ObserverKind",
@@ -40,6 +42,7 @@ __all__ = [
     "Quantizer",
     "__version__",
     "evaluating",
+    "export_onnx",
     "exporting",
     "fake_quantize",
     "freeze_bn_stats",
@@ -52,3 +55,12 @@ __all__ = [
     "strip",
     "summary",
 ]
+
+
+def __getattr__(name: str):
+    # the exporter imports onnxruntime and onnxscript (about a second): only when it is used
+    if name in ("export_onnx", "ExportResult"):
+        from qat.export import onnx_export
+
+        return getattr(onnx_export, name)
+    raise AttributeError(f"module 'qat' has no attribute {name!r}")

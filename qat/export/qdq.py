@@ -65,7 +65,9 @@ def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, 
             return op.DequantizeLinear(op.Cast(codes, to=dtype), s, z, axis=axis, block_size=block_size)
 
         x = op.Min(op.Max(x, bound(qmin)), bound(qmax))
-    q = op.QuantizeLinear(x, s, z, axis=axis, block_size=block_size, output_dtype=dtype)
+    # no output_dtype: the zero point's type says it, and ONNX Runtime's S8→U8 rewrite on x86
+    # changes the zero point but not the attribute, then rejects its own graph (seen with ORT 1.32)
+    q = op.QuantizeLinear(x, s, z, axis=axis, block_size=block_size)
     return op.DequantizeLinear(q, s, z, axis=axis, block_size=block_size)
 
 

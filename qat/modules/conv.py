@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat.bn_fold import bn_tail
+from qat.fake_quant import export_face
 from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
 from qat.snapshot import snapshot
 
@@ -92,6 +93,14 @@ class QuantConvNd(QuantizedLayer):
         x = self.quantize_input(input)
         if self.bn is None:
             return self._conv_forward(x, self.quantize_weight(self.weight), self.bias)
+        if export_face() and not self.training:
+            # what a device runs: one convolution with the folded, quantized weight and folded bias
+            # (equal to the training form below in eval mode, up to float rounding)
+            weight, bias = self.float_weight_bias()
+            y = self._conv_forward(x, self.quantize_weight(weight), bias)
+            for tail in bn_tail(self.bn) or []:
+                y = tail(y)
+            return y
         factor = self._bn_factor()
         # A channel with γ = 0 (zero-init residual BatchNorms) would divide 0 by 0 below. Folding
         # it with 1 instead is exact (the BatchNorm's own γ = 0 still zeroes its output) and keeps

@@ -1,0 +1,59 @@
+"""Weight lowering: ``QuantizeLinear(constant W) → DequantizeLinear`` becomes ``integer W → DequantizeLinear``.
+
+The dynamo exporter emits every fake-quantized weight as a QuantizeLinear of the float weight,
+and no ONNX optimizer folds a QuantizeLinear of a constant, so without this pass the file keeps
+float32 weights and quantizes them at every run. The pass evaluates each such QuantizeLinear once,
+with ``onnx.reference`` (the ONNX specification's own QuantizeLinear, so the codes are by
+definition what a runtime would compute), stores the codes as an initializer of the node's output
+type (int4/uint4 are packed two per byte when saved), points the DequantizeLinear at it, and drops
+the QuantizeLinear and the float weight.
+
+Math: ``q = saturate(round_half_to_even(W / s) + z)`` per tensor, per axis or per block; the
+DequantizeLinear that follows computes ``(q - z) * s``, unchanged, so the graph's output is
+exactly what it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    return None if value is None or value.const_value is None else value.const_value.numpy()
+
+
+def quantized_weight_name(weight: str) -> str:
+    """The initializer name of a weight's integer codes: ``fc1.weight`` → ``fc1.weight_quantized``."""
+    return f"{weight}_quantized"
+
+
+def lower_weights(model: ir.Model) -> list[str]:
+    """Replace every QuantizeLinear whose inputs are all constants by an integer initializer.
+
+    Returns the names of the new initializers. Only main-graph nodes are visited; the float
+    weights that no other node reads are removed.
+    """
+    graph = model.graph
+    lowered = []
+    for node in list(graph):
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+            continue
+        inputs = [_constant(v) for v in node.inputs]
+        if any(v is None for v in inputs):
+            continue  # an activation: its QuantizeLinear runs at inference
+        evaluator = ReferenceEvaluator(ir.serde.serialize_node(node))
+        feeds = {value.name: array for value, array in zip(node.inputs, inputs, strict=True)}
+        (codes,) = evaluator.run(None, feeds)
+        name = quantized_weight_name(node.inputs[0].name)
+        initializer = ir.Value(name=name, shape=ir.Shape(codes.shape), const_value=ir.tensor(codes, name=name))
+        initializer.dtype = initializer.const_value.dtype
+        graph.register_initializer(initializer)
+        node.outputs[0].replace_all_uses_with(initializer)
+        graph.remove(node, safe=True)
+        lowered.append(name)
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and value not in graph.outputs and name not in lowered:
+            del graph.initializers[name]
+    return lowered
