@@ -95,14 +95,14 @@ def test_int4_file_is_a_fraction_of_the_float_export(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                           nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
-                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+                          nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10))
     x = torch.randn(2, 3, 16, 16)
     float_program = torch.onnx.export(model.eval(), (x,), dynamo=True, verbose=False)
     float_program.save(str(tmp_path / "float.onnx"))
     model = calibrated(model.train(), {"weight": {"bits": 4}}, x)
     result = qat.export_onnx(model, x, tmp_path / "int4.onnx")
     ratio = result.bytes / (tmp_path / "float.onnx").stat().st_size
-    assert ratio <= 0.16, ratio
+    assert ratio <= 0.16, ratio  # 4/32 = 0.125 for the weights, plus per-channel scales and float biases
 
 
 def test_uncalibrated_model_is_refused(tmp_path):
