@@ -8,3 +8,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
 python benchmarks/gpu_lightning.py --out "$OUT/gpu_lightning.json" 2>&1 | grep -v -E "Warning|warn|^  " 
+# compiled QAT must follow eager QAT step for step (a torch 2.11 Dynamo bug once zeroed the gradients)
+python benchmarks/gpu_compile_parity.py cuda "lightning qat eager" "lightning qat compiled" "plain qat eager" "plain qat compiled" 2>&1 | grep -v -E "Warning|warn|^  "
