@@ -12,6 +12,7 @@ from tiny_models import TinyCNN
 from torch import nn
 
 import qat
+from qat.export.sidecar import read_qparams, sidecar_path
 
 WEIGHT_FORMATS = {
     "int8 per-channel": ({"bits": 8}, onnx.TensorProto.INT8),
@@ -20,6 +21,11 @@ WEIGHT_FORMATS = {
     "uint4 affine per-channel": ({"bits": 4, "signed": False, "symmetric": False}, onnx.TensorProto.UINT4),
     "int4 per-group 16": ({"bits": 4, "granularity": "per_group", "group_size": 16}, onnx.TensorProto.INT4),
     "int8 per-group 32": ({"bits": 8, "granularity": "per_group", "group_size": 32}, onnx.TensorProto.INT8),
+    "int3 per-channel": ({"bits": 3}, onnx.TensorProto.INT4),
+    "int7 per-channel": ({"bits": 7}, onnx.TensorProto.INT8),
+    # codes 0..3 fit int4, the first (smallest) type that holds them
+    "uint2 affine per-group 16": ({"bits": 2, "signed": False, "symmetric": False, "granularity": "per_group", "group_size": 16},
+                                  onnx.TensorProto.INT4),
 }
 ACTIVATIONS = {
     "uint8": {},
@@ -71,9 +77,16 @@ def test_round_trip_per_format(weight, activation, tmp_path):
     assert (32, 64) not in float_shapes and (10, 32) not in float_shapes  # no float copy of a weight
     with qat.evaluating(model), torch.no_grad():
         expected = model.eval()(x).numpy()
-    got = reference_run(result.path, x)
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # the ONNX specification's own Q/DQ
+    for artifact in result.artifacts.values():  # device and ort: the same numbers
+        got = reference_run(artifact.path, x)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # the ONNX specification's own Q/DQ
     assert result.top1_agreement is not None and result.top1_agreement >= 0.875
+    qparams = read_qparams(sidecar_path(result.path))
+    for layer in ("0", "2"):
+        entry, quantizer = qparams["tensors"][f"{layer}.weight_quantized"], model.get_submodule(f"{layer}.weight_quantizer")
+        assert entry["dtype"] == onnx.TensorProto.DataType.Name(onnx_type).lower()
+        assert entry["bits"] == spec["bits"] and entry["float_tensor"] == f"{layer}.weight"
+        np.testing.assert_array_equal(np.array(entry["scale"], np.float32), quantizer.scale.reshape(-1).numpy())
     assert result.max_abs_diff <= qat.export.onnx_export.DEFAULT_RTOL * result.output_scale
 
 

@@ -1,24 +1,33 @@
-"""`qat.export_onnx`: a prepared, calibrated model → an ONNX file with integer weights, verified in ONNX Runtime.
+"""`qat.export_onnx`: a prepared, calibrated model → verified ONNX artifacts plus calibration metadata.
 
 The steps, each a small pass:
 
 1. trace with ``torch.onnx.export(dynamo=True)`` inside :func:`qat.exporting` and with observers
    off, so every fake-quant becomes the ``qat::fake_quantize`` op, lowered by
    :data:`qat.export.qdq.CUSTOM_TRANSLATION_TABLE` to QuantizeLinear/DequantizeLinear (opset 21).
-   Folded Conv+BatchNorm layers trace in their deployed form: one Conv with the folded weight and
-   bias;
-2. fold constants (the BatchNorm folding arithmetic becomes a constant weight);
+   Input sizes are the example inputs' (the batch may be left dynamic). Folded Conv+BatchNorm
+   layers trace in their deployed form: one Conv with the folded weight and bias. Hugging Face
+   models are traced without a KV cache and export their logits only;
+2. fold constants (the BatchNorm folding arithmetic becomes a constant weight) and drop dead nodes;
 3. :func:`qat.export.weights.lower_weights`: integer initializers (int4 packed two per byte, int8)
    in place of float weights and their QuantizeLinear;
-4. write to a temporary file, check it with ONNX Runtime against the PyTorch model on the example
-   inputs, and only then rename it to ``path``: a failed export leaves no file behind.
+4. :func:`qat.export.names.name_quantized_tensors`: stable names (``conv1.weight_quantized``…);
+5. per artifact: *device* is that graph; *ort* is rewritten by :mod:`qat.export.ort_layout` for
+   ONNX Runtime's integer kernels;
+6. each artifact is written to a temporary file, run in ONNX Runtime against the PyTorch model
+   (:mod:`qat.export.parity`), its optimized graph read for the kernels each layer runs on
+   (:mod:`qat.export.kernels`), and its sidecar built and validated (:mod:`qat.export.sidecar`).
+   Only when every artifact passed are the files renamed into place: a failed export leaves
+   nothing behind and no earlier file touched.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +41,114 @@ from torch.utils._pytree import tree_leaves
 
 from qat.control import evaluating, quantizers
 from qat.errors import QATError
+from qat.export import kernels, ort_layout, parity, sidecar
+from qat.export.names import find_quantized_tensors, layer_inputs, name_quantized_tensors, rename_outputs
 from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
 from qat.export.weights import lower_weights
 from qat.fake_quant import exporting
 from qat.modules import QuantizedLayer
 from qat.prepare import is_prepared
 
+ARTIFACTS = ("device", "ort")
 DEFAULT_RTOL = 0.05
 """Verification tolerance: the largest ONNX Runtime vs PyTorch difference allowed, relative to the
 largest output magnitude. ORT's fused integer kernels round differently from the float Q/DQ
 reference, which can move a value by a quantization step of an intermediate tensor."""
 
+_WRAPPED = "model."
+
+
+class FloatFallbackWarning(UserWarning):
+    """Layers of the *ort* artifact that ONNX Runtime runs in float instead of an integer kernel."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One verified ONNX file and its sidecar."""
+
+    kind: str
+    """``device`` (true int4, smallest) or ``ort`` (laid out for ONNX Runtime's integer kernels)."""
+    path: Path
+    qparams_path: Path
+    bytes: int
+    integer_weights: list[str]
+    kernels: dict[str, str]
+    """Layer → the ONNX Runtime kernel it runs on (``float Conv`` when it fell back to float)."""
+    parity: parity.Parity
+    session_config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def float_fallback(self) -> list[str]:
+        return [layer for layer, kernel in self.kernels.items() if kernel.startswith("float")]
+
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export_onnx` wrote and how well ONNX Runtime reproduced PyTorch."""
+    """What :func:`export_onnx` wrote. The top-level figures are the first artifact's."""
 
-    path: Path
-    bytes: int
-    integer_weights: list[str]
-    max_abs_diff: float
-    output_scale: float
-    top1_agreement: float | None
-    """Share of rows where ORT and PyTorch pick the same class (2-D outputs only)."""
+    artifacts: dict[str, Artifact]
+
+    @property
+    def first(self) -> Artifact:
+        return next(iter(self.artifacts.values()))
+
+    @property
+    def device(self) -> Artifact | None:
+        return self.artifacts.get("device")
+
+    @property
+    def ort(self) -> Artifact | None:
+        return self.artifacts.get("ort")
+
+    @property
+    def path(self) -> Path:
+        return self.first.path
+
+    @property
+    def bytes(self) -> int:
+        return self.first.bytes
+
+    @property
+    def integer_weights(self) -> list[str]:
+        return self.first.integer_weights
+
+    @property
+    def max_abs_diff(self) -> float:
+        return self.first.parity.max_abs_diff
+
+    @property
+    def output_scale(self) -> float:
+        return self.first.parity.output_scale
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.first.parity.top1_agreement
+
+
+class _Traced(nn.Module):
+    """What is traced: the model, with Hugging Face outputs reduced to their logits and no KV cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.no_cache = _is_hf(model) and _accepts(model, "use_cache")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.no_cache:
+            kwargs = {**kwargs, "use_cache": False}
+        out = self.model(*args, **kwargs)
+        if isinstance(out, Mapping) and "logits" in out:  # transformers' ModelOutput
+            return out["logits"]
+        return out
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("transformers.") and hasattr(m, "config") for m in model.modules())
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    parameters = inspect.signature(model.forward).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -83,8 +177,9 @@ def _u8s8_layers(model: nn.Module) -> list[str]:
             and not layer.input_quantizer.spec.signed]
 
 
-def _tensors(value: Any) -> list[np.ndarray]:
-    return [t.detach().float().cpu().numpy() for t in tree_leaves(value) if isinstance(t, Tensor)]
+def _arrays(value: Any) -> list[np.ndarray]:
+    return [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
+            for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
 def _write_target(path: str | os.PathLike[str]) -> Path:
@@ -98,23 +193,82 @@ def _write_target(path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def artifact_path(path: Path, kind: str) -> Path:
+    """``model.onnx`` for the device artifact, ``model.ort.onnx`` for the ort artifact."""
+    return path if kind == "device" else path.with_name(f"{path.stem}.{kind}.onnx")
+
+
+def _dynamic_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+    batch = torch.export.Dim("batch")
+
+    def spec(value: Any) -> Any:
+        return {0: batch} if isinstance(value, Tensor) and value.ndim > 0 else None
+
+    return {name: spec(v) for name, v in kwargs.items()} if kwargs else {"args": tuple(spec(v) for v in args)}
+
+
+def _trace(traced: _Traced, args: tuple[Any, ...], kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
+           input_names: list[str] | None) -> ir.Model:
+    try:
+        with evaluating(traced.model), torch.no_grad(), exporting():
+            program = torch.onnx.export(traced, args, kwargs=kwargs or None, dynamo=True, verbose=False, opset_version=opset,
+                                        input_names=input_names, custom_translation_table=CUSTOM_TRANSLATION_TABLE,
+                                        dynamic_shapes=_dynamic_batch(args, kwargs) if dynamic_batch else None)
+    except QATError:
+        raise
+    except Exception as error:
+        raise QATError(f"torch.onnx.export failed for {type(traced.model).__name__}: {type(error).__name__}: {error}") from error
+    model = program.model
+    onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
+    lower_weights(model)
+    onnxscript.optimizer.remove_unused_nodes(model)
+    return model
+
+
+def _input_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
+    """Graph input names: the keyword names, or the forward's parameter names for positional inputs."""
+    if kwargs:
+        return None  # the exporter names keyword inputs after their keys
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[: len(args)] if len(names) >= len(args) else None
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Any,
     path: str | os.PathLike[str],
     *,
+    artifacts: Sequence[str] = ARTIFACTS,
+    verification_inputs: Sequence[Any] = (),
+    dynamic_batch: bool = False,
+    output_names: list[str] | None = None,
+    normalization: dict[str, list[float]] | None = None,
     opset: int = OPSET,
     rtol: float = DEFAULT_RTOL,
+    verbose: bool = False,
 ) -> ExportResult:
-    """Export a prepared, calibrated model to ONNX with integer weights, verified in ONNX Runtime.
+    """Export a prepared, calibrated model to verified ONNX artifacts with calibration metadata.
+
+    Writes, for ``path = "net.onnx"``: ``net.onnx`` + ``net.qparams.json`` (*device*: true int4
+    weights, the smallest file) and ``net.ort.onnx`` + ``net.ort.qparams.json`` (*ort*: the same
+    numbers laid out for ONNX Runtime's integer kernels). Each is verified in ONNX Runtime.
 
     Args:
         model: a model prepared with :func:`qat.prepare` whose quantizers have observed data.
         example_inputs: a tensor, a tuple of positional arguments, or a mapping of keyword
-            arguments; the exported graph has these input shapes.
-        path: the ``.onnx`` file to write (replaced only once verification passed).
+            arguments (``{"input_ids": …, "attention_mask": …}`` for a language model); the
+            graph has these input sizes.
+        path: the device artifact's ``.onnx`` path; the others are named after it.
+        artifacts: which artifacts to write (``device``, ``ort``).
+        verification_inputs: more inputs of the same structure (a calibration batch) to
+            verify on, besides ``example_inputs``.
+        dynamic_batch: leave the first dimension of every input free.
+        output_names: graph output names (default ``output``, or ``output_0``, ``output_1``…).
+        normalization: ``{"mean": […], "std": […]}`` the inputs expect, recorded in the sidecar.
         opset: ONNX opset (21 or later: int4 and blocked Q/DQ).
         rtol: allowed ORT vs PyTorch difference, relative to the largest output magnitude.
+        verbose: print a table of parity and kernels per artifact.
 
     Example:
         >>> import torch, qat, tempfile, pathlib
@@ -125,56 +279,139 @@ def export_onnx(
         >>> result = qat.export_onnx(model, torch.randn(8, 16), out)
         >>> result.integer_weights, result.top1_agreement
         (['0.weight_quantized', '2.weight_quantized'], 1.0)
+        >>> sorted(p.name for p in out.parent.iterdir())
+        ['mlp.onnx', 'mlp.ort.onnx', 'mlp.ort.qparams.json', 'mlp.qparams.json']
     """
     target = _write_target(path)
+    unknown = [a for a in artifacts if a not in ARTIFACTS]
+    if unknown or not artifacts:
+        raise QATError(f"artifacts: `{unknown or list(artifacts)}` is not a non-empty subset of {list(ARTIFACTS)}")
     _check_calibrated(model)
     args, kwargs = _split_inputs(example_inputs)
-    training = model.training
+    batches = [(args, kwargs)] + [_split_inputs(extra) for extra in verification_inputs]
+    traced, training = _Traced(model), model.training
     model.eval()
     try:
         with evaluating(model), torch.no_grad():
-            reference = _tensors(model(*args, **kwargs))
-            with exporting():
-                program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, verbose=False,
-                                            opset_version=opset, custom_translation_table=CUSTOM_TRANSLATION_TABLE)
-    except QATError:
-        raise
-    except Exception as error:
-        raise QATError(f"torch.onnx.export failed for {type(model).__name__}: {type(error).__name__}: {error}") from error
+            references = [_arrays(traced(*a, **k)) for a, k in batches]
+        graph = _trace(traced, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, input_names=_input_names(model, args, kwargs))
     finally:
         model.train(training)
+    tensors = name_quantized_tensors(graph, strip=_WRAPPED)
+    rename_outputs(graph, output_names)
+    feeds = [_arrays((a, k)) for a, k in batches]
 
-    onnx_model = program.model
-    onnxscript.optimizer.fold_constants(onnx_model, input_size_limit=1 << 30, output_size_limit=1 << 30)
-    integer_weights = lower_weights(onnx_model)
-    onnxscript.optimizer.remove_unused_nodes(onnx_model)
-
-    temporary = target.with_name(f".{target.name}.tmp")
+    staged: list[tuple[Path, Path, Path, dict[str, Any]]] = []
+    written: dict[str, Artifact] = {}
     try:
-        ir.save(onnx_model, temporary)
-        result = _verify(temporary, target, args, kwargs, reference, integer_weights, rtol, _u8s8_layers(model))
-        os.replace(temporary, target)
+        for kind in dict.fromkeys(artifacts):
+            artifact, temporary, qparams = _build(kind, graph, model, tensors, target, feeds, references, rtol, normalization)
+            staged.append((temporary, artifact.path, artifact.qparams_path, qparams))
+            written[kind] = artifact
+        for temporary, final, qparams_path, qparams in staged:
+            os.replace(temporary, final)
+            sidecar.write_json(qparams, qparams_path)
     finally:
-        temporary.unlink(missing_ok=True)
+        for temporary, *_ in staged:
+            temporary.unlink(missing_ok=True)
+    result = ExportResult(written)
+    _warn_fallback(result)
+    if verbose:
+        print_report(result)
     return result
 
 
-def _verify(file: Path, target: Path, args: tuple[Any, ...], kwargs: dict[str, Any], reference: list[np.ndarray],
-            integer_weights: list[str], rtol: float, u8s8_layers: list[str]) -> ExportResult:
-    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    inputs = [t.detach().cpu().numpy() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
-    feeds = {meta.name: value for meta, value in zip(session.get_inputs(), inputs, strict=True)}
-    outputs = session.run(None, feeds)
-    if len(outputs) != len(reference):
-        raise QATError(f"the ONNX model has {len(outputs)} outputs, the PyTorch model {len(reference)}")
-    max_abs_diff = max(float(np.abs(o.astype(np.float32) - r).max()) for o, r in zip(outputs, reference, strict=True))
-    output_scale = max(float(np.abs(r).max()) for r in reference)
-    first, first_ref = outputs[0], reference[0]
-    top1 = float((first.argmax(-1) == first_ref.argmax(-1)).mean()) if first_ref.ndim == 2 else None
-    if max_abs_diff > rtol * max(output_scale, 1e-12):
-        hint = (f". Layers {', '.join(f'`{n}`' for n in u8s8_layers[:4])} have 8-bit weights and uint8 inputs: ONNX Runtime "
+def _build(kind: str, graph: ir.Model, model: nn.Module, named: list, target: Path, feeds: list[list[np.ndarray]],
+           references: list[list[np.ndarray]], rtol: float, normalization: dict[str, list[float]] | None):
+    """Lay out, save to a temporary file, verify and describe one artifact (nothing final is written)."""
+    final = artifact_path(target, kind)
+    config: dict[str, str] = {}
+    if kind == "ort":
+        graph = ir.serde.deserialize_model(ir.serde.serialize_model(graph))
+        tensors = find_quantized_tensors(graph.graph, strip=_WRAPPED)
+        ort_layout.widen_small_weights(tensors)
+        if ort_layout.matmul_nbits_layout(tensors):
+            config = dict(ort_layout.SESSION_CONFIG)
+        onnxscript.optimizer.remove_unused_nodes(graph)
+    else:
+        tensors = named
+    tensors = [t for t in tensors if t.dequantize.graph is not None]
+    qparams = sidecar.build_qparams(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
+    temporary = final.with_name(f".{final.name}.tmp")
+    try:
+        ir.save(graph, temporary)
+        checked = _verify(temporary, final, kind, qparams, feeds, references, rtol, config, model)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    qparams["model"] = {"file": final.name, "artifact": kind, "opset": graph.opset_imports.get("", OPSET),
+                        "sha256": sidecar.sha256(temporary), "session_config": config}
+    sidecar.validate(qparams, f"{sidecar.sidecar_path(final)}")
+    return checked, temporary, qparams
+
+
+def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: list[list[np.ndarray]],
+            references: list[list[np.ndarray]], rtol: float, config: dict[str, str], model: nn.Module) -> Artifact:
+    try:
+        session = ort.InferenceSession(str(file), kernels.session_options(config), providers=["CPUExecutionProvider"])
+        outputs = [parity.run_session(session, f) for f in feeds]
+    except Exception as error:
+        raise QATError(f"ONNX Runtime cannot run the {kind} artifact `{final}`: {error}") from error
+    names = [meta.name for meta in session.get_inputs()]
+    measured = parity.compare(outputs, references, [dict(zip(names, f, strict=True)) for f in feeds])
+    if len(outputs[0]) != len(references[0]):
+        raise QATError(f"the ONNX model has {len(outputs[0])} outputs, the PyTorch model {len(references[0])}")
+    if not measured.within(rtol):
+        u8s8 = _u8s8_layers(model)
+        hint = (f". Layers {', '.join(f'`{n}`' for n in u8s8[:4])} have 8-bit weights and uint8 inputs: ONNX Runtime "
                 "runs them with u8·s8 kernels that saturate on x86 CPUs without VNNI. Use 7-bit weights (`weight: {bits: 7}`) "
-                "or signed int8 inputs (`activation: {signed: true, symmetric: true}`)") if u8s8_layers else ""
-        raise QATError(f"ONNX Runtime differs from PyTorch by {max_abs_diff:.4g} (largest output {output_scale:.4g}, "
-                       f"allowed {rtol:.0%}); `{target}` was not written{hint}")
-    return ExportResult(target, file.stat().st_size, integer_weights, max_abs_diff, output_scale, top1)
+                "or signed int8 inputs (`activation: {signed: true, symmetric: true}`)") if u8s8 else ""
+        raise QATError(f"ONNX Runtime differs from PyTorch by {measured.max_abs_diff:.4g} in the {kind} artifact (largest "
+                       f"output {measured.output_scale:.4g}, allowed {rtol:.0%}); `{final}` was not written{hint}")
+    weights = {layer: entry["weight"] for layer, entry in qparams["layers"].items() if entry["weight"]}
+    report = kernels.kernel_report(file, weights, config)
+    for layer, kernel in report.layers.items():
+        qparams["layers"][layer]["kernel"] = kernel
+    qparams["verification"] = {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
+                               **parity.to_dict(measured, rtol), "kernels": report.counts, "float_fallback": report.float_fallback}
+    integer = [name for name, entry in qparams["tensors"].items() if entry["role"] == "weight"]
+    return Artifact(kind, final, sidecar.sidecar_path(final), file.stat().st_size, integer, report.layers, measured, config)
+
+
+def _warn_fallback(result: ExportResult) -> None:
+    artifact = result.ort
+    if artifact is not None and artifact.float_fallback:
+        layers = ", ".join(f"{layer} ({artifact.kernels[layer]})" for layer in artifact.float_fallback)
+        warnings.warn(f"{len(artifact.float_fallback)} of {len(artifact.kernels)} quantized layers of `{artifact.path}` run in "
+                      f"float in ONNX Runtime, not in an integer kernel: {layers}. See README, 'Which ONNX Runtime kernels run'.",
+                      FloatFallbackWarning, stacklevel=3)
+
+
+def print_report(result: ExportResult) -> None:
+    """A table per artifact: file, size, parity and the kernel of each layer."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for artifact in result.artifacts.values():
+        p = artifact.parity
+        table = Table(title=f"{artifact.kind} artifact: {artifact.path} ({artifact.bytes / 1024:.1f} KiB)")
+        table.add_column("layer")
+        table.add_column("ONNX Runtime kernel")
+        for layer, kernel in artifact.kernels.items():
+            table.add_row(layer, f"[red]{kernel}[/red]" if kernel.startswith("float") else kernel)
+        console.print(table)
+        extra = f", top-1 agreement {p.top1_agreement:.1%}" if p.top1_agreement is not None else ""
+        if p.perplexity is not None:
+            extra += f", perplexity {p.perplexity['torch']:.3f} → {p.perplexity['onnx']:.3f}"
+        console.print(f"  max |ORT − PyTorch| {p.max_abs_diff:.3g} (largest output {p.output_scale:.3g}){extra}; "
+                      f"metadata {artifact.qparams_path}")
+
+
+def load_session(path: str | os.PathLike[str]) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for an exported artifact, with the session options its sidecar records."""
+    config = sidecar.read_qparams(sidecar.sidecar_path(path))["model"].get("session_config", {})
+    return ort.InferenceSession(str(path), kernels.session_options(config), providers=["CPUExecutionProvider"])
+
+
+__all__ = ["ARTIFACTS", "Artifact", "ExportResult", "FloatFallbackWarning", "export_onnx", "load_session"]

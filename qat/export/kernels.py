@@ -1,0 +1,82 @@
+"""Which ONNX Runtime kernel each quantized layer runs on, read from ORT's optimized graph.
+
+ONNX Runtime rewrites ``DequantizeLinear → Conv → QuantizeLinear`` into QLinearConv, blocked
+4-bit ``DequantizeLinear → MatMul`` into MatMulNBits, and so on, when the pattern and the
+types allow; otherwise it dequantizes the weight and runs the float operator, silently. This
+module asks ORT to save the graph it actually runs (``SessionOptions.optimized_model_filepath``)
+and follows each layer's integer weight to the node that consumes it:
+
+- an integer kernel (QLinearConv, QGemm, MatMulNBits, MatMulIntegerToFloat, …) reads the codes
+  directly: the layer runs in integers;
+- a DequantizeLinear reads them: the layer runs in float (the kernel is reported as
+  ``float <Op>``, the operator after the DequantizeLinear).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class KernelReport:
+    """Per layer, the kernel ONNX Runtime runs it with (``float Conv`` when it fell back to float)."""
+
+    layers: dict[str, str]
+    counts: dict[str, int] = field(default_factory=dict)
+    """How many nodes of each operator type the optimized graph has."""
+
+    @property
+    def float_fallback(self) -> list[str]:
+        return [layer for layer, kernel in self.layers.items() if kernel.startswith("float")]
+
+
+def session_options(config: dict[str, str] | None = None) -> ort.SessionOptions:
+    """CPU session options with every graph optimization on and ``config`` entries applied."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the optimized-graph dump warns that it is hardware specific
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+def optimized_graph(path: Path, config: dict[str, str] | None = None) -> onnx.GraphProto:
+    """The graph ONNX Runtime (CPU) runs for the model at ``path``."""
+    with tempfile.TemporaryDirectory() as folder:
+        options = session_options(config)
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
+
+
+def kernel_report(path: Path, weights: dict[str, str], config: dict[str, str] | None = None) -> KernelReport:
+    """The kernel of each layer, given ``weights``: layer name → name of its integer weight initializer.
+
+    A fused kernel may repack the weight into an initializer of its own named after it
+    (MatMulNBits reads ``<weight>_T``): such readers count as reading the weight. A weight that
+    nobody reads any more was folded away by ORT (``folded``).
+    """
+    graph = optimized_graph(path, config)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    layers = {}
+    for layer, weight in weights.items():
+        nodes = [n for name, users in readers.items() if name == weight or name.startswith(weight + "_") for n in users]
+        if not nodes:
+            layers[layer] = "folded"
+            continue
+        node = nodes[0]
+        if node.op_type == "DequantizeLinear":
+            after = readers.get(node.output[0], [])
+            layers[layer] = f"float {after[0].op_type}" if after else "float"
+        else:
+            layers[layer] = node.op_type
+    return KernelReport(layers, dict(Counter(node.op_type for node in graph.node)))

@@ -1,0 +1,114 @@
+"""The *ort* artifact: the device graph's numbers laid out for ONNX Runtime's fast CPU kernels.
+
+ONNX Runtime fuses QuantizeLinear/DequantizeLinear patterns into integer kernels only for some
+layouts (DESIGN.md, "Export facts"). Two passes rewrite the device graph into those layouts
+without changing a single weight or activation value:
+
+- :func:`widen_small_weights`: a 4-bit (or narrower) weight read by Conv, ConvTranspose, Gemm or
+  MatMul with per-tensor or per-channel scales is stored in int8/uint8 instead of int4/uint4.
+  The codes and the zero point are the same integers, so ``(q - z)·s`` is unchanged; ORT has no
+  int4 Conv kernel, but fuses int8 ``DQ → Conv → Q`` into QLinearConv.
+- :func:`matmul_nbits_layout`: a blocked 4-bit Linear weight, exported as
+  ``W[N, K] → DQ(axis 1, block B) → Transpose → MatMul``, becomes
+  ``Wᵀ[K, N] → DQ(axis 0, block B) → MatMul`` (the codes, scales and zero points transposed),
+  which ORT rewrites into MatMulNBits when ``B`` is a power of two ≥ 16. The weight is the same
+  matrix, so the product is the same. A dynamic per-token activation Q/DQ in front of such a
+  MatMul is removed: MatMulNBits quantizes its input to int8 itself (per block, when the session
+  sets ``session.qdq_matmulnbits_accuracy_level`` to 4, :data:`SESSION_CONFIG`), so this is the
+  one rewrite that moves numbers, by less than one int8 step; verification measures it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qat.export.names import QuantizedTensor, consumers_through
+
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
+"""ORT session options the *ort* artifact is meant to run with (recorded in its sidecar)."""
+
+_MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
+
+
+def _attribute(node: ir.Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.as_int()
+
+
+def _set_constant(value: ir.Value, array: np.ndarray, dtype: ir.DataType | None = None) -> None:
+    tensor = ir.tensor(array, dtype=dtype, name=value.name)
+    value.const_value = tensor
+    value.shape = ir.Shape(array.shape)
+    value.dtype = tensor.dtype
+
+
+def widen_small_weights(tensors: list[QuantizedTensor]) -> list[str]:
+    """Store per-tensor / per-channel int4/uint4 weights of Conv/Gemm/MatMul as int8/uint8.
+
+    Returns the names of the widened weights.
+    """
+    widened = []
+    for tensor in tensors:
+        codes = tensor.quantized
+        if tensor.quantize is not None or codes.const_value is None or codes.dtype not in _WIDER:
+            continue
+        if _attribute(tensor.dequantize, "block_size", 0) != 0:
+            continue  # blocked weights: see matmul_nbits_layout
+        if not any(op.op_type in _MATMUL_OPS for op in consumers_through(tensor.dequantized)):
+            continue
+        wide = _WIDER[codes.dtype]
+        _set_constant(codes, codes.const_value.numpy().astype(np.int8 if wide == ir.DataType.INT8 else np.uint8))
+        zero_point = tensor.zero_point
+        if zero_point is not None and zero_point.const_value is not None:
+            _set_constant(zero_point, zero_point.const_value.numpy().astype(codes.const_value.numpy().dtype))
+        widened.append(codes.name)
+    return widened
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _dynamic_activation(value: ir.Value) -> ir.Value | None:
+    """If ``value`` is a dequantized activation whose scale is computed at run time, the float tensor before it."""
+    dq = value.producer()
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[1].const_value is not None:
+        return None
+    q = dq.inputs[0].producer()
+    return None if q is None or q.op_type != "QuantizeLinear" else q.inputs[0]
+
+
+def matmul_nbits_layout(tensors: list[QuantizedTensor]) -> list[str]:
+    """Rewrite blocked 4-bit Linear weights into ORT's MatMulNBits pattern (module docstring).
+
+    Returns the names of the rewritten weights.
+    """
+    rewritten = []
+    for tensor in tensors:
+        dq, codes = tensor.dequantize, tensor.quantized
+        if tensor.quantize is not None or codes.const_value is None or codes.dtype not in _WIDER:
+            continue
+        block = _attribute(dq, "block_size", 0)
+        if len(codes.shape) != 2 or _attribute(dq, "axis", 1) != 1 or not _is_power_of_two(block):
+            continue
+        uses = list(tensor.dequantized.uses())
+        if len(uses) != 1 or uses[0][0].op_type != "Transpose":
+            continue
+        transpose = uses[0][0]
+        matmuls = list(transpose.outputs[0].uses())
+        if not matmuls or any(user.op_type != "MatMul" or index != 1 for user, index in matmuls):
+            continue
+        for value in (codes, tensor.scale, tensor.zero_point):
+            if value is not None and value.const_value is not None:
+                _set_constant(value, np.ascontiguousarray(value.const_value.numpy().T), value.dtype)
+        dq.attributes["axis"] = ir.AttrInt64("axis", 0)
+        for matmul, _ in matmuls:
+            matmul.replace_input_with(1, tensor.dequantized)
+            source = _dynamic_activation(matmul.inputs[0])
+            if source is not None:
+                matmul.replace_input_with(0, source)
+        transpose.graph.remove(transpose, safe=True)
+        rewritten.append(codes.name)
+    return rewritten
