@@ -1,20 +1,104 @@
 """The ``qat`` command.
 
-``qat check-recipe FILE`` validates a recipe YAML and prints it with every default filled in;
-a bad recipe prints one line naming the file and key, and exits with status 2.
-(Training, export and verification subcommands arrive with the Lightning CLI.)
+- ``qat check-recipe FILE``: validate a recipe YAML and print it with every default filled in.
+- ``qat export --model pkg.module:Class --checkpoint last.ckpt --input-shape 1,3,32,32 -o net.onnx``:
+  rebuild the QAT model from a Lightning checkpoint and write the verified ONNX artifacts and
+  their calibration metadata (:func:`qat.export_onnx`). ``--inputs file.pt`` gives named or
+  positional example inputs instead (a dict of tensors for a language model:
+  ``{"input_ids": …, "attention_mask": …}``).
+- ``qat verify net.onnx [net.ort.onnx …]``: re-check model + metadata pairs
+  (:func:`qat.export.verify.verify_artifact`); exit status 1 when a pair is inconsistent.
+
+Bad input prints one line naming the file, key or layer at fault and exits with status 2.
+(Training subcommands arrive with the Lightning CLI.)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import sys
+from typing import Any
 
 import yaml
 
 from qat.errors import QATError
 from qat.recipe import QuantRecipe
 from qat.version import __version__
+
+
+def _check_recipe(args: argparse.Namespace) -> int:
+    recipe = QuantRecipe.from_yaml(args.recipe)
+    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _build_model(target: str, init_args: str | None) -> Any:
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise QATError(f"--model `{target}` must look like `package.module:ClassOrFactory`")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise QATError(f"--model `{target}`: {error}") from None
+    try:
+        kwargs = json.loads(init_args) if init_args else {}
+    except json.JSONDecodeError as error:
+        raise QATError(f"--init-args is not JSON: {error}") from None
+    return factory(**kwargs)
+
+
+def _example_inputs(args: argparse.Namespace) -> Any:
+    import torch
+
+    if args.inputs:
+        try:
+            return torch.load(args.inputs, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise QATError(f"--inputs `{args.inputs}` does not exist") from None
+    if not args.input_shape:
+        raise QATError("give the example input: --input-shape 1,3,32,32 (repeatable) or --inputs file.pt")
+    generator = torch.Generator().manual_seed(0)
+    shapes = []
+    for text in args.input_shape:
+        try:
+            shapes.append([int(d) for d in text.split(",")])
+        except ValueError:
+            raise QATError(f"--input-shape `{text}` must be comma-separated integers, e.g. 1,3,32,32") from None
+    tensors = [torch.randn(shape, generator=generator) for shape in shapes]
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qat.export.onnx_export import export_onnx
+    from qat.lightning import load_checkpoint
+
+    model = _build_model(args.model, args.init_args)
+    example = _example_inputs(args)
+    load_checkpoint(model, args.checkpoint, example_inputs=example if not isinstance(example, dict) else None)
+    export_onnx(model, example, args.output, artifacts=args.artifacts, dynamic_batch=args.dynamic_batch, rtol=args.rtol,
+                verbose=True)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from qat.export.verify import verify_artifact
+
+    failed = 0
+    for path in args.models:
+        report = verify_artifact(path)
+        check = report.qparams["verification"]
+        print(f"{path}: {len(report.qparams['tensors'])} quantized tensors, {len(report.kernels)} layers; at export "
+              f"max |ORT − PyTorch| {check['max_abs_diff']:.3g} of {check['output_scale']:.3g}")
+        fallback = [layer for layer, kernel in report.kernels.items() if kernel.startswith("float")]
+        if fallback:
+            print(f"  runs in float in ONNX Runtime: {', '.join(fallback)}")
+        for problem in report.problems:
+            print(f"  problem: {problem}")
+        print("  ok" if report.ok else "  FAILED")
+        failed += not report.ok
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,14 +108,30 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-recipe", help="validate a recipe YAML and print it resolved")
     check.add_argument("recipe", help="path to a recipe YAML file")
+    check.set_defaults(run=_check_recipe)
+
+    export = commands.add_parser("export", help="QAT checkpoint → verified ONNX artifacts + calibration metadata")
+    export.add_argument("--model", required=True, help="the float model to rebuild: package.module:ClassOrFactory")
+    export.add_argument("--init-args", help="JSON keyword arguments for the model's constructor")
+    export.add_argument("--checkpoint", required=True, help="Lightning checkpoint written with QuantizationAwareTraining")
+    export.add_argument("--input-shape", action="append", help="example input size, e.g. 1,3,32,32 (repeat for more inputs)")
+    export.add_argument("--inputs", help="example inputs saved with torch.save: a tensor, a tuple, or a dict of named tensors")
+    export.add_argument("-o", "--output", required=True, help="the device artifact's .onnx path")
+    export.add_argument("--artifacts", nargs="+", default=["device", "ort"], choices=["device", "ort"])
+    export.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free")
+    export.add_argument("--rtol", type=float, default=0.05, help="allowed ORT vs PyTorch difference (share of the largest output)")
+    export.set_defaults(run=_export)
+
+    verify = commands.add_parser("verify", help="re-check exported models against their .qparams.json")
+    verify.add_argument("models", nargs="+", help=".onnx files written by qat export")
+    verify.set_defaults(run=_verify)
+
     args = parser.parse_args(argv)
     try:
-        recipe = QuantRecipe.from_yaml(args.recipe)
+        return args.run(args)
     except QATError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ The figures written into every sidecar's ``verification`` block:
   output is whatever each runtime makes of an all-masked softmax, and nothing reads it;
 - ``top1_agreement`` for classifiers (2-D outputs): the share of rows where both pick the same
   class;
-- ``perplexity`` for language models (3-D logits with ``input_ids`` among the inputs): the
+- ``perplexity`` for language models (a Hugging Face model's ``logits``, with ``input_ids``
+  among the inputs): the
   next-token perplexity of each side's logits on the inputs' own tokens, padding positions
   (``attention_mask == 0``) excluded, and the difference ONNX − PyTorch.
 """
@@ -59,9 +60,9 @@ def perplexity(logits: np.ndarray, input_ids: np.ndarray, attention_mask: np.nda
 
 
 def compare(onnx_outputs: Sequence[Sequence[np.ndarray]], torch_outputs: Sequence[Sequence[np.ndarray]],
-            inputs: Sequence[Mapping[str, np.ndarray]]) -> Parity:
+            inputs: Sequence[Mapping[str, np.ndarray]], logits: bool = False) -> Parity:
     """Parity over several batches: ``onnx_outputs[i]`` and ``torch_outputs[i]`` are batch ``i``'s outputs,
-    ``inputs[i]`` its named inputs (used for the language-model perplexity)."""
+    ``inputs[i]`` its named inputs; ``logits``: the first output is a language model's next-token logits."""
     max_abs_diff, output_scale, agree, rows = 0.0, 0.0, 0, 0
     ppl_torch, ppl_onnx = [], []
     for got, want, feeds in zip(onnx_outputs, torch_outputs, inputs, strict=True):
@@ -75,7 +76,7 @@ def compare(onnx_outputs: Sequence[Sequence[np.ndarray]], torch_outputs: Sequenc
         if reference.ndim == 2:
             agree += int((first.argmax(-1) == reference.argmax(-1)).sum())
             rows += reference.shape[0]
-        if reference.ndim == 3 and "input_ids" in feeds:
+        if logits and reference.ndim == 3 and "input_ids" in feeds:
             ppl_torch.append(perplexity(reference, feeds["input_ids"], mask))
             ppl_onnx.append(perplexity(first, feeds["input_ids"], mask))
     ppl = None

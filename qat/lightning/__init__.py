@@ -1,7 +1,9 @@
 """Lightning integration: :class:`QuantizationAwareTraining` adds QAT to a training loop as one
-callback; :func:`load_checkpoint` rebuilds a QAT model from its checkpoint without a Trainer."""
+callback; :class:`ONNXExport` writes the verified ONNX artifacts when training ends;
+:func:`load_checkpoint` rebuilds a QAT model from its checkpoint without a Trainer."""
 
 from qat.lightning.checkpoint import load_checkpoint
+from qat.lightning.onnx_export import ONNXExport
 from qat.lightning.quantization_aware_training import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining", "load_checkpoint"]
+__all__ = ["ONNXExport", "QuantizationAwareTraining", "load_checkpoint"]

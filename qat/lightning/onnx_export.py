@@ -1,0 +1,84 @@
+"""`ONNXExport`: write the verified ONNX artifacts and calibration metadata when training ends."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils._pytree import tree_map
+
+from qat.errors import QATError
+from qat.export.onnx_export import ARTIFACTS, DEFAULT_RTOL, ExportResult, export_onnx
+from qat.lightning.quantization_aware_training import batch_inputs, first_batch
+
+_NOT_INPUTS = ("labels",)
+"""Batch keys that are targets, not model inputs (Hugging Face batches carry ``labels``)."""
+
+
+class ONNXExport(pl.Callback):
+    """Export the trained QAT model at the end of ``fit`` with :func:`qat.export_onnx`.
+
+    Add it after :class:`~qat.lightning.QuantizationAwareTraining`. It writes ``path`` (the
+    *device* artifact), ``<stem>.ort.onnx`` and a ``.qparams.json`` sidecar for each, on global
+    rank zero, after checking every artifact in ONNX Runtime; a failed verification fails the run
+    with the reason and leaves no file behind. The result is kept in :attr:`result`.
+
+    Args:
+        path: the device artifact's ``.onnx`` path; a relative path is taken inside the
+            Trainer's ``default_root_dir``.
+        example_inputs: the inputs to trace and verify with; default: the LightningModule's
+            ``example_input_array``, else the first training batch (without ``labels``).
+        artifacts: which artifacts to write (``device``, ``ort``).
+        dynamic_batch: leave the batch dimension of the inputs free.
+        rtol: allowed ORT vs PyTorch difference, relative to the largest output.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[QuantizationAwareTraining(recipe), ONNXExport("model.onnx")])
+        trainer.fit(model)
+        print(trainer.callbacks[-1].result.ort.kernels)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "model.onnx",
+        example_inputs: Any = None,
+        artifacts: Sequence[str] = ARTIFACTS,
+        dynamic_batch: bool = False,
+        rtol: float = DEFAULT_RTOL,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if self.path.suffix != ".onnx":
+            raise QATError(f"ONNXExport path `{path}` must end in .onnx")
+        unknown = [a for a in artifacts if a not in ARTIFACTS]
+        if unknown or not artifacts:
+            raise QATError(f"ONNXExport artifacts `{list(artifacts)}` must be a non-empty subset of {list(ARTIFACTS)}")
+        self.example_inputs, self.artifacts = example_inputs, list(artifacts)
+        self.dynamic_batch, self.rtol = dynamic_batch, rtol
+        self.result: ExportResult | None = None
+
+    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        if self.example_inputs is not None:
+            inputs = self.example_inputs
+        elif pl_module.example_input_array is not None:
+            inputs = pl_module.example_input_array
+        else:
+            inputs = batch_inputs(first_batch(trainer, "fit"))
+        if isinstance(inputs, Mapping):
+            inputs = {k: v for k, v in inputs.items() if k not in _NOT_INPUTS}
+        return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, inputs)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            path = self.path if self.path.is_absolute() else Path(trainer.default_root_dir) / self.path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            inputs = self._inputs(trainer, pl_module)
+            pl_module.cpu()  # ONNX Runtime verifies on the CPU; Lightning moves the model back when it runs again
+            self.result = export_onnx(pl_module, inputs, path, artifacts=self.artifacts, dynamic_batch=self.dynamic_batch,
+                                      rtol=self.rtol, verbose=trainer.progress_bar_callback is not None)
+        trainer.strategy.barrier("qat_onnx_export")
