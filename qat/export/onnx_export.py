@@ -299,7 +299,7 @@ def export_onnx(
         graph = _trace(traced, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, input_names=_input_names(model, args, kwargs))
     finally:
         model.train(training)
-    tensors = name_quantized_tensors(graph, strip=_WRAPPED)
+    name_quantized_tensors(graph, strip=_WRAPPED)
     rename_outputs(graph, output_names)
     feeds = [_arrays((a, k)) for a, k in batches]
 
@@ -307,7 +307,7 @@ def export_onnx(
     written: dict[str, Artifact] = {}
     try:
         for kind in dict.fromkeys(artifacts):
-            artifact, temporary, qparams = _build(kind, graph, model, tensors, target, feeds, references, rtol, normalization,
+            artifact, temporary, qparams = _build(kind, graph, model, target, feeds, references, rtol, normalization,
                                                   traced.returns_logits)
             staged.append((temporary, artifact.path, artifact.qparams_path, qparams))
             written[kind] = artifact
@@ -324,22 +324,22 @@ def export_onnx(
     return result
 
 
-def _build(kind: str, graph: ir.Model, model: nn.Module, named: list, target: Path, feeds: list[list[np.ndarray]],
+def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: list[list[np.ndarray]],
            references: list[list[np.ndarray]], rtol: float, normalization: dict[str, list[float]] | None, logits: bool):
     """Lay out, save to a temporary file, verify and describe one artifact (nothing final is written)."""
     final = artifact_path(target, kind)
     config: dict[str, str] = {}
+    graph = ir.serde.deserialize_model(ir.serde.serialize_model(graph))  # each artifact rewrites its own copy
+    tensors = find_quantized_tensors(graph.graph, strip=_WRAPPED)
     if kind == "ort":
-        graph = ir.serde.deserialize_model(ir.serde.serialize_model(graph))
-        tensors = find_quantized_tensors(graph.graph, strip=_WRAPPED)
         ort_layout.widen_small_weights(tensors)
         if ort_layout.matmul_nbits_layout(tensors):
             config = dict(ort_layout.SESSION_CONFIG)
         onnxscript.optimizer.remove_unused_nodes(graph)
-    else:
-        tensors = named
     tensors = [t for t in tensors if t.dequantize.graph is not None]
     qparams = sidecar.build_qparams(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
+    for node in ir.traversal.RecursiveGraphIterator(graph.graph):
+        node.metadata_props.clear()  # the exporter's per-node trace (module path, stack): a third of a small model's bytes
     temporary = final.with_name(f".{final.name}.tmp")
     try:
         ir.save(graph, temporary)
