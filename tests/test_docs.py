@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from qat.export.verify import verify_artifact
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,4 +36,6 @@ def test_quickstart_example_runs_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "W4A8" in result.stdout and "ONNX Runtime = PyTorch" in result.stdout
-    assert (tmp_path / "digits_w4a8.onnx").stat().st_size > 0
+    for name in ("digits_w4a8.onnx", "digits_w4a8.ort.onnx"):
+        assert (tmp_path / name).stat().st_size > 0
+        assert verify_artifact(tmp_path / name).ok  # and its .qparams.json describes it
