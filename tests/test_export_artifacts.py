@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from lightning_models import CNN_RECIPE, LitClassifier, trainer
+from lightning_models import CNN_RECIPE, LLAMA_RECIPE, LitClassifier, LitLlama, trainer
 from tiny_models import TinyCNN
 
 import qat
@@ -182,3 +182,19 @@ def test_cli_export_and_verify(tmp_path, capsys):
     assert main(["export", "--model", "lightning_models:LitClassifier", "--checkpoint", str(tmp_path / "none.ckpt"),
                  "--input-shape", "2,3,8,8", "-o", str(out)]) == 2
     assert "none.ckpt` does not exist" in capsys.readouterr().err
+
+
+def test_cli_exports_a_language_model_from_named_inputs(tmp_path, capsys):
+    torch.manual_seed(0)
+    trainer(max_steps=4, limit_val_batches=0, default_root_dir=tmp_path, enable_checkpointing=True,
+            callbacks=[QuantizationAwareTraining(LLAMA_RECIPE, schedule={"fake_quant_from": 1}, print_summary=False)]
+            ).fit(LitLlama())
+    inputs = tmp_path / "inputs.pt"
+    torch.save({"input_ids": torch.randint(0, 64, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}, inputs)
+    out = tmp_path / "llm.onnx"
+    assert main(["export", "--model", "lightning_models:LitLlama", "--checkpoint", str(next(tmp_path.rglob("*.ckpt"))),
+                 "--inputs", str(inputs), "-o", str(out)]) == 0
+    qparams = read_qparams(sidecar_path(tmp_path / "llm.ort.onnx"))
+    assert [i["name"] for i in qparams["inputs"]] == ["input_ids", "attention_mask"]
+    assert qparams["verification"]["kernels"]["MatMulNBits"] == 15 and qparams["verification"]["perplexity"] is not None
+    assert main(["verify", str(out), str(tmp_path / "llm.ort.onnx")]) == 0

@@ -162,3 +162,18 @@ def test_u8s8_saturation_is_caught_and_explained(tmp_path):
             qat.export_onnx(model, x, tmp_path / "m.onnx")
     seven_bit = calibrated(mlp(), {"weight": {"bits": 7}}, x)  # the fix the message gives
     assert qat.export_onnx(seven_bit, x, tmp_path / "w7.onnx").max_abs_diff <= 0.05 * loose.output_scale
+
+
+def test_an_operator_without_onnx_conversion_is_named(tmp_path):
+    class Bessel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.special.i0e(self.fc(x))
+
+    model = calibrated(Bessel(), {"weight": {"bits": 4}}, torch.randn(4, 8))
+    with pytest.raises(qat.QATError, match=r"failed for Bessel: the operator `torch.ops.prims.bessel_i0e.default` has no ONNX"):
+        qat.export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -219,12 +220,26 @@ def _trace(traced: _Traced, args: tuple[Any, ...], kwargs: dict[str, Any], *, op
     except QATError:
         raise
     except Exception as error:
-        raise QATError(f"torch.onnx.export failed for {type(traced.model).__name__}: {type(error).__name__}: {error}") from error
+        raise QATError(f"torch.onnx.export failed for {type(traced.model).__name__}: {_export_failure(error)}") from error
     model = program.model
     onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
     lower_weights(model)
     onnxscript.optimizer.remove_unused_nodes(model)
     return model
+
+
+def _export_failure(error: BaseException) -> str:
+    """The useful part of the exporter's error chain: the operator it could not convert and why.
+
+    The outer errors are generic advice; the node being translated and the innermost reason are
+    further down the ``__cause__`` chain."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    node = next((m for e in chain if (m := re.search(r"call_function\[target=([\w.]+)\]", str(e)))), None)
+    reason = str(chain[-1]).strip().splitlines()[0] if str(chain[-1]).strip() else type(chain[-1]).__name__
+    where = f"the operator `{node.group(1)}` has no ONNX conversion ({reason})" if node else f"{type(chain[-1]).__name__}: {reason}"
+    return f"{where}; replace that operation in the model's forward"
 
 
 def _input_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str] | None:
