@@ -316,7 +316,9 @@ def export_onnx(
         model.train(training)
     name_quantized_tensors(graph, strip=_WRAPPED)
     rename_outputs(graph, output_names)
-    feeds = [_arrays((a, k)) for a, k in batches]
+    order = [value.name for value in graph.graph.inputs]
+    # keyword inputs in the graph's order, whatever order the mapping had
+    feeds = [_arrays([k[name] for name in order if name in k]) if k else _arrays(a) for a, k in batches]
 
     staged: list[tuple[Path, Path, Path, dict[str, Any]]] = []
     written: dict[str, Artifact] = {}
