@@ -14,7 +14,7 @@ The numeric core, used by everything else:
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
-from qat.control import evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers
+from qat.control import deployed, evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers
 from qat.errors import ConfigError, QATError
 from qat.fake_quant import exporting, fake_quantize
 from qat.prepare import is_prepared, prepare
@@ -41,6 +41,7 @@ __all__ = [
     "QuantSummary",
     "Quantizer",
     "__version__",
+    "deployed",
     "evaluating",
     "export_onnx",
     "exporting",

@@ -68,3 +68,22 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for q, enabled in saved:
             q.enable_observer(enabled)
+
+
+@contextmanager
+def deployed(model: nn.Module) -> Iterator[nn.Module]:
+    """The model as it is deployed, inside the block: every quantizer fake-quantizes and none
+    observes, whatever phase of the schedule the model is in; restored after the block.
+
+    Export uses it, so a model exported in its calibration phase (post-training quantization) is
+    still exported quantized, not float."""
+    saved = [(q, q.observer_enabled, q.fake_quant_enabled) for _, q in quantizers(model)]
+    for q, *_ in saved:
+        q.enable_observer(False)
+        q.enable_fake_quant(True)
+    try:
+        yield model
+    finally:
+        for q, observing, quantizing in saved:
+            q.enable_observer(observing)
+            q.enable_fake_quant(quantizing)

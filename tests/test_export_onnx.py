@@ -177,3 +177,15 @@ def test_an_operator_without_onnx_conversion_is_named(tmp_path):
     with pytest.raises(qat.QATError, match=r"failed for Bessel: the operator `torch.ops.prims.bessel_i0e.default` has no ONNX"):
         qat.export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_in_its_calibration_phase_is_exported_quantized(tmp_path):
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(TinyCNN(), {"weight": {"bits": 4}}, x)
+    with qat.deployed(model), torch.no_grad():
+        quantized = model.eval()(x).numpy()
+    qat.set_fake_quant(model, False)  # e.g. a run that ended before the schedule's fake_quant_from
+    result = qat.export_onnx(model, x, tmp_path / "cnn.onnx", artifacts=["device"])
+    assert len(result.integer_weights) == 4
+    np.testing.assert_allclose(reference_run(result.path, x), quantized, rtol=0, atol=1e-5)
+    assert not any(q.fake_quant_enabled for _, q in qat.quantizers(model))  # the switches are restored

@@ -2,8 +2,9 @@
 
 The steps, each a small pass:
 
-1. trace with ``torch.onnx.export(dynamo=True)`` inside :func:`qat.exporting` and with observers
-   off, so every fake-quant becomes the ``qat::fake_quantize`` op, lowered by
+1. trace with ``torch.onnx.export(dynamo=True)`` inside :func:`qat.exporting` and
+   :func:`qat.deployed` (observers off, every quantizer on, whatever the schedule's phase), so
+   every fake-quant becomes the ``qat::fake_quantize`` op, lowered by
    :data:`qat.export.qdq.CUSTOM_TRANSLATION_TABLE` to QuantizeLinear/DequantizeLinear (opset 21).
    Input sizes are the example inputs' (the batch may be left dynamic). Folded Conv+BatchNorm
    layers trace in their deployed form: one Conv with the folded weight and bias. Hugging Face
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from qat.control import evaluating, quantizers
+from qat.control import deployed, quantizers
 from qat.errors import QATError
 from qat.export import kernels, ort_layout, parity, sidecar
 from qat.export.names import find_quantized_tensors, layer_inputs, name_quantized_tensors, rename_outputs
@@ -166,7 +167,7 @@ def _check_calibrated(model: nn.Module) -> None:
     if not is_prepared(model):
         raise QATError(f"{type(model).__name__} is not prepared: call qat.prepare(model, recipe) and train or calibrate it first")
     for name, q in quantizers(model):
-        if q.fake_quant_enabled and not q.calibrated:
+        if not q.calibrated:
             raise QATError(f"quantizer `{name}` was never calibrated: run forward passes with observers on (or load a QAT "
                            "checkpoint) before exporting")
 
@@ -213,7 +214,7 @@ def _dynamic_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, 
 def _trace(traced: _Traced, args: tuple[Any, ...], kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
            input_names: list[str] | None) -> ir.Model:
     try:
-        with evaluating(traced.model), torch.no_grad(), exporting():
+        with deployed(traced.model), torch.no_grad(), exporting():
             program = torch.onnx.export(traced, args, kwargs=kwargs or None, dynamo=True, verbose=False, opset_version=opset,
                                         input_names=input_names, custom_translation_table=CUSTOM_TRANSLATION_TABLE,
                                         dynamic_shapes=_dynamic_batch(args, kwargs) if dynamic_batch else None)
@@ -309,7 +310,7 @@ def export_onnx(
     traced, training = _Traced(model), model.training
     model.eval()
     try:
-        with evaluating(model), torch.no_grad():
+        with deployed(model), torch.no_grad():
             references = [_arrays(traced(*a, **k)) for a, k in batches]
         graph = _trace(traced, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, input_names=_input_names(model, args, kwargs))
     finally:
@@ -424,7 +425,7 @@ def print_report(result: ExportResult) -> None:
     console = Console()
     for artifact in result.artifacts.values():
         p = artifact.parity
-        table = Table(title=f"{artifact.kind} artifact: {artifact.path} ({artifact.bytes / 1024:.1f} KiB)")
+        table = Table(title=f"{artifact.kind} artifact ({artifact.bytes / 1024:.1f} KiB)", caption=str(artifact.path))
         table.add_column("layer")
         table.add_column("ONNX Runtime kernel")
         for layer, kernel in artifact.kernels.items():
