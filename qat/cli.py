@@ -1,5 +1,9 @@
 """The ``qat`` command.
 
+- ``qat fit|validate|test|predict --config recipes/….yaml [--key value …]``: Lightning's own CLI
+  (:class:`~lightning.pytorch.cli.LightningCLI`); a recipe is a plain LightningCLI config (trainer
+  with callbacks, ``model``, ``data`` by ``class_path``), and any key can be overridden on the
+  command line (``--trainer.max_epochs 1``, ``--data.init_args.batch_size 32``).
 - ``qat check-recipe FILE``: validate a recipe YAML and print it with every default filled in.
 - ``qat export --model pkg.module:Class --checkpoint last.ckpt --input-shape 1,3,32,32 -o net.onnx``:
   rebuild the QAT model from a Lightning checkpoint and write the verified ONNX artifacts and
@@ -10,7 +14,6 @@
   (:func:`qat.export.verify.verify_artifact`); exit status 1 when a pair is inconsistent.
 
 Bad input prints one line naming the file, key or layer at fault and exits with status 2.
-(Training subcommands arrive with the Lightning CLI.)
 """
 
 from __future__ import annotations
@@ -101,11 +104,26 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(argv: list[str]) -> int:
+    """Run a LightningCLI subcommand; model and data are given by ``class_path`` in the config."""
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qat`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return lightning_cli(argv)
     parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware training down to 4 bits.")
     parser.add_argument("--version", action="version", version=f"lightning-qat {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     title=f"commands (and Lightning's {', '.join(LIGHTNING_COMMANDS)} --config RECIPE)")
     check = commands.add_parser("check-recipe", help="validate a recipe YAML and print it resolved")
     check.add_argument("recipe", help="path to a recipe YAML file")
     check.set_defaults(run=_check_recipe)
