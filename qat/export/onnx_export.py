@@ -307,7 +307,7 @@ def export_onnx(
     _check_calibrated(model)
     args, kwargs = _split_inputs(example_inputs)
     batches = [(args, kwargs)] + [_split_inputs(extra) for extra in verification_inputs]
-    traced, training = _Traced(model), model.training
+    traced, training = _Traced(model).eval(), model.training
     model.eval()
     try:
         with deployed(model), torch.no_grad():
