@@ -10,6 +10,7 @@
   their calibration metadata (:func:`qat.export_onnx`). ``--inputs file.pt`` gives named or
   positional example inputs instead (a dict of tensors for a language model:
   ``{"input_ids": …, "attention_mask": …}``).
+- ``qat recipes``: the shipped recipes, one line each (the first comment line of each file).
 - ``qat verify net.onnx [net.ort.onnx …]``: re-check model + metadata pairs
   (:func:`qat.export.verify.verify_artifact`); exit status 1 when a pair is inconsistent.
 
@@ -22,6 +23,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -34,6 +36,19 @@ from qat.version import __version__
 def _check_recipe(args: argparse.Namespace) -> int:
     recipe = QuantRecipe.from_yaml(args.recipe)
     print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+"""The shipped recipes: the ``recipes/`` folder of the source checkout this package runs from."""
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    if not RECIPES.is_dir():
+        raise QATError(f"no recipes folder at `{RECIPES}`: the recipes ship with the source checkout (git clone), not the wheel")
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+        print(f"{path.relative_to(RECIPES.parent)}  {first.lstrip('# ').strip()}")
     return 0
 
 
@@ -139,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free")
     export.add_argument("--rtol", type=float, default=0.05, help="allowed ORT vs PyTorch difference (share of the largest output)")
     export.set_defaults(run=_export)
+
+    recipes = commands.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(run=_recipes)
 
     verify = commands.add_parser("verify", help="re-check exported models against their .qparams.json")
     verify.add_argument("models", nargs="+", help=".onnx files written by qat export")

@@ -29,3 +29,10 @@ def test_a_bad_override_names_the_key(tmp_path, capsys):
         main(["fit", "--config", str(recipe), "--trainer.max_epochz=1"])
     assert exit_info.value.code == 2
     assert "max_epochz" in capsys.readouterr().err
+
+
+def test_recipes_are_listed_with_their_first_line(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "recipes/vision/resnet18_mnist5k_w4a8.yaml  ResNet-18 on MNIST-5k, int4 per-channel weights" in out
+    assert out.count("\n") == len(list(RECIPES.rglob("*.yaml")))
