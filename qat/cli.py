@@ -122,18 +122,37 @@ def _verify(args: argparse.Namespace) -> int:
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-def lightning_cli(argv: list[str]) -> int:
-    """Run a LightningCLI subcommand; model and data are given by ``class_path`` in the config."""
+def _qat_error(error: BaseException | None) -> QATError | None:
+    """Our own error inside jsonargparse's wrapping, if the failure was one."""
+    while error is not None:
+        if isinstance(error, QATError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def lightning_cli(argv: list[str] | None) -> int:
+    """Run a LightningCLI subcommand; model and data are given by ``class_path`` in the config.
+
+    ``argv`` None reads the command line. A bad value that our own classes reject (a recipe key,
+    a model name, a data argument) is printed as one line, like jsonargparse's own errors."""
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    try:
+        LightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+    except Exception as error:
+        cause = _qat_error(error)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qat`` console script."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in LIGHTNING_COMMANDS:
+    command_line = sys.argv[1:] if argv is None else argv
+    if command_line and command_line[0] in LIGHTNING_COMMANDS:
         return lightning_cli(argv)
     parser = argparse.ArgumentParser(prog="qat", description="Quantization-aware training down to 4 bits.")
     parser.add_argument("--version", action="version", version=f"lightning-qat {__version__}")
