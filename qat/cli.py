@@ -101,6 +101,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from qat.export.kernels import float_fallback
     from qat.export.verify import verify_artifact
 
     failed = 0
@@ -109,7 +110,7 @@ def _verify(args: argparse.Namespace) -> int:
         check = report.qparams["verification"]
         print(f"{path}: {len(report.qparams['tensors'])} quantized tensors, {len(report.kernels)} layers; at export "
               f"max |ORT − PyTorch| {check['max_abs_diff']:.3g} of {check['output_scale']:.3g}")
-        fallback = [layer for layer, kernel in report.kernels.items() if kernel.startswith("float")]
+        fallback = float_fallback(report.kernels)
         if fallback:
             print(f"  runs in float in ONNX Runtime: {', '.join(fallback)}")
         for problem in report.problems:

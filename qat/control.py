@@ -77,13 +77,12 @@ def deployed(model: nn.Module) -> Iterator[nn.Module]:
 
     Export uses it, so a model exported in its calibration phase (post-training quantization) is
     still exported quantized, not float."""
-    saved = [(q, q.observer_enabled, q.fake_quant_enabled) for _, q in quantizers(model)]
-    for q, *_ in saved:
-        q.enable_observer(False)
+    saved = [(q, q.fake_quant_enabled) for _, q in quantizers(model)]
+    for q, _ in saved:
         q.enable_fake_quant(True)
     try:
-        yield model
+        with evaluating(model):
+            yield model
     finally:
-        for q, observing, quantizing in saved:
-            q.enable_observer(observing)
+        for q, quantizing in saved:
             q.enable_fake_quant(quantizing)

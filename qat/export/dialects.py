@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qat.errors import QATError
+from qat.export.sidecar import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -233,23 +234,6 @@ def tensorrt_calibration_cache(qparams: dict, trt_version: str = "8600") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise QATError(f"cannot write `{path}`: the folder `{path.parent}` does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_aimet_encodings(qparams: dict, path: str | os.PathLike) -> Path:
     """Write :func:`aimet_encodings` as JSON to ``path`` atomically (``.<name>.tmp``, then rename); return ``path``.
 
@@ -263,7 +247,7 @@ def write_aimet_encodings(qparams: dict, path: str | os.PathLike) -> Path:
         >>> json.loads(write_aimet_encodings({"tensors": {}}, f"{folder}/m.encodings").read_text())["version"]
         '1.0.0'
     """
-    return _write_atomic(path, json.dumps(aimet_encodings(qparams), indent=2, allow_nan=False) + "\n")
+    return write_text_atomic(path, json.dumps(aimet_encodings(qparams), indent=2, allow_nan=False) + "\n")
 
 
 def write_tensorrt_calibration_cache(qparams: dict, path: str | os.PathLike, trt_version: str = "8600") -> Path:
@@ -280,4 +264,4 @@ def write_tensorrt_calibration_cache(qparams: dict, path: str | os.PathLike, trt
         >>> write_tensorrt_calibration_cache({"tensors": {}}, f"{folder}/calib.cache").read_text()
         'TRT-8600-EntropyCalibration2\\n'
     """
-    return _write_atomic(path, tensorrt_calibration_cache(qparams, trt_version))
+    return write_text_atomic(path, tensorrt_calibration_cache(qparams, trt_version))

@@ -16,11 +16,22 @@ from __future__ import annotations
 
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
+
+
+def runs_in_float(kernel: str) -> bool:
+    """True for a kernel as reported here for a layer that dequantizes its weight (``float Conv``)."""
+    return kernel.startswith("float")
+
+
+def float_fallback(layers: Mapping[str, str]) -> list[str]:
+    """The layers of a ``layer → kernel`` report that run in float."""
+    return [layer for layer, kernel in layers.items() if runs_in_float(kernel)]
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class KernelReport:
 
     @property
     def float_fallback(self) -> list[str]:
-        return [layer for layer, kernel in self.layers.items() if kernel.startswith("float")]
+        return float_fallback(self.layers)
 
 
 def session_options(config: dict[str, str] | None = None) -> ort.SessionOptions:

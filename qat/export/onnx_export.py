@@ -81,7 +81,7 @@ class Artifact:
 
     @property
     def float_fallback(self) -> list[str]:
-        return [layer for layer, kernel in self.kernels.items() if kernel.startswith("float")]
+        return kernels.float_fallback(self.kernels)
 
 
 @dataclass(frozen=True)
@@ -398,8 +398,7 @@ def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: 
                  "with tiny outputs; pass a larger rtol)") if unfused.within(rtol) else ""
         raise QATError(f"ONNX Runtime differs from PyTorch by {measured.max_abs_diff:.4g} in the {kind} artifact (largest "
                        f"output {measured.output_scale:.4g}, allowed {rtol:.0%}); `{final}` was not written{hint}")
-    weights = {layer: entry["weight"] for layer, entry in qparams["layers"].items() if entry["weight"]}
-    report = kernels.kernel_report(file, weights, config)
+    report = kernels.kernel_report(file, sidecar.layer_weights(qparams), config)
     for layer, kernel in report.layers.items():
         qparams["layers"][layer]["kernel"] = kernel
     qparams["verification"] = {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
@@ -429,7 +428,7 @@ def print_report(result: ExportResult) -> None:
         table.add_column("layer")
         table.add_column("ONNX Runtime kernel")
         for layer, kernel in artifact.kernels.items():
-            table.add_row(layer, f"[red]{kernel}[/red]" if kernel.startswith("float") else kernel)
+            table.add_row(layer, f"[red]{kernel}[/red]" if kernels.runs_in_float(kernel) else kernel)
         console.print(table)
         extra = f", top-1 agreement {p.top1_agreement:.1%}" if p.top1_agreement is not None else ""
         if p.perplexity is not None:

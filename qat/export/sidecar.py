@@ -61,15 +61,33 @@ def validate(qparams: dict[str, Any], where: str = "qparams") -> None:
         raise QATError(f"{where}: `{field}` {error.message}") from None
 
 
-def write_json(data: dict[str, Any], path: Path) -> Path:
-    """Write ``data`` to ``path`` through a temporary file, so a reader never sees half a file."""
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through ``.<name>.tmp`` and a rename, so a reader never sees half
+    a file and a failed write leaves an earlier file as it was. Returns ``path``."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise QATError(f"cannot write `{path}`: the folder `{path.parent}` does not exist")
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        temporary.write_text(json.dumps(data, indent=1) + "\n")
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(temporary, path)
-    finally:
+    except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
     return path
+
+
+def write_json(data: dict[str, Any], path: Path) -> Path:
+    """Write ``data`` as JSON with :func:`write_text_atomic`."""
+    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+
+
+def layer_weights(qparams: dict[str, Any]) -> dict[str, str]:
+    """Layer → the name of its integer weight, for every layer with a weight in the graph."""
+    return {layer: entry["weight"] for layer, entry in qparams["layers"].items() if entry["weight"]}
 
 
 def read_qparams(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from onnx import numpy_helper
 from qat.errors import QATError
 from qat.export import kernels
 from qat.export.parity import run_session
-from qat.export.sidecar import read_qparams, sha256, sidecar_path
+from qat.export.sidecar import layer_weights, read_qparams, sha256, sidecar_path
 
 _NUMPY = {"float": np.float32, "float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32,
           "bool": np.bool_, "uint8": np.uint8, "int8": np.int8}
@@ -115,8 +115,7 @@ def verify_artifact(path: str | os.PathLike[str]) -> VerifyReport:
             report.problems.append(f"output `{meta['name']}` has shape {list(output.shape)}, the metadata says {meta['shape']}")
         if np.issubdtype(output.dtype, np.floating) and not np.isfinite(output).all():
             report.problems.append(f"output `{meta['name']}` is not finite")
-    weights = {layer: entry["weight"] for layer, entry in qparams["layers"].items() if entry["weight"]}
-    report.kernels = kernels.kernel_report(path, weights, config).layers
+    report.kernels = kernels.kernel_report(path, layer_weights(qparams), config).layers
     for layer, kernel in report.kernels.items():
         recorded = qparams["layers"][layer]["kernel"]
         if recorded is not None and kernel != recorded:
