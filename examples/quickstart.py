@@ -3,7 +3,7 @@
 Trains a small CNN on scikit-learn's digits (1,797 real 8×8 images that ship with scikit-learn,
 so it runs offline), then for each weight bit width:
 
-1. PTQ: ``qat.prepare`` with the recipe, calibrate ranges on training batches, evaluate;
+1. PTQ: ``qat.prepare`` with the recipe, ``qat.calibrate`` on training batches, evaluate;
 2. QAT: fine-tune the prepared model with fake quantization on (activation ranges and BatchNorm
    statistics frozen after the first epoch), evaluate;
 3. export the QAT model with ``qat.export_onnx``: a *device* file with int4 weights and an *ort*
@@ -79,17 +79,6 @@ def accuracy(model, data) -> float:
     return 100.0 * correct / len(data[1])
 
 
-@torch.no_grad()
-def calibrate(model, data, n_batches=8):
-    """PTQ calibration: observe ranges with fake quantization off, then freeze them."""
-    model.eval()
-    qat.set_fake_quant(model, False)
-    for _, (xb, _) in zip(range(n_batches), batches(*data, shuffle=True)):
-        model(xb)
-    qat.set_fake_quant(model, True)
-    qat.set_observers(model, False)
-
-
 def export_and_check(model, data, path: Path) -> tuple[ExportResult, dict[str, float]]:
     """Verified ONNX artifacts, and per artifact the share of test images where ONNX Runtime and
     PyTorch pick the same class."""
@@ -133,7 +122,7 @@ def main() -> None:
         # kernels, which saturate on x86 CPUs without VNNI (docs/core.md, "Export")
         recipe = {"weight": {"bits": bits}, "rules": [{"names": "0", "weight": {"bits": 7}}]}
         model = qat.prepare(copy.deepcopy(float_model), recipe, example_inputs=example)
-        calibrate(model, train_data)
+        qat.calibrate(model, batches(*train_data, shuffle=True), num_batches=8)  # PTQ: observe ranges, then freeze them
         ptq_acc = accuracy(model, test_data)
 
         # QAT: one epoch with every range still observed, then activation ranges and BatchNorm

@@ -8,12 +8,14 @@ The numeric core, used by everything else:
 - :class:`Quantizer` — spec + observer + state + switches;
 - :class:`QuantRecipe` + :func:`prepare` — which layers to quantize and how;
 - :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`;
+- :func:`calibrate` — post-training quantization: observe ranges on a few batches, then freeze them;
 - :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
 - ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use).
 
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
+from qat.calibrate import calibrate
 from qat.control import deployed, evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers
 from qat.errors import ConfigError, QATError
 from qat.fake_quant import exporting, fake_quantize
@@ -41,6 +43,7 @@ __all__ = [
     "QuantSummary",
     "Quantizer",
     "__version__",
+    "calibrate",
     "deployed",
     "evaluating",
     "export_onnx",

@@ -4,6 +4,11 @@
   (:class:`~lightning.pytorch.cli.LightningCLI`); a recipe is a plain LightningCLI config (trainer
   with callbacks, ``model``, ``data`` by ``class_path``), and any key can be overridden on the
   command line (``--trainer.max_epochs 1``, ``--data.init_args.batch_size 32``).
+- ``qat run RECIPE [--out DIR] [--key value …]``: the whole job of a recipe, float baseline →
+  PTQ → QAT → export → verification, writing ``results.json`` and ``results.md``
+  (:func:`qat.pipeline.run_recipe`); options it does not know are LightningCLI overrides.
+- ``qat compare results.json --baseline base.json``: side-by-side table; exit status 1 when the
+  metric, ONNX Runtime parity, size or latency regressed beyond the limits (:mod:`qat.compare`).
 - ``qat check-recipe FILE``: validate a recipe YAML and print it with every default filled in.
 - ``qat export --model pkg.module:Class --checkpoint last.ckpt --input-shape 1,3,32,32 -o net.onnx``:
   rebuild the QAT model from a Lightning checkpoint and write the verified ONNX artifacts and
@@ -120,6 +125,35 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    from qat.pipeline import RunSettings, run_recipe
+
+    settings = RunSettings(output_dir=args.out, qat_fraction=args.qat_fraction, qat_epochs=args.qat_epochs,
+                           qat_lr_scale=args.qat_lr_scale, calibration_batches=args.calibration_batches,
+                           latency_runs=args.latency_runs, float_weights=args.float_weights)
+    try:
+        run_recipe(args.recipe, settings, overrides)
+    except Exception as error:  # our errors arrive wrapped by jsonargparse when a class of the recipe raised them
+        cause = _qat_error(error)
+        if cause is None:
+            raise
+        raise cause from None
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qat.compare import Limits, checks_table, compare, load_results
+
+    limits = Limits(args.max_metric_drop, args.max_agreement_drop, args.max_size_increase, args.max_latency_increase)
+    checks = compare(load_results(args.results), load_results(args.baseline), limits)
+    failed = [check.measure for check in checks if not check.ok]
+    Console().print(checks_table(checks, f"{args.results} vs baseline {args.baseline}"))
+    print(f"regressed: {', '.join(failed)}" if failed else "no regression")
+    return 1 if failed else 0
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -175,6 +209,29 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--rtol", type=float, default=0.05, help="allowed ORT vs PyTorch difference (share of the largest output)")
     export.set_defaults(run=_export)
 
+    run = commands.add_parser("run", allow_abbrev=False, help="a recipe's whole job: float → PTQ → QAT → export → verify → results table",
+                              description="Options not listed here are LightningCLI overrides of the recipe "
+                                          "(--trainer.max_epochs=1, --data.init_args.batch_size=32), applied to every stage.")
+    run.add_argument("recipe", help="a recipe YAML (a LightningCLI config with the QuantizationAwareTraining callback)")
+    run.add_argument("--out", help="output folder (default runs/<recipe name>)")
+    run.add_argument("--qat-fraction", type=float, default=0.5, help="QAT length as a share of the float run (default 0.5)")
+    run.add_argument("--qat-epochs", type=int, help="QAT length in epochs instead")
+    run.add_argument("--qat-lr-scale", type=float, default=0.1, help="QAT learning rate / the recipe's lr (default 0.1)")
+    run.add_argument("--calibration-batches", type=int, default=32, help="training batches PTQ calibrates on (default 32)")
+    run.add_argument("--float-weights", help="skip float training: an earlier run's float/float_weights.pt or a Lightning checkpoint")
+    run.add_argument("--latency-runs", type=int, default=20, help="timed ONNX Runtime runs per artifact (default 20)")
+    run.set_defaults(run=_run, overrides=True)
+
+    compare = commands.add_parser("compare", help="gate a results.json against a baseline (exit 1 on regression)")
+    compare.add_argument("results", help="results.json of the run to check")
+    compare.add_argument("--baseline", required=True, help="results.json of the baseline run")
+    compare.add_argument("--max-metric-drop", type=float, default=1.0, help="percent of the baseline metric (default 1)")
+    compare.add_argument("--max-agreement-drop", type=float, default=0.5,
+                         help="points of ORT = PyTorch top-1 agreement (default 0.5)")
+    compare.add_argument("--max-size-increase", type=float, default=1.0, help="percent of the artifact's bytes (default 1)")
+    compare.add_argument("--max-latency-increase", type=float, default=25.0, help="percent of ORT latency (default 25)")
+    compare.set_defaults(run=_compare)
+
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(run=_recipes)
 
@@ -182,9 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("models", nargs="+", help=".onnx files written by qat export")
     verify.set_defaults(run=_verify)
 
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        return args.run(args)
+        return args.run(args, unknown) if getattr(args, "overrides", False) else args.run(args)
     except QATError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -44,8 +44,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from qat.atomic import write_atomic
 from qat.errors import QATError
-from qat.export.sidecar import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def write_aimet_encodings(qparams: dict, path: str | os.PathLike) -> Path:
         >>> json.loads(write_aimet_encodings({"tensors": {}}, f"{folder}/m.encodings").read_text())["version"]
         '1.0.0'
     """
-    return write_text_atomic(path, json.dumps(aimet_encodings(qparams), indent=2, allow_nan=False) + "\n")
+    return write_atomic(path, json.dumps(aimet_encodings(qparams), indent=2, allow_nan=False) + "\n")
 
 
 def write_tensorrt_calibration_cache(qparams: dict, path: str | os.PathLike, trt_version: str = "8600") -> Path:
@@ -264,4 +264,4 @@ def write_tensorrt_calibration_cache(qparams: dict, path: str | os.PathLike, trt
         >>> write_tensorrt_calibration_cache({"tensors": {}}, f"{folder}/calib.cache").read_text()
         'TRT-8600-EntropyCalibration2\\n'
     """
-    return write_text_atomic(path, tensorrt_calibration_cache(qparams, trt_version))
+    return write_atomic(path, tensorrt_calibration_cache(qparams, trt_version))

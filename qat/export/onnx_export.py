@@ -128,13 +128,18 @@ class ExportResult:
 
 
 class _Traced(nn.Module):
-    """What is traced: the model, with Hugging Face outputs reduced to their logits and no KV cache."""
+    """What is traced: the model, with Hugging Face outputs reduced to their logits and no KV cache.
+
+    ``returns_logits`` (language-model next-token logits, checked by perplexity) is found from a
+    ``ModelOutput`` with ``logits``, or declared by the model's ``returns_logits = True``
+    attribute (a LightningModule that returns the logits tensor itself, as
+    :class:`qat.tasks.CausalLanguageModel` does)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.no_cache = _is_hf(model) and _accepts(model, "use_cache")
-        self.returns_logits = False
+        self.returns_logits = getattr(model, "returns_logits", False) is True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.no_cache:

@@ -23,6 +23,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from qat.atomic import write_atomic
 from qat.control import quantizers
 from qat.errors import QATError
 from qat.export.names import QuantizedTensor
@@ -61,28 +62,9 @@ def validate(qparams: dict[str, Any], where: str = "qparams") -> None:
         raise QATError(f"{where}: `{field}` {error.message}") from None
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through ``.<name>.tmp`` and a rename, so a reader never sees half
-    a file and a failed write leaves an earlier file as it was. Returns ``path``."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise QATError(f"cannot write `{path}`: the folder `{path.parent}` does not exist")
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_json(data: dict[str, Any], path: Path) -> Path:
-    """Write ``data`` as JSON with :func:`write_text_atomic`."""
-    return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
+    """Write ``data`` as JSON with :func:`qat.atomic.write_atomic`."""
+    return write_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
 def layer_weights(qparams: dict[str, Any]) -> dict[str, str]:

@@ -9,14 +9,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
+from qat.batches import batch_inputs, model_inputs, rebatch
 from qat.errors import QATError
 from qat.export.onnx_export import ARTIFACTS, DEFAULT_RTOL, ExportResult, export_onnx
-from qat.lightning.quantization_aware_training import batch_inputs, first_batch
-
-_NOT_INPUTS = ("labels",)
-"""Batch keys that are targets, not model inputs (Hugging Face batches carry ``labels``)."""
+from qat.lightning.quantization_aware_training import first_batch
 
 
 class ONNXExport(pl.Callback):
@@ -35,6 +33,14 @@ class ONNXExport(pl.Callback):
         artifacts: which artifacts to write (``device``, ``ort``).
         dynamic_batch: leave the batch dimension of the inputs free.
         rtol: allowed ORT vs PyTorch difference, relative to the largest output.
+        verification_inputs: more batches of model inputs (the structure of the example) to
+            compare ONNX Runtime with PyTorch on; with a fixed batch size they are re-cut to the
+            example's (``qat run`` passes the test split).
+        verbose: print the per-artifact parity and kernel report (default: when the Trainer
+            shows a progress bar).
+
+    The normalisation the datamodule applies (its ``normalization`` attribute, as the
+    :mod:`qat.data` modules have) is recorded in the sidecars.
 
     Example::
 
@@ -50,6 +56,8 @@ class ONNXExport(pl.Callback):
         artifacts: Sequence[str] = ARTIFACTS,
         dynamic_batch: bool = False,
         rtol: float = DEFAULT_RTOL,
+        verification_inputs: Sequence[Any] = (),
+        verbose: bool | None = None,
     ) -> None:
         super().__init__()
         self.path = Path(path)
@@ -60,9 +68,12 @@ class ONNXExport(pl.Callback):
             raise QATError(f"ONNXExport artifacts `{list(artifacts)}` must be a non-empty subset of {list(ARTIFACTS)}")
         self.example_inputs, self.artifacts = example_inputs, list(artifacts)
         self.dynamic_batch, self.rtol = dynamic_batch, rtol
+        self.verification_inputs = list(verification_inputs)
+        self.verbose = verbose
         self.result: ExportResult | None = None
 
-    def _inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    def example_inputs_for(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """The inputs the export traces with, on the CPU (see ``example_inputs``)."""
         if self.example_inputs is not None:
             inputs = self.example_inputs
         elif pl_module.example_input_array is not None:
@@ -70,15 +81,20 @@ class ONNXExport(pl.Callback):
         else:
             inputs = batch_inputs(first_batch(trainer, "fit"))
         if isinstance(inputs, Mapping):
-            inputs = {k: v for k, v in inputs.items() if k not in _NOT_INPUTS}
+            inputs = model_inputs(inputs)  # without the targets
         return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, inputs)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             path = self.path if self.path.is_absolute() else Path(trainer.default_root_dir) / self.path
             path.parent.mkdir(parents=True, exist_ok=True)
-            inputs = self._inputs(trainer, pl_module)
+            inputs = self.example_inputs_for(trainer, pl_module)
+            extra = self.verification_inputs
+            if extra and not self.dynamic_batch:
+                extra = rebatch(extra, tree_leaves(inputs)[0].shape[0])
+            normalization = getattr(trainer.datamodule, "normalization", None)
             pl_module.cpu()  # ONNX Runtime verifies on the CPU; Lightning moves the model back when it runs again
-            self.result = export_onnx(pl_module, inputs, path, artifacts=self.artifacts, dynamic_batch=self.dynamic_batch,
-                                      rtol=self.rtol, verbose=trainer.progress_bar_callback is not None)
+            self.result = export_onnx(pl_module, inputs, path, artifacts=self.artifacts, verification_inputs=extra,
+                                      dynamic_batch=self.dynamic_batch, normalization=normalization, rtol=self.rtol,
+                                      verbose=trainer.progress_bar_callback is not None if self.verbose is None else self.verbose)
         trainer.strategy.barrier("qat_onnx_export")

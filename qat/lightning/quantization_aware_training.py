@@ -37,8 +37,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
-from torch import Tensor, nn
+from torch import nn
 
+from qat.batches import batch_inputs
 from qat.control import evaluating, quantizers
 from qat.errors import QATError
 from qat.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
@@ -49,17 +50,6 @@ from qat.summary import summary
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
-
-
-def batch_inputs(batch: Any) -> Any:
-    """A model's forward inputs from a dataloader batch: a tensor as is, the first element of a
-    tuple or list (``(x, y)``), a mapping as keyword arguments (Hugging Face batches)."""
-    if isinstance(batch, Tensor | Mapping):
-        return batch
-    if isinstance(batch, Sequence) and batch and not isinstance(batch, str):
-        return batch[0]
-    raise QATError(f"cannot tell the model inputs in a batch of type {type(batch).__name__}; set `example_input_array` on the "
-                   "LightningModule or pass example_inputs= to QuantizationAwareTraining")
 
 
 def first_batch(trainer: pl.Trainer, stage: str) -> Any:

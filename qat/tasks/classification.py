@@ -29,6 +29,8 @@ class ImageClassifier(pl.LightningModule):
         optimizer: ``sgd`` or ``adamw``.
         lr: peak learning rate.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        model_kwargs: more arguments for :func:`~qat.models.create_model`: the zoo's own
+            (``{img_size: 32, patch_size: 4}`` for a ViT on small images) or ``bn_momentum``.
 
     Example::
 
@@ -36,15 +38,21 @@ class ImageClassifier(pl.LightningModule):
         trainer.fit(module, datamodule=qat.data.MNIST5kDataModule(image_size=32, channels=3))
     """
 
+    quality_metric = "test_acc"
+    """The headline metric ``qat run`` reports (top-1 accuracy on the test split)."""
+    higher_is_better = True
+
     def __init__(self, model: str = "torchvision.resnet18", num_classes: int = 10, in_chans: int = 3, pretrained: bool = False,
-                 optimizer: str = "sgd", lr: float = 0.05, weight_decay: float = 5e-4) -> None:
+                 optimizer: str = "sgd", lr: float = 0.05, weight_decay: float = 5e-4,
+                 model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         if optimizer not in ("sgd", "adamw"):
             raise QATError(f"optimizer must be `sgd` or `adamw`; got `{optimizer}`")
         if not lr > 0:
             raise QATError(f"lr must be positive; got `{lr!r}`")
         self.save_hyperparameters()
-        self.model: nn.Module = create_model(model, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained)
+        self.model: nn.Module = create_model(model, num_classes=num_classes, in_chans=in_chans, pretrained=pretrained,
+                                             **(model_kwargs or {}))
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
