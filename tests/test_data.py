@@ -1,13 +1,20 @@
-"""qat.data: deterministic stratified splits and the offline image DataModules."""
+"""qat.data: deterministic stratified splits, the offline image DataModules, and the loaders over files."""
 
 from __future__ import annotations
+
+import importlib.util
+import os
+import pickle
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import qat
-from qat.data import DigitsDataModule, MNIST5kDataModule, stratified_split
+from qat.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNIST5kDataModule, stratified_split
+from qat.data.vision import LUMA, BatchTransform
 
 
 def test_split_is_deterministic_disjoint_complete_and_stratified():
@@ -57,3 +64,227 @@ def test_training_order_is_seeded():
 def test_bad_arguments_name_the_key(kwargs, message):
     with pytest.raises(qat.QATError, match=message):
         DigitsDataModule(**kwargs)
+
+
+def test_workers_must_be_a_count():
+    with pytest.raises(qat.QATError, match="num_workers"):
+        DigitsDataModule(num_workers=-1)
+
+
+# --- BatchTransform: what the loaders over files do to each batch --------------------------------------
+
+
+def test_batch_transform_gray_is_luma_weighted_and_normalised():
+    image = torch.tensor([200, 40, 10], dtype=torch.uint8).view(3, 1, 1).expand(3, 4, 6)
+    x, y = BatchTransform(size=None, channels=1, mean=(0.25,), std=(0.5,))([(image, 3), (image, torch.tensor(5))])
+    gray = sum(w * v for w, v in zip(LUMA, (200, 40, 10), strict=True)) / 255
+    torch.testing.assert_close(x, torch.full((2, 1, 4, 6), (gray - 0.25) / 0.5))
+    assert y.tolist() == [3, 5]
+
+
+def test_batch_transform_augments_by_reflect_padded_crops_and_flips():
+    torch.manual_seed(3)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    x, _ = BatchTransform(size=16, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, augment=True)(list(zip(images, range(16))))
+    padded = torch.nn.functional.pad(images.float() / 255, (2, 2, 2, 2), mode="reflect")  # pad = 16 // 8
+    drawn = set()
+    for out, source in zip(x, padded, strict=True):
+        candidates = {(i, j, flip): source[:, i:i + 16, j:j + 16].flip(-1) if flip else source[:, i:i + 16, j:j + 16]
+                      for i in range(5) for j in range(5) for flip in (False, True)}
+        matches = [key for key, crop in candidates.items() if torch.equal(out, crop)]
+        assert matches, "an augmented image is not a crop (or its mirror) of the padded image"
+        drawn.update(matches)
+    assert {flip for *_, flip in drawn} == {False, True} and len({(i, j) for i, j, _ in drawn}) > 3
+
+
+# --- ImageFolderDataModule: a generated folder of PNGs ------------------------------------------------
+
+COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}  # one flat colour per class
+
+
+def _image_folder(root: Path, per_class: int = 10, size: tuple[int, int] = (12, 16)) -> Path:
+    image = pytest.importorskip("PIL.Image")
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image.new("RGB", size, rgb).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_is_split_resized_and_normalised(tmp_path):
+    pytest.importorskip("torchvision")
+    data = ImageFolderDataModule(_image_folder(tmp_path / "pets"), batch_size=4, image_size=8, num_workers=0)
+    assert (data.classes, data.class_names) == (3, ["cat", "dog", "fox"])
+    data.setup()
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 24, "val": 3, "test": 3}
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (4, 3, 8, 8) and y.dtype == torch.int64
+    assert data.normalization == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    mean, std = (torch.tensor(data.normalization[k]).view(3, 1, 1) for k in ("mean", "std"))
+    for image, label in zip(x, y, strict=True):  # a flat colour stays flat through resize and crop
+        rgb = torch.tensor(COLOURS[data.class_names[label]], dtype=torch.float32).view(3, 1, 1) / 255
+        torch.testing.assert_close(image, ((rgb - mean) / std).expand(3, 8, 8))
+    test_labels = torch.cat([b[1] for b in data.test_dataloader()])
+    assert sorted(test_labels.tolist()) == [0, 1, 2]  # stratified: one of each class
+
+
+def test_image_folder_split_and_order_are_seeded(tmp_path):
+    pytest.importorskip("torchvision")
+    root = _image_folder(tmp_path / "pets")
+    first, second, other = (ImageFolderDataModule(root, batch_size=4, image_size=8, num_workers=0, seed=s) for s in (1, 1, 2))
+    for data in (first, second, other):
+        data.setup()
+    assert np.array_equal(first.splits["test"].indices, second.splits["test"].indices)
+    assert not np.array_equal(first.splits["test"].indices, other.splits["test"].indices)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first.train_dataloader(), second.train_dataloader(), strict=True))
+
+
+def test_image_folder_gray_and_augmented(tmp_path):
+    pytest.importorskip("torchvision")
+    data = ImageFolderDataModule(_image_folder(tmp_path / "pets"), batch_size=24, image_size=16, channels=1, augment=True,
+                                 num_workers=0)
+    assert data.normalization["mean"] == [pytest.approx(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406)]
+    x, _ = next(iter(data.train_dataloader()))
+    assert x.shape == (24, 1, 16, 16)
+    evaluation, _ = next(iter(data.val_dataloader()))
+    assert evaluation.shape == (3, 1, 16, 16)
+
+
+def test_image_folder_with_two_workers(tmp_path):
+    pytest.importorskip("torchvision")
+    data = ImageFolderDataModule(_image_folder(tmp_path / "pets"), batch_size=8, image_size=8, num_workers=2)
+    loader = data.train_dataloader()
+    assert loader.persistent_workers
+    assert sum(len(y) for _, y in loader) == 24
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ("missing", "does not exist"),
+    ("file", "is not a folder"),
+    ("empty", "has no class subfolders"),
+])
+def test_image_folder_errors_name_the_path(layout, message, tmp_path):
+    pytest.importorskip("torchvision")
+    root = tmp_path / "images"
+    if layout == "file":
+        root.write_text("not a folder")
+    elif layout == "empty":
+        root.mkdir()
+    with pytest.raises(qat.QATError, match=message) as error:
+        ImageFolderDataModule(root)
+    assert str(root) in str(error.value)
+
+
+def test_image_folder_class_without_images_names_the_path(tmp_path):
+    pytest.importorskip("torchvision")
+    root = tmp_path / "images"
+    (root / "cat").mkdir(parents=True)
+    (root / "cat" / "notes.txt").write_text("no image here")
+    data = ImageFolderDataModule(root)
+    with pytest.raises(qat.QATError, match="Found no valid file") as error:
+        data.setup()
+    assert str(root) in str(error.value)
+
+
+def test_image_folder_checks_its_normalisation_and_size(tmp_path):
+    pytest.importorskip("torchvision")
+    root = _image_folder(tmp_path / "pets", per_class=1)
+    with pytest.raises(qat.QATError, match="one value per channel"):
+        ImageFolderDataModule(root, mean=[0.5, 0.5])
+    with pytest.raises(qat.QATError, match="needs an image_size"):
+        ImageFolderDataModule(root, image_size=None)
+
+
+def test_loaders_over_files_say_how_to_install_torchvision(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else find_spec(name, *a))
+    for loader in (CIFAR10DataModule, ImageFolderDataModule):
+        with pytest.raises(qat.QATError, match="pip install torchvision"):
+            loader(tmp_path)
+
+
+# --- CIFAR10DataModule: a small fake root in torchvision's on-disk format -------------------------------
+# torchvision checks every file's MD5 against the real archive's, so a fake root passes only with that
+# check switched off (monkeypatched below); the real data is tested when QAT_CIFAR10_ROOT names it.
+
+
+def _cifar_root(root: Path, per_batch: int = 20) -> Path:
+    folder = root / CIFAR10DataModule.FOLDER
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in CIFAR10DataModule.FILES[:-1]:
+        labels = [i % 10 for i in range(per_batch)]
+        pixels = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)  # rows of R, G, B planes
+        (folder / name).write_bytes(pickle.dumps({"data": pixels, "labels": labels}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    return root
+
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    cifar = pytest.importorskip("torchvision.datasets.cifar")
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args: True)
+    return _cifar_root(tmp_path / "cifar")
+
+
+def test_cifar10_splits_its_training_set_and_keeps_its_test_set(fake_cifar):
+    data = CIFAR10DataModule(fake_cifar, batch_size=10)
+    data.setup()
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 90, "val": 10, "test": 20}
+    assert sorted(data.splits["val"].tensors[1].tolist()) == list(range(10))  # stratified: one of each class
+    x, y = next(iter(data.test_dataloader()))
+    assert x.shape == (20, 3, 32, 32) and y.dtype == torch.int64
+    stored = pickle.loads((fake_cifar / CIFAR10DataModule.FOLDER / "test_batch").read_bytes())["data"]
+    raw = torch.from_numpy(stored).view(20, 3, 32, 32).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (CIFAR10DataModule.RGB_MEAN, CIFAR10DataModule.RGB_STD))
+    torch.testing.assert_close(x, (raw - mean) / std)
+    assert data.normalization == {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
+
+
+def test_cifar10_resized_gray_and_augmented(fake_cifar):
+    data = CIFAR10DataModule(fake_cifar, batch_size=8, image_size=48, channels=1, augment=True)
+    x, _ = next(iter(data.train_dataloader()))
+    assert x.shape == (8, 1, 48, 48) and len(data.normalization["mean"]) == 1
+
+
+@pytest.mark.parametrize(("layout", "message"), [
+    ("missing", r"CIFAR-10 root `{root}` does not exist"),
+    ("empty", r"no CIFAR-10 in `{root}`: .* lacks data_batch_1, data_batch_2"),
+])
+def test_cifar10_without_its_files_names_the_root_and_the_fix(layout, message, tmp_path):
+    pytest.importorskip("torchvision")
+    root = tmp_path / "cifar"
+    if layout == "empty":
+        root.mkdir()
+    with pytest.raises(qat.QATError, match=message.format(root=re.escape(str(root)))) as error:
+        CIFAR10DataModule(root)
+    assert "download: true" in str(error.value)
+    CIFAR10DataModule(root, download=True)  # the files come later, from prepare_data
+
+
+def test_cifar10_files_that_fail_the_md5_check(tmp_path):
+    pytest.importorskip("torchvision")
+    data = CIFAR10DataModule(_cifar_root(tmp_path / "cifar"))
+    with pytest.raises(qat.QATError, match="fail torchvision's MD5 check"):
+        data.setup()
+
+
+def test_cifar10_download_failure_is_one_line(tmp_path, monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    import urllib.error
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    with pytest.raises(qat.QATError, match=r"downloading CIFAR-10 into .* failed .*no route to host"):
+        CIFAR10DataModule(tmp_path / "cifar", download=True).prepare_data()
+
+
+@pytest.mark.skipif(not os.environ.get("QAT_CIFAR10_ROOT"), reason="set QAT_CIFAR10_ROOT to a folder holding cifar-10-batches-py")
+def test_real_cifar10():
+    data = CIFAR10DataModule(os.environ["QAT_CIFAR10_ROOT"], batch_size=256)
+    data.setup()
+    assert {k: len(v) for k, v in data.splits.items()} == {"train": 45000, "val": 5000, "test": 10000}
+    x, _ = next(iter(data.train_dataloader()))
+    assert abs(float(x.mean())) < 0.2 and abs(float(x.std()) - 1) < 0.2

@@ -39,3 +39,21 @@ def test_quickstart_example_runs_end_to_end(tmp_path):
     for name in ("digits_w4a8.onnx", "digits_w4a8.ort.onnx"):
         assert (tmp_path / name).stat().st_size > 0
         assert verify_artifact(tmp_path / name).ok  # and its .qparams.json describes it
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_short(tmp_path):
+    """The README's first quick-start command, `qat run <default recipe>`, with the run shortened."""
+    pytest.importorskip("mlxtend")
+    from qat.cli import main
+    from qat.compare import load_results
+
+    bash = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    command = bash.splitlines()[0].split("&&")[1].split("#")[0].split()
+    assert command[:2] == ["qat", "run"] and (ROOT / command[2]).is_file()
+    assert main(["run", str(ROOT / command[2]), "--out", str(tmp_path), "--calibration-batches", "1", "--latency-runs", "1",
+                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                 "--trainer.enable_progress_bar=false", "--trainer.logger=false"]) == 0
+    results = load_results(tmp_path / "results.json")
+    assert all(entry["verified"] for entry in results["artifacts"].values())
+    assert results["verified_inputs"] == 448  # MNIST-5k's 500 test digits, in whole batches of the export's 64

