@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from qat.batches import rebatch
 from qat.cli import main
 from qat.compare import Limits, compare, load_results
 from qat.errors import QATError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(tmp_path, **trainer) -> str:
@@ -175,3 +178,10 @@ def test_rebatch_cuts_to_a_fixed_size_and_keeps_structure():
     assert cut[1]["b"].shape == (4, 2)
     with pytest.raises(QATError, match="same structure"):
         rebatch([torch.zeros(2), (torch.zeros(2),)], 1)
+
+
+def test_the_shipped_baseline_is_a_valid_results_file():
+    """The README's CI step compares against it."""
+    baseline = load_results(ROOT / "benchmarks" / "baselines" / "resnet18_mnist5k_w4a8.json")
+    assert baseline["recipe"] == "recipes/vision/resnet18_mnist5k_w4a8.yaml"
+    assert all(check.ok for check in compare(baseline, baseline))
