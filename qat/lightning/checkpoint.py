@@ -14,6 +14,17 @@ from qat.prepare import prepare
 from qat.recipe import QuantRecipe
 
 
+def read_torch_file(path: str | os.PathLike[str], what: str) -> Any:
+    """``torch.load`` on the CPU with ``weights_only=True``; a missing or unreadable file is a
+    QATError naming ``what`` and the path."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise QATError(f"{what} `{path}` does not exist") from None
+    except Exception as error:
+        raise QATError(f"cannot read {what} `{path}`: {error}") from error
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -33,12 +44,7 @@ def load_checkpoint(
         model.eval()
         logits = model(images)
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise QATError(f"checkpoint `{path}` does not exist") from None
-    except Exception as error:
-        raise QATError(f"cannot read checkpoint `{path}`: {error}") from error
+    checkpoint = read_torch_file(path, "checkpoint")
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise QATError(f"`{path}` is not a Lightning checkpoint (no `state_dict` key)")
     saved = checkpoint.get("qat")
