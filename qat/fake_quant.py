@@ -76,6 +76,32 @@ def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, 
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def fake_quantize_with_mask(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`fake_quantize_math`'s value (equal, as values, bit for bit) and the straight-through
+    mask ``qmin <= round(x / s) + z <= qmax``, in the fewest passes over ``x``.
+
+    The fast path of training. It makes one intermediate and rewrites it in place (divide, round,
+    add the zero point, clamp, subtract it, multiply), and reads the mask off the clamp: a code
+    is inside the range exactly when clamping leaves it alone. ``zero_point`` None means 0 (signed
+    symmetric), which skips the add and subtract. The only bit that can differ from the reference
+    is the sign of a zero: ``-0.0`` where ``x / s`` rounds to ``-0`` without a zero point to add.
+    """
+    s = scale.float().clamp_min(MIN_SCALE)
+    code = x.float() / s
+    code.round_()
+    if zero_point is not None:
+        z = zero_point.float().round().clamp(qmin, qmax)
+        code.add_(z)
+    clamped = code.clamp(qmin, qmax)
+    inside = clamped == code
+    if zero_point is not None:
+        clamped.sub_(z)
+    y = clamped.mul_(s)
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), inside
+
+
 class FakeQuantizeFunction(torch.autograd.Function):
     """Training face: forward = :func:`fake_quantize_math`; backward = STE + LSQ / LSQ+.
 
@@ -88,19 +114,36 @@ class FakeQuantizeFunction(torch.autograd.Function):
       scale ``1 / sqrt(N * qmax)``, supplied by the caller).
     - ``z``: 0 inside the range, ``-s`` outside, scaled the same way.
 
-    Only the inputs are saved; the backward recomputes the rest, so the op costs no extra
-    activation memory beyond ``x`` (which the following matmul keeps anyway).
+    What is saved depends on what needs a gradient:
+
+    - fixed scale and zero point (observed ranges, the common case): only the straight-through
+      mask, one byte an element, computed with the value in one pass
+      (:func:`fake_quantize_with_mask`); the backward is one multiply;
+    - learnable scale or zero point: the inputs, from which the backward recomputes the rest.
+
+    ``zero_point`` None means 0 (no add and subtract); it is never learnable.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
-        ctx.save_for_backward(x, scale, zero_point)
+        ctx.learnable = ctx.needs_input_grad[1] or (zero_point is not None and ctx.needs_input_grad[2])
+        if not ctx.learnable:
+            y, inside = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax)
+            ctx.save_for_backward(inside)
+            return y
+        zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
+        # copies: an observer may update the scale in place before this backward runs (a layer
+        # called twice in one forward)
+        ctx.save_for_backward(x, scale.detach().clone(), zero_point.detach().clone())
         ctx.qrange = (qmin, qmax)
         ctx.grad_factor = grad_factor
         return fake_quantize_math(x, scale, zero_point, qmin, qmax)
 
     @staticmethod
     def backward(ctx, grad_y):
+        if not ctx.learnable:
+            (inside,) = ctx.saved_tensors
+            return grad_y * inside, None, None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         s, z = _guarded(scale, zero_point, qmin, qmax)
@@ -165,7 +208,7 @@ def export_face() -> bool:
 def fake_quantize(
     x: Tensor,
     scale: Tensor,
-    zero_point: Tensor,
+    zero_point: Tensor | None,
     qmin: int,
     qmax: int,
     *,
@@ -179,7 +222,8 @@ def fake_quantize(
         x: any float tensor (fp32, bf16, fp16).
         scale: float scale: ``()``, ``(C,)`` along ``axis``, or blocked (``x``'s rank).
         zero_point: same shape as ``scale``, integer-valued (a real-valued learnable zero point
-            is rounded in the forward pass, straight-through in the backward pass).
+            is rounded in the forward pass, straight-through in the backward pass); None for 0,
+            which saves two passes over ``x`` in training.
         qmin, qmax: the integer code range, e.g. ``-8, 7`` for int4.
         axis: the per-channel or block axis (negative counts from the end).
         block_size: elements per block along ``axis``; 0 for per-tensor / per-channel.
@@ -193,7 +237,8 @@ def fake_quantize(
     """
     axis = axis % x.ndim if x.ndim else 0
     if export_face():
+        zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         return torch.ops.qat.fake_quantize(x, scale, zero_point, qmin, qmax, axis, block_size)
     s = broadcast_qparam(scale, x, axis, block_size)
-    z = broadcast_qparam(zero_point, x, axis, block_size)
+    z = None if zero_point is None else broadcast_qparam(zero_point, x, axis, block_size)
     return FakeQuantizeFunction.apply(x, s, z, qmin, qmax, grad_factor)

@@ -16,7 +16,8 @@ reducing over other groups. Statistics only: scales come from :func:`~qat.qparam
 
 Non-finite values (NaN, ±inf) are ignored: they never enter a range, and a batch with no finite
 value in a group leaves that group's range as it was. No observer reads a tensor value on the
-host (no ``.item()``), so observing never synchronises a GPU step. When ``torch.distributed`` is
+host on an accelerator (no ``.item()``), so observing never synchronises a GPU step; on the CPU,
+where a host read is free, :func:`finite_range` reads one flag to skip masking finite tensors. When ``torch.distributed`` is
 initialised and ``sync`` is on (activations), each batch's statistics are all-reduced before they
 are folded in (min/max: MIN/MAX; percentiles: mean), so every rank holds the same range. Weight
 observers need no reduction: data-parallel training keeps weights identical on every rank.
@@ -67,8 +68,20 @@ def reduce_groups(x: Tensor, spec: QuantSpec, axis: int, reduce: Callable[[Tenso
     return tuple(map(restore, out)) if isinstance(out, tuple) else restore(out)
 
 
+def host_reads_are_free(t: Tensor) -> bool:
+    """True where reading a value of ``t`` on the host costs no synchronisation: on the CPU,
+    outside ``torch.compile`` (where a read would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Min and max of each row over its finite values (``+inf, -inf`` when there are none)."""
+    if host_reads_are_free(rows):
+        # on the CPU a host read costs nothing: when every row's plain min and max are finite (no
+        # NaN or inf anywhere), they are the answer, in two passes instead of five
+        low, high = rows.amin(-1), rows.amax(-1)
+        if bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+            return low, high
     finite = torch.isfinite(rows)
     return rows.masked_fill(~finite, float("inf")).amin(-1), rows.masked_fill(~finite, float("-inf")).amax(-1)
 

@@ -27,14 +27,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from qat.errors import QATError
-from qat.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize
+from qat.fake_quant import MIN_SCALE, broadcast_qparam, export_face, fake_quantize, fake_quantize_math, fake_quantize_with_mask
 from qat.observers import finite_range, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
 from qat.snapshot import snapshot
@@ -81,6 +81,7 @@ class Quantizer(nn.Module):
             self.zero_point = nn.Parameter(zero_point)
         else:
             self.register_buffer("zero_point", zero_point)
+        self.zero_point_is_zero = spec.symmetric and spec.symmetric_zero_point == 0
 
     # -- switches ------------------------------------------------------------------------------
 
@@ -128,14 +129,55 @@ class Quantizer(nn.Module):
     def fake_quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` with the current parameters, without observing it."""
         if self.spec.dynamic:
-            scale, zero_point = self.dynamic_qparams(x)
-            return fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1])
+            return self._fake_quantize_per_token(x)
         grad_factor = self.grad_factor(x) if self.spec.learnable else 1.0
+        # a signed symmetric zero point is 0 by construction: None skips two passes over x
+        zero_point = None if self.zero_point_is_zero and not export_face() else snapshot(self.zero_point)
         # scale / zero_point are buffers this forward may have just updated: see qat.snapshot
         return fake_quantize(
-            x, snapshot(self.scale), snapshot(self.zero_point), self.spec.qmin, self.spec.qmax,
+            x, snapshot(self.scale), zero_point, self.spec.qmin, self.spec.qmax,
             axis=self.axis, block_size=self.block_size, grad_factor=grad_factor,
         )
+
+    def replay(self, source: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        """A function that gives, later, the value :meth:`fake_quantize` gives now for the tensor
+        ``source()`` returns: the same scale and zero point (copied now; an observer may move
+        them before the backward pass runs), no observing, no autograd. For
+        :func:`~qat.modules.recompute.recompute_in_backward`."""
+        if self.spec.dynamic:  # per-token scales come from the tensor itself
+            scale = zero_point = None
+        else:
+            scale, zero_point = self.scale.detach().clone(), self.zero_point.detach().clone()
+
+        @torch.no_grad()
+        def again() -> Tensor:
+            x = source()
+            if scale is None:
+                return self.fake_quantize(x)
+            z = None if self.zero_point_is_zero else broadcast_qparam(zero_point, x, self.axis, self.block_size)
+            s = broadcast_qparam(scale, x, self.axis, self.block_size)
+            if self.spec.learnable:  # what FakeQuantizeFunction's forward computed
+                return fake_quantize_math(x, s, torch.zeros_like(s) if z is None else z, self.spec.qmin, self.spec.qmax)
+            return fake_quantize_with_mask(x, s, z, self.spec.qmin, self.spec.qmax)[0]
+
+        return again
+
+    def _fake_quantize_per_token(self, x: Tensor) -> Tensor:
+        """Per-token scales depend on ``x`` alone, so layers that read one input with the same
+        spec (attention's q/k/v projections, an MLP's gate and up) share one result in eager mode:
+        it is kept on ``x`` while ``x`` lives and is unchanged."""
+        shared = not export_face() and not torch.compiler.is_compiling()
+        key = (self.spec, x._version, torch.is_grad_enabled()) if shared else None
+        cached = getattr(x, "_qat_per_token", None) if shared else None
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        scale, zero_point = self.dynamic_qparams(x)
+        if self.zero_point_is_zero and not export_face():
+            zero_point = None
+        y = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1])
+        if shared:
+            x._qat_per_token = (key, y)
+        return y
 
     @torch.no_grad()
     def clipped_fraction(self, x: Tensor) -> Tensor:

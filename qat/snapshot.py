@@ -9,7 +9,8 @@ BatchNorm folding, the compiled conv-weight gradients differed from eager by O(1
 
 A custom op is not on the partitioner's recompute allow-list, so passing such a read through
 ``qat::snapshot`` (a copy; identity gradient) forces the value to be saved. The copy is of small
-tensors (scales, per-channel statistics) and costs nothing measurable.
+tensors (scales, per-channel statistics). Eager mode needs no copy, and skips the dozens of small
+operations a step would spend on them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _snapshot_op.register_autograd(lambda ctx, grad: grad)
 
 
 def snapshot(t: Tensor) -> Tensor:
-    """A copy of ``t`` that compiled backward passes save instead of recomputing (``t`` itself
-    while ``torch.export`` traces: an exported graph has no backward)."""
-    return t if export_face() else _snapshot_op(t)
+    """Under ``torch.compile``, a copy of ``t`` that the compiled backward saves instead of
+    recomputing; ``t`` itself in eager mode, where nothing is recomputed, and while ``torch.export``
+    traces (an exported graph has no backward)."""
+    return _snapshot_op(t) if torch.compiler.is_compiling() and not export_face() else t

@@ -107,7 +107,11 @@ def forbid_host_reads(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, refuse)
 
 
-def test_training_step_never_reads_tensor_values_on_the_host(forbid_host_reads):
+def test_training_step_never_reads_tensor_values_on_the_host(forbid_host_reads, monkeypatch):
+    """On an accelerator; on the CPU, where reads are free, finite_range reads one flag on purpose."""
+    import qat.observers
+
+    monkeypatch.setattr(qat.observers, "host_reads_are_free", lambda t: False)
     model, x = _prepared()
     with pytest.raises(_HostReadError):
         bool(torch.tensor(True))  # the fixture is active

@@ -13,7 +13,15 @@ from onnx_oracle import onnx_fake_quant
 
 import qat.fake_quant
 from qat import QuantSpec
-from qat.fake_quant import MIN_SCALE, FakeQuantizeFunction, broadcast_qparam, fake_quantize, fake_quantize_op
+from qat.fake_quant import (
+    MIN_SCALE,
+    FakeQuantizeFunction,
+    broadcast_qparam,
+    fake_quantize,
+    fake_quantize_math,
+    fake_quantize_op,
+    fake_quantize_with_mask,
+)
 
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 SPECIAL_SCALES = [0.0, 1e-38, 1e-30, 1e-10, float(MIN_SCALE), float(MIN_SCALE) / 2, 2.0**-20, 2.0**-7, 0.5, 1.0, 3.0, 1e6]
@@ -270,3 +278,33 @@ def test_function_is_used_outside_export_and_custom_op_under_export():
     # torch.export alone selects the export face only where is_exporting() is trustworthy (≥ 2.14)
     assert ("qat.fake_quantize.default" in exported_ops()) == qat.fake_quant.IS_EXPORTING_RELIABLE
     assert isinstance(FakeQuantizeFunction.apply, type(torch.autograd.Function.apply))
+
+
+# -- the training fast path --------------------------------------------------------------------
+
+
+@settings(max_examples=500)
+@given(fq_cases())
+def test_fast_path_gives_the_reference_value_and_straight_through_mask(case):
+    x, scale, zero_point, qmin, qmax, axis, block = case
+    x = torch.from_numpy(x)
+    s = broadcast_qparam(torch.from_numpy(scale), x, axis or 0, block)
+    z = broadcast_qparam(torch.from_numpy(zero_point), x, axis or 0, block)
+    y, inside = fake_quantize_with_mask(x, s, z, qmin, qmax)
+    assert torch.equal(y, fake_quantize_math(x, s, z, qmin, qmax))
+    code = torch.round(x / s.clamp_min(MIN_SCALE)) + z
+    assert torch.equal(inside, (code >= qmin) & (code <= qmax))
+    if not zero_point.any():  # None: the signed symmetric form, without the add and subtract
+        y_none, inside_none = fake_quantize_with_mask(x, s, None, qmin, qmax)
+        assert torch.equal(y_none, y) and torch.equal(inside_none, inside)
+
+
+def test_fixed_scale_backward_keeps_only_a_one_byte_mask():
+    x = torch.randn(64, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fake_quantize(x, torch.full((64,), 0.1), None, -8, 7)
+    assert [t.dtype for t in saved] == [torch.bool]
+    y.backward(torch.ones_like(y))
+    code = torch.round(x.detach() / 0.1)
+    assert torch.equal(x.grad, ((code >= -8) & (code <= 7)).float())

@@ -15,11 +15,14 @@ weight baked in (what :func:`qat.strip` returns).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from qat.modules import recompute
 from qat.quantizer import Quantizer
 from qat.spec import Granularity, QuantSpec
 
@@ -63,6 +66,19 @@ class QuantizedLayer(nn.Module):
     def quantize_weight(self, weight: Tensor) -> Tensor:
         """``weight`` (the layer's, or a folded one) through the weight quantizer, if any."""
         return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+
+    def recomputing(self, x: Tensor, x_q: Tensor, weight: Callable[[], Tensor], w_q: Tensor) -> AbstractContextManager:
+        """Context for the layer's own op (conv, matmul): the quantized input ``x_q`` (made from
+        ``x``) and weight ``w_q`` (made from what ``weight()`` returns) are recomputed in the
+        backward pass instead of saved (:mod:`qat.modules.recompute`)."""
+        if not recompute.active(x_q, w_q):
+            return nullcontext()
+        operands = {}
+        if self.input_quantizer is not None and x_q is not x:
+            operands[x_q] = self.input_quantizer.replay(recompute.unchanged(x))
+        if self.weight_quantizer is not None:
+            operands[w_q] = self.weight_quantizer.replay(weight)
+        return recompute.recompute_in_backward(operands)
 
     def float_weight_bias(self) -> tuple[Tensor, Tensor | None]:
         """The float weight and bias the weight quantizer sees in inference (folded, for conv+BN)."""

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from qat.bn_fold import bn_tail
 from qat.fake_quant import export_face
+from qat.modules import recompute
 from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
 from qat.snapshot import snapshot
 
@@ -92,7 +93,9 @@ class QuantConvNd(QuantizedLayer):
     def forward(self, input: Tensor) -> Tensor:
         x = self.quantize_input(input)
         if self.bn is None:
-            return self._conv_forward(x, self.quantize_weight(self.weight), self.bias)
+            weight = self.quantize_weight(self.weight)
+            with self.recomputing(input, x, recompute.unchanged(self.weight), weight):
+                return self._conv_forward(x, weight, self.bias)
         if export_face() and not self.training:
             # what a device runs: one convolution with the folded, quantized weight and folded bias
             # (equal to the training form below in eval mode, up to float rounding)
@@ -106,8 +109,12 @@ class QuantConvNd(QuantizedLayer):
         # it with 1 instead is exact (the BatchNorm's own γ = 0 still zeroes its output) and keeps
         # γ's gradient (folding with 0 would zero the normalised input and freeze γ at 0).
         factor = torch.where(factor == 0, torch.ones_like(factor), factor)
-        weight = self.quantize_weight(self.weight * factor.reshape(self._channel_shape(self.weight.ndim, 0)))
-        y = self._conv_forward(x, weight, None) / factor.reshape(self._channel_shape(x.ndim, 1))
+        weight_factor = factor.reshape(self._channel_shape(self.weight.ndim, 0))
+        weight = self.quantize_weight(self.weight * weight_factor)
+        float_weight, weight_factor = recompute.unchanged(self.weight), weight_factor.detach()
+        with self.recomputing(input, x, lambda: float_weight() * weight_factor, weight):
+            y = self._conv_forward(x, weight, None)
+        y = y / factor.reshape(self._channel_shape(x.ndim, 1))
         if self.bias is not None:
             y = y + self.bias.reshape(self._channel_shape(x.ndim, 1))
         return self.bn(y)  # the module, so a BatchNorm-with-activation runs its activation too
@@ -154,7 +161,6 @@ class QuantConvTranspose2d(QuantizedLayer, nn.ConvTranspose2d):
         if self.padding_mode != "zeros":
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
-        return F.conv_transpose2d(
-            self.quantize_input(input), self.quantize_weight(self.weight), self.bias,
-            self.stride, self.padding, output_padding, self.groups, self.dilation,
-        )
+        x, weight = self.quantize_input(input), self.quantize_weight(self.weight)
+        with self.recomputing(input, x, recompute.unchanged(self.weight), weight):
+            return F.conv_transpose2d(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)

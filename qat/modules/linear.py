@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qat.modules import recompute
 from qat.modules.base import QuantizedLayer
 
 
@@ -14,7 +15,9 @@ class QuantLinear(QuantizedLayer, nn.Linear):
     float_cls = nn.Linear
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(self.quantize_input(input), self.quantize_weight(self.weight), self.bias)
+        x, weight = self.quantize_input(input), self.quantize_weight(self.weight)
+        with self.recomputing(input, x, recompute.unchanged(self.weight), weight):
+            return F.linear(x, weight, self.bias)
 
 
 class QuantEmbedding(QuantizedLayer, nn.Embedding):

@@ -1,0 +1,330 @@
+"""QAT training overhead: step time and memory of a QAT step against the float step, beside the peers.
+
+Every variant is a copy of one float model with its own optimizer, trained in the same process;
+the variants take turns (``--rounds`` rounds of ``--steps`` steps each), so a noisy machine slows
+all of them alike. The figure is the median step time over all rounds, and the ratio to float.
+
+- ``float``: the model as it is.
+- ``lightning-qat``: ``qat.prepare`` with the shipped recipe's format, observers and fake
+  quantization on (the QAT phase of the callback).
+- ``torch.ao eager``: ``torch.ao.quantization.prepare_qat`` (Conv+BN fused with
+  ``fuse_modules_qat``) with fused moving-average fake-quantizers in the same bit widths.
+- ``torchao``: ``torchao.quantization.qat.QATConfig`` (Linear layers only: it has no convolution
+  support, so no ResNet row). Install it with ``pip install -e ".[bench]"``.
+
+Models and formats (issue 6):
+
+- ``resnet18``: torchvision ResNet-18, 32×32, batch 64, SGD; int4 per-channel weights, uint8
+  per-tensor activations (BatchNorm folded).
+- ``llama``: Llama 4 layers × 256, sequence 128, batch 8, AdamW; int4 weights per group of 32,
+  dynamic int8 per-token activations (torch.ao has no per-token or per-group fake quantization:
+  per-channel int4 and per-tensor int8 there).
+- GPU (``--device cuda``): ``resnet50`` (224, batch 128) and ``llama-large`` (8 layers × 2048,
+  sequence 1024, batch 8), in bf16 autocast; ``--compile`` wraps each variant in ``torch.compile``.
+
+Memory: the peak of one step (forward, backward and optimizer step), parameters and optimizer
+state included: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, whose allocator keeps no
+statistics, the same count made at the dispatcher (:class:`LiveTensorBytes`).
+
+Run:  python benchmarks/overhead.py [--models resnet18 llama] [--device cpu] [--compile] [--write]
+``--write`` replaces this device's block of benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import qat
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+@dataclass
+class Workload:
+    """One model, its batch, its loss, its optimizer and its quantization format in each library."""
+
+    model: nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+    loss: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    recipe: dict
+    torch_ao: Callable[[nn.Module], nn.Module]
+    torchao: Callable[[nn.Module], nn.Module] | None
+    description: str
+
+
+def _classification_loss(model, batch):
+    images, labels = batch
+    return nn.functional.cross_entropy(model(images), labels)
+
+
+def _lm_loss(model, batch):
+    ids, _ = batch
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _torch_ao_qconfig(weight_bits: int, per_channel: bool = True):
+    """torch.ao's fused (observer + fake-quant in one ATen op) QAT qconfig at ``weight_bits``."""
+    from torch.ao.quantization import FusedMovingAvgObsFakeQuantize, QConfig
+    from torch.ao.quantization.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    low, high = -(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1) - 1
+    weight = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver, quant_min=low, quant_max=high, dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric, ch_axis=0,
+    )
+    activation = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8, reduce_range=False,
+    )
+    return QConfig(activation=activation, weight=weight)
+
+
+def _resnet_torch_ao(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization import fuse_modules_qat, prepare_qat
+
+    pairs = [["conv1", "bn1"]]
+    for name, module in model.named_modules():
+        if type(module).__name__ in ("BasicBlock", "Bottleneck"):
+            convs = [n for n, _ in module.named_children() if n.startswith("conv")]
+            pairs += [[f"{name}.{c}", f"{name}.bn{c[4:]}"] for c in convs]
+            if module.downsample is not None:
+                pairs.append([f"{name}.downsample.0", f"{name}.downsample.1"])
+    model.train()
+    fuse_modules_qat(model, pairs, inplace=True)
+    model.qconfig = _torch_ao_qconfig(4)
+    return prepare_qat(model, inplace=True)
+
+
+def _linear_torch_ao(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization import prepare_qat
+
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.qconfig = _torch_ao_qconfig(4)
+    return prepare_qat(model, inplace=True)
+
+
+def _llama_torchao(model: nn.Module) -> nn.Module:
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)  # its per-token is asymmetric only
+    weight = IntxFakeQuantizeConfig(torch.int4, group_size=32)
+    quantize_(model, QATConfig(activation_config=activation, weight_config=weight, step="prepare"))
+    return model
+
+
+def workload(name: str, device: str) -> Workload:
+    torch.manual_seed(0)
+    if name in ("resnet18", "resnet50"):
+        import torchvision
+
+        size, batch = (32, 64) if name == "resnet18" else (224, 128)
+        model = getattr(torchvision.models, name)(num_classes=10)
+        inputs = (torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,)))
+        return Workload(
+            model, inputs, _classification_loss, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+            {"weight": {"bits": 4}}, _resnet_torch_ao, None,
+            f"torchvision {name}, {size}×{size}, batch {batch}, SGD; W4 per-channel, A8 per-tensor",
+        )
+    if name in ("llama", "llama-large"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hidden, layers, seq, vocab = (256, 4, 128, 512) if name == "llama" else (2048, 8, 1024, 32000)
+        config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+                             intermediate_size=3 * hidden, vocab_size=vocab, max_position_embeddings=seq)
+        model = LlamaForCausalLM(config)
+        ids = torch.randint(0, vocab, (8, seq))
+        recipe = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32},
+                  "activation": {"granularity": "per_token", "signed": True, "symmetric": True}}
+        return Workload(
+            model, (ids, ids), _lm_loss, lambda p: torch.optim.AdamW(p, lr=1e-3), recipe, _linear_torch_ao, _llama_torchao,
+            f"Llama {layers} × {hidden}, sequence {seq}, batch 8, AdamW; W4 g32, dynamic A8 per token",
+        )
+    raise SystemExit(f"unknown model {name!r}")
+
+
+def _ours(work: Workload) -> Callable[[nn.Module], nn.Module]:
+    def prepare(model: nn.Module) -> nn.Module:
+        images = work.batch[0][:2]
+        example = images if images.is_floating_point() else {"input_ids": images}
+        return qat.prepare(model, work.recipe, example_inputs=example)
+
+    return prepare
+
+
+def variants(work: Workload) -> dict[str, Callable[[nn.Module], nn.Module]]:
+    out = {"float": lambda m: m, "lightning-qat": _ours(work), "torch.ao eager": work.torch_ao}
+    if work.torchao is not None:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            print("torchao is not installed (pip install -e '.[bench]'): its row is left out")
+        else:
+            out["torchao"] = work.torchao
+    return out
+
+
+class Runner:
+    """One variant: its model, optimizer and (optionally compiled) training step."""
+
+    def __init__(self, work: Workload, prepare: Callable[[nn.Module], nn.Module], device: str, bf16: bool, compiled: bool) -> None:
+        self.model = prepare(copy.deepcopy(work.model)).to(device).train()
+        self.optimizer = work.optimizer(list(self.model.parameters()))
+        self.batch = tuple(t.to(device) for t in work.batch)
+        self.loss, self.device, self.bf16 = work.loss, device, bf16
+        self.forward = torch.compile(self._forward_backward) if compiled else self._forward_backward
+
+    def _forward_backward(self) -> torch.Tensor:
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss(self.model, self.batch)
+        loss.backward()
+        return loss
+
+    def step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward()
+        self.optimizer.step()
+
+    def timed_steps(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.step()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def peak_bytes(self) -> int:
+        """Peak memory of one step: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the
+        tensors that exist before it (parameters, buffers, optimizer state) plus the peak of
+        :class:`LiveTensorBytes` during it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        state = [*self.model.parameters(), *self.model.buffers()]
+        state += [t for per_param in self.optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
+        before = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}
+        with LiveTensorBytes() as live:
+            self.step()
+        return sum(before.values()) + live.peak
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of CPU tensor storage made inside the block and still alive, and their peak.
+
+    The CPU allocator keeps no statistics, so this counts at the dispatcher what CUDA's caching
+    allocator counts for ``max_memory_allocated``: every storage an operator returns (forward,
+    backward and optimizer step alike; autograd runs CPU backward passes on this thread, under
+    this mode), until it is freed. Scratch space inside a kernel is not seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: set[int] = set()
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                storage = t.untyped_storage()  # one Python object per storage while it lives
+                key = storage._cdata
+                if key not in self.live:
+                    self.live.add(key)
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._free, key, storage.nbytes())
+        return out
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live.discard(key)
+        self.now -= nbytes
+
+
+def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, steps: int, warmup: int) -> tuple[str, list[dict]]:
+    work = workload(name, device)
+    runners = {label: Runner(work, prepare, device, bf16, compiled) for label, prepare in variants(work).items()}
+    times: dict[str, list[float]] = {label: [] for label in runners}
+    for runner in runners.values():
+        runner.timed_steps(warmup)  # compilation, allocator warm-up, observers' first ranges
+    for _ in range(rounds):
+        for label, runner in runners.items():
+            times[label] += runner.timed_steps(steps)
+    memory = {label: runner.peak_bytes() for label, runner in runners.items()}
+    base_time, base_memory = statistics.median(times["float"]), memory["float"]
+    rows = []
+    for label in times:
+        median = statistics.median(times[label])
+        rows.append({"variant": label, "ms": 1000 * median, "ratio": median / base_time,
+                     "memory_mb": memory[label] / 2**20, "memory_ratio": memory[label] / base_memory})
+    return work.description, rows
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{platform.processor() or platform.machine()} × {torch.get_num_threads()} threads (CPU), torch {torch.__version__}"
+
+
+def replace_block(text: str, name: str, lines: list[str]) -> str:
+    begin, end = f"<!-- overhead:{name}:begin -->", f"<!-- overhead:{name}:end -->"
+    block = begin + "\n" + "\n".join(lines) + "\n" + end
+    if begin in text:
+        return text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", nargs="+", default=None, help="default: resnet18 llama (CPU), resnet50 llama-large (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    models = args.models or (["resnet18", "llama"] if args.device == "cpu" else ["resnet50", "llama-large"])
+    bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+    mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {'torch.compile' if args.compile else 'eager'}"
+    lines = ["| model | variant | step ms | × float | memory MB | memory × float |", "|---|---|---|---|---|---|"]
+    for name in models:
+        description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup)
+        for row in rows:
+            line = (f"| {description} | {row['variant']} | {row['ms']:.1f} | {row['ratio']:.2f}× | "
+                    f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}× |")
+            lines.append(line)
+            print(line, flush=True)
+    footer = (f"Command: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+              f"{machine(args.device)}, {mode}; median of {args.rounds} × {args.steps} interleaved steps; "
+              f"{datetime.date.today():%Y-%m-%d}.")
+    print(footer)
+    if args.write:
+        key = f"{args.device}-{'compile' if args.compile else 'eager'}-{'bf16' if bf16 else 'fp32'}"
+        RESULTS.write_text(replace_block(RESULTS.read_text(), key, [*lines, "", footer]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Quantized operands recomputed in backward (qat.modules.recompute): same gradients, less memory."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from tiny_models import EVERYTHING_RECIPE, TinyCNN
+from torch import nn
+
+import qat
+from qat.modules import recompute
+
+
+def _saved_as_tensors():
+    """Identity saved-tensor hooks: recompute_in_backward steps aside for them, so every operand is saved."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
+def _grads(model: nn.Module, x: torch.Tensor, *, recomputed: bool) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    if recomputed:
+        out = model(x)
+    else:
+        with _saved_as_tensors():
+            out = model(x)
+    (out.float() ** 2).mean().backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+class Tokens(nn.Module):
+    """Two projections read one 3-D input, as attention's q/k/v do; a transposed conv and a Conv1D follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.gpt2 = Conv1D(8, 16)
+        self.up = nn.ConvTranspose2d(1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.q(x) * self.k(x)
+        return self.up(self.gpt2(h).reshape(x.shape[0], 1, -1, 8)).mean()
+
+
+@pytest.mark.parametrize("case", ["cnn", "tokens"])
+def test_gradients_are_the_same_bit_for_bit(case):
+    torch.manual_seed(0)
+    if case == "cnn":
+        model, x = TinyCNN(), torch.randn(4, 3, 8, 8)
+        model = qat.prepare(model, EVERYTHING_RECIPE, example_inputs=x)
+    else:
+        model, x = Tokens(), torch.randn(2, 5, 16)
+        recipe = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 8},
+                  "activation": {"granularity": "per_token", "signed": True, "symmetric": True},
+                  "rules": [{"types": ["ConvTranspose2d"], "weight": {"bits": 4, "granularity": "per_channel", "group_size": None},
+                             "activation": {"bits": 8}}]}
+        model = qat.prepare(model, recipe)
+    qat.calibrate(model, [x], progress=False)
+    qat.set_observers(model, False)
+    model.train()
+    twin = copy.deepcopy(model)
+    got, expected = _grads(model, x, recomputed=True), _grads(twin, x, recomputed=False)
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def _quantized_operands_alive(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The forward's output, and how many fake-quantized weights are still alive once it returned."""
+    refs = []
+    hook = model.fc1.weight_quantizer.register_forward_hook(lambda m, i, out: refs.append(weakref.ref(out)))
+    out = model(x)
+    hook.remove()
+    gc.collect()
+    return out, sum(r() is not None for r in refs)
+
+
+def test_fake_quantized_weight_is_not_kept_for_the_backward_pass():
+    torch.manual_seed(0)
+    model = qat.prepare(TinyCNN(), {"weight": {"bits": 4}}, example_inputs=torch.randn(2, 3, 8, 8)).train()
+    x = torch.randn(2, 3, 8, 8)
+    out, alive = _quantized_operands_alive(model, x)
+    assert alive == 0
+    out.sum().backward()
+    with _saved_as_tensors():
+        out, alive = _quantized_operands_alive(model, x)
+    assert alive == 1  # plain autograd keeps it
+
+
+def test_input_changed_in_place_before_backward_is_refused():
+    torch.manual_seed(0)
+    model = qat.prepare(nn.Sequential(nn.Linear(4, 4)), {"weight": {"bits": 4}}).train()
+    x = torch.randn(3, 4)
+    model(x)  # calibrate the input's range
+    h = x.clone().requires_grad_()
+    inner = h * 1.0
+    out = model(inner)
+    inner.add_(1.0)  # a tensor the layer's backward needs, changed after the layer read it
+    with pytest.raises(RuntimeError, match="modified by an in-place operation"):
+        out.sum().backward()
+
+
+def test_not_active_without_autograd_or_under_outer_hooks():
+    w = torch.randn(3, requires_grad=True)
+    assert recompute.active(w)
+    with torch.no_grad():
+        assert not recompute.active(w)
+    with _saved_as_tensors():
+        assert not recompute.active(w)
+    assert not recompute.active(torch.randn(3))
+
+
+def test_layers_reading_one_input_share_its_per_token_quantization():
+    spec = qat.QuantSpec(granularity="per_token", signed=True, symmetric=True)
+    q, k = qat.Quantizer(spec), qat.Quantizer(spec)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    h = x * 1.0
+    first = q(h)
+    assert k(h) is first  # one fake-quantized tensor for both readers
+    assert k(h.clone()) is not first
+    with torch.no_grad():
+        h.mul_(2.0)
+    assert k(h) is not first  # changed in place: quantized again
+    assert qat.Quantizer(spec.replace(bits=4))(h) is not first
