@@ -133,9 +133,11 @@ def run_table(spec: TableSpec, out: Path, reuse: bool = False) -> tuple[list[str
                      else f"ppl Δ {ort_entry['perplexity']['delta']:+.3g}" if ort_entry["perplexity"] else "")
         float_value, ptq_value, qat_value = (stages[k]["metric"] for k in ("float", "ptq", "qat"))
         gap = qat_value - float_value
-        recovered = (ptq_value - qat_value) / (ptq_value - float_value) if ptq_value != float_value else float("nan")
+        ptq_loss = (float_value - ptq_value) * (1 if results["metric"]["higher_is_better"] else -1)
+        # the share of PTQ's loss that QAT wins back; nothing to recover when PTQ lost nothing
+        recovered = f"{100 * (qat_value - ptq_value) / (float_value - ptq_value):.0f} %" if ptq_loss > 0 else "—"
         cells = [row.label, *(format_metric(metric, v) for v in (float_value, ptq_value, qat_value)),
-                 f"{100 * gap:+.1f} pt" if metric.endswith("acc") else f"{gap:+.4g}", f"{100 * recovered:.0f} %",
+                 f"{100 * gap:+.1f} pt" if metric.endswith("acc") else f"{gap:+.4g}", recovered,
                  f"{results['artifacts']['device']['bytes'] / 1e6:.2f}", f"{ort_entry['bytes'] / 1e6:.2f}", agreement]
         lines.append("| " + " | ".join(cells) + " |")
     if spec.note:

@@ -239,6 +239,12 @@ def fake_quantize(
     if export_face():
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         return torch.ops.qat.fake_quantize(x, scale, zero_point, qmin, qmax, axis, block_size)
+    if block_size and scale.ndim and scale.shape[axis] > 1 and x.shape[axis] % block_size == 0:
+        # whole blocks: split the axis and broadcast the scales rather than repeat them to x's size
+        blocks = x.unflatten(axis, (-1, block_size))
+        z = None if zero_point is None else zero_point.unsqueeze(axis + 1)
+        y = FakeQuantizeFunction.apply(blocks, scale.unsqueeze(axis + 1), z, qmin, qmax, grad_factor)
+        return y.flatten(axis, axis + 1)
     s = broadcast_qparam(scale, x, axis, block_size)
     z = None if zero_point is None else broadcast_qparam(zero_point, x, axis, block_size)
     return FakeQuantizeFunction.apply(x, s, z, qmin, qmax, grad_factor)

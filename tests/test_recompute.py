@@ -47,8 +47,9 @@ class Tokens(nn.Module):
         return self.up(self.gpt2(h).reshape(x.shape[0], 1, -1, 8)).mean()
 
 
+@pytest.mark.parametrize("fake_quant", [True, False], ids=["qat", "calibration"])
 @pytest.mark.parametrize("case", ["cnn", "tokens"])
-def test_gradients_are_the_same_bit_for_bit(case):
+def test_gradients_are_the_same_bit_for_bit(case, fake_quant):
     torch.manual_seed(0)
     if case == "cnn":
         model, x = TinyCNN(), torch.randn(4, 3, 8, 8)
@@ -62,6 +63,7 @@ def test_gradients_are_the_same_bit_for_bit(case):
         model = qat.prepare(model, recipe)
     qat.calibrate(model, [x], progress=False)
     qat.set_observers(model, False)
+    qat.set_fake_quant(model, fake_quant)
     model.train()
     twin = copy.deepcopy(model)
     got, expected = _grads(model, x, recomputed=True), _grads(twin, x, recomputed=False)

@@ -356,6 +356,7 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
     tensors = find_quantized_tensors(graph.graph, strip=_WRAPPED)
     if kind == "ort":
         ort_layout.widen_small_weights(tensors)
+        ort_layout.widen_small_activations(tensors)
         if ort_layout.matmul_nbits_layout(tensors):
             config = dict(ort_layout.SESSION_CONFIG)
         onnxscript.optimizer.remove_unused_nodes(graph)

@@ -1,13 +1,15 @@
 """The *ort* artifact: the device graph's numbers laid out for ONNX Runtime's fast CPU kernels.
 
 ONNX Runtime fuses QuantizeLinear/DequantizeLinear patterns into integer kernels only for some
-layouts (DESIGN.md, "Export facts"). Two passes rewrite the device graph into those layouts
+layouts (DESIGN.md, "Export facts"). Three passes rewrite the device graph into those layouts
 without changing a single weight or activation value:
 
 - :func:`widen_small_weights`: a 4-bit (or narrower) weight read by Conv, ConvTranspose, Gemm or
   MatMul with per-tensor or per-channel scales is stored in int8/uint8 instead of int4/uint4.
   The codes and the zero point are the same integers, so ``(q - z)·s`` is unchanged; ORT has no
   int4 Conv kernel, but fuses int8 ``DQ → Conv → Q`` into QLinearConv.
+- :func:`widen_small_activations`: static 4-bit activation codes go into 8-bit containers, with
+  a clip to the 4-bit range in front (ORT fuses uint4 Q/DQ into kernels that reject uint4).
 - :func:`matmul_nbits_layout`: a blocked 4-bit Linear weight, exported as
   ``W[N, K] → DQ(axis 1, block B) → Transpose → MatMul``, becomes
   ``Wᵀ[K, N] → DQ(axis 0, block B) → MatMul`` (the codes, scales and zero points transposed),
@@ -24,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qat.export.names import QuantizedTensor, consumers_through
+from qat.fake_quant import MIN_SCALE
 
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 """ORT session options the *ort* artifact is meant to run with (recorded in its sidecar)."""
@@ -64,6 +67,43 @@ def widen_small_weights(tensors: list[QuantizedTensor]) -> list[str]:
         if zero_point is not None and zero_point.const_value is not None:
             _set_constant(zero_point, zero_point.const_value.numpy().astype(codes.const_value.numpy().dtype))
         widened.append(codes.name)
+    return widened
+
+
+def widen_small_activations(tensors: list[QuantizedTensor]) -> list[str]:
+    """Store static int4/uint4 activation codes as int8/uint8, clipped to the 4-bit range first.
+
+    ORT's QDQ fusion turns ``DQ → Conv → Q`` into QLinearConv without checking the code type, and
+    then rejects its own graph for a uint4 input (seen with ORT 1.32). Here the QuantizeLinear
+    gets the 4-bit type's bounds ``(type_min - z)·s`` and ``(type_max - z)·s`` as a Max/Min in
+    front (what the export lowering does for ranges narrower than their type) and 8-bit zero
+    points: the same codes, in a type ORT's kernels take. Returns the names of the widened codes.
+    """
+    widened = []
+    for tensor in tensors:
+        q, zero_point, scale = tensor.quantize, tensor.zero_point, tensor.scale
+        if q is None or zero_point is None or zero_point.const_value is None or zero_point.dtype not in _WIDER:
+            continue
+        if scale.const_value is None:
+            continue  # a scale computed at run time: not a static activation
+        z = zero_point.const_value.numpy()
+        s = np.maximum(scale.const_value.numpy().astype(np.float32), np.float32(MIN_SCALE))
+        low, high = (-8, 7) if zero_point.dtype == ir.DataType.INT4 else (0, 15)
+        graph = q.graph
+        bounds = []
+        for code, which in ((low, "low"), (high, "high")):
+            value = (np.float32(code) - z.astype(np.float32)) * s  # what DequantizeLinear gives for that code
+            bound = ir.Value(name=f"{tensor.prefix}.wide_{which}", const_value=ir.tensor(value.astype(np.float32)))
+            bound.shape, bound.dtype = ir.Shape(value.shape), ir.DataType.FLOAT
+            graph.register_initializer(bound)
+            bounds.append(bound)
+        clip_low = ir.node("Max", [q.inputs[0], bounds[0]])
+        clip_high = ir.node("Min", [clip_low.outputs[0], bounds[1]])
+        graph.insert_before(q, [clip_low, clip_high])
+        q.replace_input_with(0, clip_high.outputs[0])
+        tensor.quantized.dtype = _WIDER[zero_point.dtype]
+        _set_constant(zero_point, z.astype(np.int8 if zero_point.dtype == ir.DataType.INT4 else np.uint8))
+        widened.append(tensor.quantized.name)
     return widened
 
 

@@ -74,9 +74,9 @@ class QuantizedLayer(nn.Module):
         if not recompute.active(x_q, w_q):
             return nullcontext()
         operands = {}
-        if self.input_quantizer is not None and x_q is not x:
+        if self.input_quantizer is not None and self.input_quantizer.fake_quant_enabled:
             operands[x_q] = self.input_quantizer.replay(recompute.unchanged(x))
-        if self.weight_quantizer is not None:
+        if self.weight_quantizer is not None and self.weight_quantizer.fake_quant_enabled:
             operands[w_q] = self.weight_quantizer.replay(weight)
         return recompute.recompute_in_backward(operands)
 

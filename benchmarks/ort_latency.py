@@ -1,0 +1,135 @@
+"""Deployed speed: ONNX Runtime CPU latency of the float export against the *ort* artifact.
+
+Vision: torchvision ResNet-18 and MobileNetV3-small at 224×224, batch 1 and 32 (one graph with a
+free batch dimension per model), int4 per-channel weights (first conv 7-bit), uint8 activations,
+the format of the shipped vision recipes. LLM: the decode step of a Llama (4 layers × 1024,
+vocabulary 8192) at M = 1, one token in and its logits out, int4 weights per group of 32 with
+dynamic int8 per-token activations, which ONNX Runtime runs as MatMulNBits. Models are random
+init, calibrated on random data: latency does not depend on the values.
+
+For each model: file sizes, median latency of both files (the same session options as the
+export's verification), the speed-up, and which kernels ran in the ort artifact (from its
+qparams sidecar's kernel report).
+
+Run:  python benchmarks/ort_latency.py [--runs 20] [--models resnet18 mobilenet_v3_small llama-decode] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import qat
+from qat.export import kernels
+from qat.export.latency import median_latency_ms
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}]}
+LLM_RECIPE = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32},
+              "activation": {"granularity": "per_token", "signed": True, "symmetric": True}}
+
+
+def vision(name: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    x = torch.randn(1, 3, 224, 224)
+    qat.prepare(model, VISION_RECIPE, example_inputs=x)
+    qat.calibrate(model, [torch.randn(4, 3, 224, 224) for _ in range(2)], progress=False)
+    feeds = {1: [x.numpy()], 32: [torch.randn(32, 3, 224, 224).numpy()]}
+    return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
+
+
+def llama_decode():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4,
+                         intermediate_size=2816, vocab_size=8192, max_position_embeddings=256)
+    model = LlamaForCausalLM(config).eval()
+    qat.prepare(model, LLM_RECIPE)
+    qat.calibrate(model, [{"input_ids": torch.randint(0, 8192, (1, 8))}], progress=False)  # weight ranges
+    ids = torch.randint(0, 8192, (1, 1))
+    return model.eval(), (), {"input_ids": ids, "use_cache": False}, {1: [ids.numpy()]}, {}
+
+
+MODELS = {"resnet18": lambda: vision("resnet18"), "mobilenet_v3_small": lambda: vision("mobilenet_v3_small"),
+          "llama-decode": llama_decode}
+
+
+def float_export(model, args, kwargs, path: Path, dynamic_batch: bool) -> None:
+    """``torch.onnx.export`` of the float model (``qat.strip``: the same architecture, no quantizers)."""
+    with qat.evaluating(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stripped = qat.strip(model)
+        shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+        torch.onnx.export(stripped, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=shapes, verbose=False).save(str(path))
+
+
+def measure(name: str, runs: int, folder: Path) -> list[str]:
+    model, args, kwargs, feeds, options = MODELS[name]()
+    example = args[0] if args else {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
+    start = time.perf_counter()
+    result = qat.export_onnx(model, example, folder / f"{name}.onnx", artifacts=["ort"], **options)
+    export_s = time.perf_counter() - start
+    float_path = folder / f"{name}.float.onnx"
+    float_export(model, args, kwargs, float_path, options.get("dynamic_batch", False))
+    sessions = {
+        "float": ort.InferenceSession(str(float_path), kernels.session_options({}), providers=["CPUExecutionProvider"]),
+        "ort": ort.InferenceSession(str(result.ort.path), kernels.session_options(result.ort.session_config),
+                                    providers=["CPUExecutionProvider"]),
+    }
+    used = ", ".join(f"{kernel} ×{n}" for kernel, n in Counter(result.ort.kernels.values()).most_common())
+    rows = []
+    for batch, inputs in feeds.items():
+        ms = {kind: median_latency_ms(session, [np.asarray(t) for t in inputs], runs=runs) for kind, session in sessions.items()}
+        rows.append(f"| {name} | {batch} | {ms['float']:.2f} | {ms['ort']:.2f} | {ms['float'] / ms['ort']:.2f}× | "
+                    f"{float_path.stat().st_size / 1e6:.2f} | {result.ort.bytes / 1e6:.2f} | {used} | {export_s:.0f} s |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def replace_block(text: str, lines: list[str]) -> str:
+    begin, end = "<!-- ort-latency:begin -->", "<!-- ort-latency:end -->"
+    block = begin + "\n" + "\n".join(lines) + "\n" + end
+    if begin in text:
+        return text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    lines = ["| model | batch | float ms | ort ms | speed-up | float MB | ort MB | ort kernels | export + verify |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines))
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            lines += measure(name, args.runs, Path(folder))
+    footer = (f"Command: `python benchmarks/ort_latency.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+              f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__} (CPUExecutionProvider, "
+              f"{ort.SessionOptions().intra_op_num_threads or 'default'} threads), torch {torch.__version__}; median of "
+              f"{args.runs} runs; {datetime.date.today():%Y-%m-%d}.")
+    print(footer)
+    if args.write:
+        RESULTS.write_text(replace_block(RESULTS.read_text(), [*lines, "", footer]))
+
+
+if __name__ == "__main__":
+    main()
