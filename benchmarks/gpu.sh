@@ -15,3 +15,9 @@ python benchmarks/gpu_lightning.py --out "$OUT/gpu_lightning.json" 2>&1 | grep -
 python benchmarks/gpu_compile_parity.py cuda "lightning qat eager" "lightning qat compiled" "plain qat eager" "plain qat compiled" 2>&1 | grep -v -E "Warning|warn|^  "
 # ONNXExport after training on the GPU: both artifacts of the CNN and the Llama must verify
 python benchmarks/gpu_export.py "$OUT/gpu_export" 2>&1 | grep -E "^(torch|cnn|llama)"
+# issue 6: QAT step time and peak memory against float and the peers, bf16 autocast, eager then compiled
+# (torchao's wheel is in .gpu-wheels too); each writes its block of benchmarks/RESULTS.md into $OUT
+python -c "import torchao" 2>/dev/null || python -m pip install -q --no-index --no-deps .gpu-wheels/torchao-*.whl
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+RESULTS_MD="$OUT/RESULTS.md" python benchmarks/overhead.py --device cuda --write 2>&1 | grep -E "^\||Command"
+RESULTS_MD="$OUT/RESULTS.md" python benchmarks/overhead.py --device cuda --compile --write 2>&1 | grep -E "^\||Command"

@@ -29,13 +29,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from results_md import write_block
 
 import qat
 from qat.export import kernels
 from qat.export.latency import median_latency_ms
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}]}
 LLM_RECIPE = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32},
               "activation": {"granularity": "per_token", "signed": True, "symmetric": True}}
@@ -102,14 +101,6 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
     return rows
 
 
-def replace_block(text: str, lines: list[str]) -> str:
-    begin, end = "<!-- ort-latency:begin -->", "<!-- ort-latency:end -->"
-    block = begin + "\n" + "\n".join(lines) + "\n" + end
-    if begin in text:
-        return text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -128,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.runs} runs; {datetime.date.today():%Y-%m-%d}.")
     print(footer)
     if args.write:
-        RESULTS.write_text(replace_block(RESULTS.read_text(), [*lines, "", footer]))
+        write_block("ort-latency", [*lines, "", footer])
 
 
 if __name__ == "__main__":

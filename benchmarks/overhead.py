@@ -42,17 +42,14 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from results_md import write_block
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import qat
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 @dataclass
@@ -263,11 +260,20 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, steps: int, warmup: int) -> tuple[str, list[dict]]:
+    """Rows for one model. A peer that cannot run the configuration (torch.ao's fake-quant under
+    bf16 autocast) gets a row saying how it failed instead of figures."""
     work = workload(name, device)
-    runners = {label: Runner(work, prepare, device, bf16, compiled) for label, prepare in variants(work).items()}
+    runners, failed = {}, {}
+    for label, prepare in variants(work).items():
+        try:
+            runner = Runner(work, prepare, device, bf16, compiled)
+            runner.timed_steps(warmup)  # compilation, allocator warm-up, observers' first ranges
+            runners[label] = runner
+        except Exception as error:  # a peer's failure is a result, not a crash
+            if label in ("float", "lightning-qat"):
+                raise
+            failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     times: dict[str, list[float]] = {label: [] for label in runners}
-    for runner in runners.values():
-        runner.timed_steps(warmup)  # compilation, allocator warm-up, observers' first ranges
     for _ in range(rounds):
         for label, runner in runners.items():
             times[label] += runner.timed_steps(steps)
@@ -278,6 +284,7 @@ def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, ste
         median = statistics.median(times[label])
         rows.append({"variant": label, "ms": 1000 * median, "ratio": median / base_time,
                      "memory_mb": memory[label] / 2**20, "memory_ratio": memory[label] / base_memory})
+    rows += [{"variant": label, "failed": reason} for label, reason in failed.items()]
     return work.description, rows
 
 
@@ -285,14 +292,6 @@ def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return f"{platform.processor() or platform.machine()} × {torch.get_num_threads()} threads (CPU), torch {torch.__version__}"
-
-
-def replace_block(text: str, name: str, lines: list[str]) -> str:
-    begin, end = f"<!-- overhead:{name}:begin -->", f"<!-- overhead:{name}:end -->"
-    block = begin + "\n" + "\n".join(lines) + "\n" + end
-    if begin in text:
-        return text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -313,8 +312,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup)
         for row in rows:
-            line = (f"| {description} | {row['variant']} | {row['ms']:.1f} | {row['ratio']:.2f}× | "
-                    f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}× |")
+            if "failed" in row:
+                line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | |"
+            else:
+                line = (f"| {description} | {row['variant']} | {row['ms']:.1f} | {row['ratio']:.2f}× | "
+                        f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}× |")
             lines.append(line)
             print(line, flush=True)
     footer = (f"Command: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     print(footer)
     if args.write:
         key = f"{args.device}-{'compile' if args.compile else 'eager'}-{'bf16' if bf16 else 'fp32'}"
-        RESULTS.write_text(replace_block(RESULTS.read_text(), key, [*lines, "", footer]))
+        write_block(f"overhead:{key}", [*lines, "", footer])
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from results_md import write_block
 
 from qat.compare import format_metric, load_results
 from qat.pipeline import RunSettings, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 @dataclass
@@ -145,15 +145,6 @@ def run_table(spec: TableSpec, out: Path, reuse: bool = False) -> tuple[list[str
     return [*lines, ""], results["machine"]
 
 
-def replace_block(text: str, name: str, lines: list[str]) -> str:
-    """``text`` with the block between this table's markers replaced (appended when absent)."""
-    begin, end = f"<!-- recipes:{name}:begin -->", f"<!-- recipes:{name}:end -->"
-    block = begin + "\n" + "\n".join(lines) + "\n" + end
-    if begin in text:
-        return text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
@@ -167,7 +158,7 @@ def main() -> None:
         lines.append(f"Command: `python benchmarks/recipes.py --tables {name}`; {machine['processor']} × {machine['cpu_count']} "
                      f"({machine['accelerator']}), torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; "
                      f"{started:%Y-%m-%d}, {minutes:.0f} min. Per run: `{args.out}/<recipe>/<format>/results.md`.")
-        RESULTS.write_text(replace_block(RESULTS.read_text(), name, lines))
+        write_block(f"recipes:{name}", lines)
         print("\n".join(lines))
 
 
