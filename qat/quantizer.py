@@ -166,7 +166,8 @@ class Quantizer(nn.Module):
         """Per-token scales depend on ``x`` alone, so layers that read one input with the same
         spec (attention's q/k/v projections, an MLP's gate and up) share one result in eager mode:
         it is kept on ``x`` while ``x`` lives and is unchanged."""
-        shared = not export_face() and not torch.compiler.is_compiling()
+        # inference tensors (torch.inference_mode: Lightning's validation) have no version counter
+        shared = not export_face() and not torch.compiler.is_compiling() and not x.is_inference()
         key = (self.spec, x._version, torch.is_grad_enabled()) if shared else None
         cached = getattr(x, "_qat_per_token", None) if shared else None
         if cached is not None and cached[0] == key:

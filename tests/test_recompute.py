@@ -129,3 +129,6 @@ def test_layers_reading_one_input_share_its_per_token_quantization():
         h.mul_(2.0)
     assert k(h) is not first  # changed in place: quantized again
     assert qat.Quantizer(spec.replace(bits=4))(h) is not first
+    with torch.inference_mode():  # inference tensors have no version counter: nothing is shared
+        x = torch.randn(2, 5, 16)
+        assert torch.equal(q(x), k(x))
