@@ -6,7 +6,8 @@ all of them alike. The figure is the median step time over all rounds, and the r
 
 - ``float``: the model as it is.
 - ``lightning-qat``: ``qat.prepare`` with the shipped recipe's format, observers and fake
-  quantization on (the QAT phase of the callback).
+  quantization on (the QAT phase of the callback); ``set_recompute``: the same with
+  ``qat.set_recompute`` on (quantized operands recomputed in backward instead of saved).
 - ``torch.ao eager``: ``torch.ao.quantization.prepare_qat`` (Conv+BN fused with
   ``fuse_modules_qat``) with fused moving-average fake-quantizers in the same bit widths.
 - ``torchao``: ``torchao.quantization.qat.QATConfig`` (Linear layers only: it has no convolution
@@ -157,17 +158,20 @@ def workload(name: str, device: str) -> Workload:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def _ours(work: Workload) -> Callable[[nn.Module], nn.Module]:
+def _ours(work: Workload, recompute: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]
         example = images if images.is_floating_point() else {"input_ids": images}
-        return qat.prepare(model, work.recipe, example_inputs=example)
+        model = qat.prepare(model, work.recipe, example_inputs=example)
+        qat.set_recompute(model, recompute)
+        return model
 
     return prepare
 
 
 def variants(work: Workload) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    out = {"float": lambda m: m, "lightning-qat": _ours(work), "torch.ao eager": work.torch_ao}
+    out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True),
+           "torch.ao eager": work.torch_ao}
     if work.torchao is not None:
         try:
             import torchao  # noqa: F401
@@ -270,7 +274,7 @@ def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, ste
             runner.timed_steps(warmup)  # compilation, allocator warm-up, observers' first ranges
             runners[label] = runner
         except Exception as error:  # a peer's failure is a result, not a crash
-            if label in ("float", "lightning-qat"):
+            if label.startswith(("float", "lightning-qat")):
                 raise
             failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     times: dict[str, list[float]] = {label: [] for label in runners}
@@ -300,8 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=None, help="default: resnet18 llama (CPU), resnet50 llama-large (CUDA)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
 from qat.calibrate import calibrate
-from qat.control import deployed, evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers
+from qat.control import deployed, evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers, set_recompute
 from qat.errors import ConfigError, QATError
 from qat.fake_quant import exporting, fake_quantize
 from qat.prepare import is_prepared, prepare
@@ -56,6 +56,7 @@ __all__ = [
     "quantizers",
     "set_fake_quant",
     "set_observers",
+    "set_recompute",
     "strip",
     "summary",
 ]

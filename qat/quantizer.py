@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.errors import QATError
-from qat.fake_quant import MIN_SCALE, broadcast_qparam, export_face, fake_quantize, fake_quantize_math, fake_quantize_with_mask
+from qat.fake_quant import MIN_SCALE, broadcast_qparam, export_face, fake_quantize, fake_quantize_math, fake_quantize_values
 from qat.observers import finite_range, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
 from qat.snapshot import snapshot
@@ -158,7 +158,7 @@ class Quantizer(nn.Module):
             s = broadcast_qparam(scale, x, self.axis, self.block_size)
             if self.spec.learnable:  # what FakeQuantizeFunction's forward computed
                 return fake_quantize_math(x, s, torch.zeros_like(s) if z is None else z, self.spec.qmin, self.spec.qmax)
-            return fake_quantize_with_mask(x, s, z, self.spec.qmin, self.spec.qmax)[0]
+            return fake_quantize_values(x, s, z, self.spec.qmin, self.spec.qmax)
 
         return again
 

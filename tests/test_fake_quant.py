@@ -20,6 +20,7 @@ from qat.fake_quant import (
     fake_quantize,
     fake_quantize_math,
     fake_quantize_op,
+    fake_quantize_values,
     fake_quantize_with_mask,
 )
 
@@ -292,11 +293,13 @@ def test_fast_path_gives_the_reference_value_and_straight_through_mask(case):
     z = broadcast_qparam(torch.from_numpy(zero_point), x, axis or 0, block)
     y, inside = fake_quantize_with_mask(x, s, z, qmin, qmax)
     assert torch.equal(y, fake_quantize_math(x, s, z, qmin, qmax))
+    assert torch.equal(fake_quantize_values(x, s, z, qmin, qmax), y)
     code = torch.round(x / s.clamp_min(MIN_SCALE)) + z
     assert torch.equal(inside, (code >= qmin) & (code <= qmax))
     if not zero_point.any():  # None: the signed symmetric form, without the add and subtract
         y_none, inside_none = fake_quantize_with_mask(x, s, None, qmin, qmax)
         assert torch.equal(y_none, y) and torch.equal(inside_none, inside)
+        assert torch.equal(fake_quantize_values(x, s, None, qmin, qmax), y)
 
 
 def test_fixed_scale_backward_keeps_only_a_one_byte_mask():

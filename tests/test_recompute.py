@@ -1,4 +1,4 @@
-"""Quantized operands recomputed in backward (qat.modules.recompute): same gradients, less memory."""
+"""Quantized operands recomputed in backward (qat.set_recompute, qat.modules.recompute): same gradients, less memory."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def test_gradients_are_the_same_bit_for_bit(case, fake_quant):
     qat.calibrate(model, [x], progress=False)
     qat.set_observers(model, False)
     qat.set_fake_quant(model, fake_quant)
+    qat.set_recompute(model)
     model.train()
     twin = copy.deepcopy(model)
     got, expected = _grads(model, x, recomputed=True), _grads(twin, x, recomputed=False)
@@ -87,16 +88,22 @@ def test_fake_quantized_weight_is_not_kept_for_the_backward_pass():
     model = qat.prepare(TinyCNN(), {"weight": {"bits": 4}}, example_inputs=torch.randn(2, 3, 8, 8)).train()
     x = torch.randn(2, 3, 8, 8)
     out, alive = _quantized_operands_alive(model, x)
+    assert alive == 1  # off by default: autograd keeps it
+    out.sum().backward()
+    qat.set_recompute(model)
+    out, alive = _quantized_operands_alive(model, x)
     assert alive == 0
     out.sum().backward()
     with _saved_as_tensors():
         out, alive = _quantized_operands_alive(model, x)
-    assert alive == 1  # plain autograd keeps it
+    assert alive == 1  # outer saved-tensor hooks (checkpointing) do their own job
+    assert not hasattr(qat.strip(model).fc1, "recompute_operands")
 
 
 def test_input_changed_in_place_before_backward_is_refused():
     torch.manual_seed(0)
     model = qat.prepare(nn.Sequential(nn.Linear(4, 4)), {"weight": {"bits": 4}}).train()
+    qat.set_recompute(model)
     x = torch.randn(3, 4)
     model(x)  # calibrate the input's range
     h = x.clone().requires_grad_()

@@ -42,6 +42,9 @@ class QuantizedLayer(nn.Module):
 
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
+    recompute_operands: bool = False
+    """Recompute the quantized input and weight in the backward pass instead of saving them
+    (:func:`qat.set_recompute`): less memory, more elementwise work."""
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None) -> QuantizedLayer:
@@ -71,7 +74,7 @@ class QuantizedLayer(nn.Module):
         """Context for the layer's own op (conv, matmul): the quantized input ``x_q`` (made from
         ``x``) and weight ``w_q`` (made from what ``weight()`` returns) are recomputed in the
         backward pass instead of saved (:mod:`qat.modules.recompute`)."""
-        if not recompute.active(x_q, w_q):
+        if not self.recompute_operands or not recompute.active(x_q, w_q):
             return nullcontext()
         operands = {}
         if self.input_quantizer is not None and self.input_quantizer.fake_quant_enabled:
@@ -97,7 +100,8 @@ class QuantizedLayer(nn.Module):
         activation quantization: the fake-quantized (and folded) weight baked in."""
         weight, bias = self.inference_weight_bias()
         layer = self.float_cls.__new__(self.float_cls)
-        layer.__dict__.update({k: v for k, v in self.__dict__.items() if k not in self.twin_attributes()})
+        twin_only = {*self.twin_attributes(), "recompute_operands"}
+        layer.__dict__.update({k: v for k, v in self.__dict__.items() if k not in twin_only})
         layer._modules = {k: v for k, v in self._modules.items() if k not in self.twin_children()}
         layer._parameters = dict(self._parameters)
         trainable = self.weight.requires_grad
