@@ -39,6 +39,7 @@ class Row:
     activation: dict | None = None   # changes to its default activation spec
     recipe: str | None = None        # another recipe of the same model (default: the table's)
     export_rtol: float | None = None  # the export check's tolerance, where the recipe's does not fit
+    qat_fraction: float | None = None  # this row's QAT length, where the table's is too short
 
 
 @dataclass
@@ -60,9 +61,11 @@ TABLES = {
         "vision/resnet18_mnist5k_w4a8.yaml",
         [Row("W8A8", {"bits": 8}, {"bits": 8}), Row("W4A8", {"bits": 4}, {"bits": 8}),
          Row("W4A4", {"bits": 4}, {"bits": 4}, export_rtol=A4_RTOL), Row("W3A4", {"bits": 3}, {"bits": 4}, export_rtol=A4_RTOL),
-         Row("W2A8", {"bits": 2}, {"bits": 8})],
+         Row("W2A8", {"bits": 2}, {"bits": 8}, qat_fraction=1.0)],
         overrides=["--trainer.max_epochs=4"],
         note="Targets (issue 5): QAT within 0.5 points of float at W4A8 and W4A4, within 2 points at W2A8. "
+             "W2A8 fine-tunes as long as the float model trained (4 epochs): with the table's 2 it reached 95.6 % "
+             "(−2.4 points; PTQ 62.8 %), and 2-bit weights need the longer adaptation. "
              f"The A4 rows are exported with the check's tolerance at {A4_RTOL:.0%} of the largest logit instead of 5 %: "
              "with 16 activation codes, a convolution output that ONNX Runtime sums in another order than PyTorch can "
              "land on the other side of a rounding boundary, and one code is a sixteenth of the range (seen: 2.7 on "
@@ -124,7 +127,8 @@ def run_table(spec: TableSpec, out: Path, reuse: bool = False) -> tuple[list[str
         float_weights = first_float
     for row in spec.rows:
         path = variant(RECIPES / (row.recipe or spec.recipe), row, folder)
-        settings = RunSettings(output_dir=folder / _slug(row.label), qat_fraction=spec.qat_fraction, float_weights=float_weights)
+        settings = RunSettings(output_dir=folder / _slug(row.label), qat_fraction=row.qat_fraction or spec.qat_fraction,
+                               float_weights=float_weights)
         done = settings.output_dir / "results.json"
         results = load_results(done) if reuse and done.exists() else run_recipe(path, settings, spec.overrides)
         float_weights = float_weights or results["stages"]["float"]["weights"]
@@ -142,7 +146,8 @@ def run_table(spec: TableSpec, out: Path, reuse: bool = False) -> tuple[list[str
         # the share of PTQ's loss that QAT wins back; nothing to recover when PTQ lost nothing
         share = (qat_value - ptq_value) / (float_value - ptq_value) if ptq_loss > 0 else None
         recovered = "—" if share is None else "all (QAT ≥ float)" if share >= 1 else f"{100 * share:.0f} %"
-        cells = [row.label, *(format_metric(metric, v) for v in (float_value, ptq_value, qat_value)),
+        label = row.label + (f" (QAT {row.qat_fraction:g}×)" if row.qat_fraction else "")
+        cells = [label, *(format_metric(metric, v) for v in (float_value, ptq_value, qat_value)),
                  f"{100 * gap:+.1f} pt" if metric.endswith("acc") else f"{gap:+.4g}", recovered,
                  f"{results['artifacts']['device']['bytes'] / 1e6:.2f}", f"{ort_entry['bytes'] / 1e6:.2f}", agreement]
         lines.append("| " + " | ".join(cells) + " |")
