@@ -15,7 +15,6 @@ weight baked in (what :func:`qat.strip` returns).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import ClassVar
 
@@ -70,17 +69,23 @@ class QuantizedLayer(nn.Module):
         """``weight`` (the layer's, or a folded one) through the weight quantizer, if any."""
         return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
 
-    def recomputing(self, x: Tensor, x_q: Tensor, weight: Callable[[], Tensor], w_q: Tensor) -> AbstractContextManager:
-        """Context for the layer's own op (conv, matmul): the quantized input ``x_q`` (made from
-        ``x``) and weight ``w_q`` (made from what ``weight()`` returns) are recomputed in the
-        backward pass instead of saved (:mod:`qat.modules.recompute`)."""
+    def recomputing(self, x: Tensor, x_q: Tensor, w_q: Tensor, weight_factor: Tensor | None = None) -> AbstractContextManager:
+        """Context for the layer's own op (conv, matmul) when :attr:`recompute_operands` is on:
+        the quantized input ``x_q`` (made from ``x``) and weight ``w_q`` (made from the layer's
+        weight, times ``weight_factor`` when BatchNorm is folded) are recomputed in the backward
+        pass instead of saved (:mod:`qat.modules.recompute`)."""
         if not self.recompute_operands or not recompute.active(x_q, w_q):
             return nullcontext()
         operands = {}
         if self.input_quantizer is not None and self.input_quantizer.fake_quant_enabled:
             operands[x_q] = self.input_quantizer.replay(recompute.unchanged(x))
         if self.weight_quantizer is not None and self.weight_quantizer.fake_quant_enabled:
-            operands[w_q] = self.weight_quantizer.replay(weight)
+            weight = recompute.unchanged(self.weight)
+            if weight_factor is not None:
+                factor = weight_factor.detach()
+                operands[w_q] = self.weight_quantizer.replay(lambda: weight() * factor)
+            else:
+                operands[w_q] = self.weight_quantizer.replay(weight)
         return recompute.recompute_in_backward(operands)
 
     def float_weight_bias(self) -> tuple[Tensor, Tensor | None]:

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from qat.bn_fold import bn_tail
 from qat.fake_quant import export_face
-from qat.modules import recompute
 from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
 from qat.snapshot import snapshot
 
@@ -94,7 +93,7 @@ class QuantConvNd(QuantizedLayer):
         x = self.quantize_input(input)
         if self.bn is None:
             weight = self.quantize_weight(self.weight)
-            with self.recomputing(input, x, recompute.unchanged(self.weight), weight):
+            with self.recomputing(input, x, weight):
                 return self._conv_forward(x, weight, self.bias)
         if export_face() and not self.training:
             # what a device runs: one convolution with the folded, quantized weight and folded bias
@@ -111,8 +110,7 @@ class QuantConvNd(QuantizedLayer):
         factor = torch.where(factor == 0, torch.ones_like(factor), factor)
         weight_factor = factor.reshape(self._channel_shape(self.weight.ndim, 0))
         weight = self.quantize_weight(self.weight * weight_factor)
-        float_weight, weight_factor = recompute.unchanged(self.weight), weight_factor.detach()
-        with self.recomputing(input, x, lambda: float_weight() * weight_factor, weight):
+        with self.recomputing(input, x, weight, weight_factor):
             y = self._conv_forward(x, weight, None)
         y = y / factor.reshape(self._channel_shape(x.ndim, 1))
         if self.bias is not None:
@@ -162,5 +160,5 @@ class QuantConvTranspose2d(QuantizedLayer, nn.ConvTranspose2d):
             raise ValueError("Only `zeros` padding mode is supported for ConvTranspose2d")
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         x, weight = self.quantize_input(input), self.quantize_weight(self.weight)
-        with self.recomputing(input, x, recompute.unchanged(self.weight), weight):
+        with self.recomputing(input, x, weight):
             return F.conv_transpose2d(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)

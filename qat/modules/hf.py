@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
-from qat.modules import recompute
 from qat.modules.base import QuantizedLayer
 
 
@@ -23,6 +22,6 @@ class QuantHFConv1D(QuantizedLayer, Conv1D):
     def forward(self, x: Tensor) -> Tensor:
         size_out = (*x.size()[:-1], self.nf)
         x_q, weight = self.quantize_input(x), self.quantize_weight(self.weight)
-        with self.recomputing(x, x_q, recompute.unchanged(self.weight), weight):
+        with self.recomputing(x, x_q, weight):
             y = torch.addmm(self.bias, x_q.reshape(-1, x_q.size(-1)), weight)
         return y.view(size_out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat.modules import recompute
 from qat.modules.base import QuantizedLayer
 
 
@@ -16,7 +15,7 @@ class QuantLinear(QuantizedLayer, nn.Linear):
 
     def forward(self, input: Tensor) -> Tensor:
         x, weight = self.quantize_input(input), self.quantize_weight(self.weight)
-        with self.recomputing(input, x, recompute.unchanged(self.weight), weight):
+        with self.recomputing(input, x, weight):
             return F.linear(x, weight, self.bias)
 
 
