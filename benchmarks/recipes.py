@@ -26,7 +26,7 @@ import yaml
 from results_md import write_block
 
 from qat.compare import format_metric, load_results
-from qat.pipeline import RunSettings, run_recipe
+from qat.pipeline import RunSettings, ort_agreement, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -88,7 +88,12 @@ TABLES = {
              "(torchao reports 68 % on Llama3-8B wikitext).",
     ),
     "minilm": TableSpec("all-MiniLM-L6-v2 distilled into its W4A8 self, cosine to the float teacher",
-                        "llm/minilm_w4a8_distill.yaml", [Row("W4A8")], qat_fraction=1.0),
+                        "llm/minilm_w4a8_distill.yaml", [Row("W4A8")], qat_fraction=1.0,
+                        note="No target in issue 5. The float row is the teacher itself (cosine 1). ORT = PyTorch is the "
+                             "cosine between the two runtimes' embeddings of each test sentence: the export checks embedding "
+                             "models by the mean per-sentence distance (README, 'Verification'), because a relative 10⁻⁶ nudge to "
+                             "the embedding layer's output moves a few sentences of this uint8 per-tensor model by several "
+                             "percent, in PyTorch alone."),
 }
 
 
@@ -138,8 +143,7 @@ def run_table(spec: TableSpec, out: Path, reuse: bool = False) -> tuple[list[str
             lines = [f"**{spec.title}** — `{spec.recipe}` {' '.join(spec.overrides)}, QAT {spec.qat_fraction:g}× the float run", "",
                      f"| format | float {metric} | PTQ | QAT | QAT − float | PTQ gap QAT recovers | device MB | ort MB | ORT = PyTorch |",
                      "|---|---|---|---|---|---|---|---|---|"]
-        agreement = (f"{100 * ort_entry['top1_agreement']:.1f} %" if ort_entry["top1_agreement"] is not None
-                     else f"ppl Δ {ort_entry['perplexity']['delta']:+.3g}" if ort_entry["perplexity"] else "")
+        agreement = ort_agreement(ort_entry)
         float_value, ptq_value, qat_value = (stages[k]["metric"] for k in ("float", "ptq", "qat"))
         gap = qat_value - float_value
         ptq_loss = (float_value - ptq_value) * (1 if results["metric"]["higher_is_better"] else -1)

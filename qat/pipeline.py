@@ -225,7 +225,7 @@ def _artifact_entry(artifact: Any, example: Any, settings: RunSettings) -> dict[
         "path": str(artifact.path), "qparams": str(artifact.qparams_path), "bytes": artifact.bytes,
         "verified": report.ok, "problems": report.problems,
         "batches": parity.samples, "max_abs_diff": parity.max_abs_diff, "output_scale": parity.output_scale,
-        "top1_agreement": parity.top1_agreement, "perplexity": parity.perplexity,
+        "top1_agreement": parity.top1_agreement, "perplexity": parity.perplexity, "embedding": parity.embedding,
         "latency_ms": median_latency_ms(session, feeds, runs=settings.latency_runs), "latency_batch": int(feeds[0].shape[0]),
         "layers": len(artifact.kernels), "float_layers": float_fallback(artifact.kernels),
         "kernels": dict(Counter(artifact.kernels.values())),
@@ -358,19 +358,25 @@ def _rows(results: dict[str, Any], detailed: bool) -> tuple[list[str], list[list
             row[5:5] = [""]
         rows.append(row)
     for kind, entry in results["artifacts"].items():
-        if entry["top1_agreement"] is not None:
-            agreement = f"{100 * entry['top1_agreement']:.1f} % top-1"
-        elif entry["perplexity"]:
-            agreement = f"ppl {entry['perplexity']['onnx']:.4g} vs {entry['perplexity']['torch']:.4g}"
-        else:
-            agreement = ""
-        row = [f"QAT, {kind}", format_metric(metric, stages["qat"]["metric"]), f"{entry['bytes'] / 1e6:.2f}", agreement,
+        row = [f"QAT, {kind}", format_metric(metric, stages["qat"]["metric"]), f"{entry['bytes'] / 1e6:.2f}", ort_agreement(entry),
                f"{entry['latency_ms']:.1f}", f"{entry['layers'] - len(entry['float_layers'])} of {entry['layers']}"]
         if detailed:
             row[3:3] = [f"{entry['bytes'] / float_bytes:.3f}"]
             row[5:5] = [f"{entry['max_abs_diff']:.3g} of {entry['output_scale']:.3g}"]
         rows.append(row)
     return header, rows
+
+
+def ort_agreement(entry: dict[str, Any]) -> str:
+    """How an artifact's ONNX Runtime outputs agree with PyTorch, by the task's own measure:
+    top-1 agreement, perplexity, or embedding cosine ("" for plain tensors)."""
+    if entry["top1_agreement"] is not None:
+        return f"{100 * entry['top1_agreement']:.1f} % top-1"
+    if entry["perplexity"]:
+        return f"ppl Δ {entry['perplexity']['delta']:+.3g}"  # ONNX Runtime − PyTorch
+    if entry.get("embedding"):  # results written before embeddings had their own measure have none
+        return f"cosine {entry['embedding']['cosine_mean']:.4f} (min {entry['embedding']['cosine_min']:.3f})"
+    return ""
 
 
 def results_table(results: dict[str, Any]) -> Table:

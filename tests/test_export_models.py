@@ -99,9 +99,9 @@ def test_llama_ort_artifact_runs_matmulnbits(tmp_path):
 def test_bert_exports_and_verifies(tmp_path):
     torch.manual_seed(0)
     model = _language("transformers.BertModel")
-    # uint8 activations (the default): ORT 1.32 on x86 rejects its own rewrite of signed int8 ones
-    # in front of a 3-D Gemm ("output_dtype INT8 does not match y_zero_point type UINT8")
-    recipe = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 16}}
+    # signed int8 activations: ORT 1.32 on x86 rejects its own rewrite of them in front of a 3-D
+    # Gemm unless the session turns MatMulAddFusion off, which both sidecars record
+    recipe = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 16}, "activation": {"signed": True, "symmetric": True}}
     qat.prepare(model, recipe)
     ids, mask = torch.randint(0, 128, (2, 16)), torch.ones(2, 16, dtype=torch.long)
     with torch.no_grad():
@@ -110,3 +110,7 @@ def test_bert_exports_and_verifies(tmp_path):
     result = qat.export_onnx(model.eval(), {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
     check_artifacts(result, model)
     assert len(onnx.load(str(result.device.path)).graph.output) == 2  # last_hidden_state, pooler_output
+    for artifact in result.artifacts.values():
+        assert artifact.session_config["optimization.disable_specified_optimizers"] == "MatMulAddFusion"
+        assert read_qparams(sidecar_path(artifact.path))["model"]["session_config"] == artifact.session_config
+        assert artifact.parity.max_abs_diff < 1e-3 * artifact.parity.output_scale

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from itertools import pairwise
 from types import SimpleNamespace
@@ -220,6 +221,25 @@ def test_distillation_trains_the_quantized_student_only():
     assert any(not torch.equal(module.model.state_dict()[k], v) for k, v in student.items())
     (metrics,) = fit.test(module, loader(sentences(8, seed=1)), verbose=False)
     assert 0.99 < metrics["test_cosine"] <= 1.0  # 0.9996 here
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::qat.export.onnx_export.FloatFallbackWarning")
+def test_distillation_student_exports_judged_by_embedding_distance(tmp_path):
+    module = SentenceEmbeddingDistillation(TINY_BERT).eval()
+    qat.prepare(module, {"weight": {"bits": 4}})
+    inputs = [batch(sentences(8, seed=seed)) for seed in range(3)]
+    qat.calibrate(module, inputs, progress=False)
+    result = qat.export_onnx(module, inputs[0], tmp_path / "student.onnx", verification_inputs=inputs[1:])
+    for artifact in result.artifacts.values():
+        embedding = artifact.parity.embedding
+        assert artifact.parity.top1_agreement is None  # an argmax over embedding features means nothing
+        assert embedding["distance_mean"] <= embedding["distance_max"] < 0.05 and embedding["cosine_min"] > 0.99
+        sidecar = json.loads(artifact.qparams_path.read_text())["verification"]
+        assert sidecar["embedding"] == embedding
+    with pytest.raises(qat.QATError, match=r"each embedding is on average [0-9.]+% of its length away .*allowed 0%"):
+        qat.export_onnx(module, inputs[0], tmp_path / "strict.onnx", artifacts=["device"], rtol=1e-9)
+    assert not (tmp_path / "strict.onnx").exists()
 
 
 def test_distillation_errors_name_the_argument(monkeypatch):

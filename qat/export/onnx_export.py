@@ -24,11 +24,13 @@ The steps, each a small pass:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,23 +132,27 @@ class ExportResult:
 class _Traced(nn.Module):
     """What is traced: the model, with Hugging Face outputs reduced to their logits and no KV cache.
 
-    ``returns_logits`` (language-model next-token logits, checked by perplexity) is found from a
-    ``ModelOutput`` with ``logits``, or declared by the model's ``returns_logits = True``
-    attribute (a LightningModule that returns the logits tensor itself, as
-    :class:`qat.tasks.CausalLanguageModel` does)."""
+    ``output_kind`` tells the parity check how to judge the first output
+    (:data:`qat.export.parity.OUTPUT_KINDS`): ``logits`` (language-model next-token logits,
+    checked by perplexity) is found from a ``ModelOutput`` with ``logits``, or declared by the
+    model's ``returns_logits = True`` attribute (a LightningModule that returns the logits tensor
+    itself, as :class:`qat.tasks.CausalLanguageModel` does); ``embeddings`` (one vector per row,
+    checked by per-row distance and cosine) by ``returns_embeddings = True``
+    (:class:`qat.tasks.SentenceEmbeddingDistillation`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.no_cache = _is_hf(model) and _accepts(model, "use_cache")
-        self.returns_logits = getattr(model, "returns_logits", False) is True
+        self.output_kind = ("logits" if getattr(model, "returns_logits", False) is True
+                            else "embeddings" if getattr(model, "returns_embeddings", False) is True else None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.no_cache:
             kwargs = {**kwargs, "use_cache": False}
         out = self.model(*args, **kwargs)
         if isinstance(out, Mapping) and "logits" in out:  # transformers' ModelOutput
-            self.returns_logits = True
+            self.output_kind = "logits"
             return out["logits"]
         return out
 
@@ -216,10 +222,24 @@ def _dynamic_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, 
     return {name: spec(v) for name, v in kwargs.items()} if kwargs else {"args": tuple(spec(v) for v in args)}
 
 
+@contextlib.contextmanager
+def _quiet_constant_folding() -> Iterator[None]:
+    """Silence onnxscript's constant folder, which logs ``Evaluation failed: …`` at WARNING level
+    when its reference evaluator cannot run a node ahead of time (a BERT attention-mask Reshape
+    whose shape it sees as 1 element): the node just stays in the graph, nothing is wrong."""
+    logger = logging.getLogger("onnxscript.optimizer._constant_folding")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _trace(traced: _Traced, args: tuple[Any, ...], kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
            input_names: list[str] | None) -> ir.Model:
     try:
-        with deployed(traced.model), torch.no_grad(), exporting():
+        with deployed(traced.model), torch.no_grad(), exporting(), _quiet_constant_folding():
             program = torch.onnx.export(traced, args, kwargs=kwargs or None, dynamo=True, verbose=False, opset_version=opset,
                                         input_names=input_names, custom_translation_table=CUSTOM_TRANSLATION_TABLE,
                                         dynamic_shapes=_dynamic_batch(args, kwargs) if dynamic_batch else None)
@@ -228,7 +248,8 @@ def _trace(traced: _Traced, args: tuple[Any, ...], kwargs: dict[str, Any], *, op
     except Exception as error:
         raise QATError(f"torch.onnx.export failed for {type(traced.model).__name__}: {_export_failure(error)}") from error
     model = program.model
-    onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
+    with _quiet_constant_folding():
+        onnxscript.optimizer.fold_constants(model, input_size_limit=1 << 30, output_size_limit=1 << 30)
     lower_weights(model)
     onnxscript.optimizer.remove_unused_nodes(model)
     return model
@@ -290,7 +311,9 @@ def export_onnx(
         output_names: graph output names (default ``output``, or ``output_0``, ``output_1``…).
         normalization: ``{"mean": […], "std": […]}`` the inputs expect, recorded in the sidecar.
         opset: ONNX opset (21 or later: int4 and blocked Q/DQ).
-        rtol: allowed ORT vs PyTorch difference, relative to the largest output magnitude.
+        rtol: allowed ORT vs PyTorch difference, relative to the largest output magnitude (for a
+            model with ``returns_embeddings = True``: the mean distance between the two
+            embeddings of a row, relative to PyTorch's embedding length).
         verbose: print a table of parity and kernels per artifact.
 
     Example:
@@ -331,7 +354,7 @@ def export_onnx(
     try:
         for kind in dict.fromkeys(artifacts):
             artifact, temporary, qparams = _build(kind, graph, model, target, feeds, references, rtol, normalization,
-                                                  traced.returns_logits)
+                                                  traced.output_kind)
             staged.append((temporary, artifact.path, artifact.qparams_path, qparams))
             written[kind] = artifact
         for temporary, final, qparams_path, qparams in staged:
@@ -348,7 +371,8 @@ def export_onnx(
 
 
 def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: list[list[np.ndarray]],
-           references: list[list[np.ndarray]], rtol: float, normalization: dict[str, list[float]] | None, logits: bool):
+           references: list[list[np.ndarray]], rtol: float, normalization: dict[str, list[float]] | None,
+           output_kind: str | None):
     """Lay out, save to a temporary file, verify and describe one artifact (nothing final is written)."""
     final = artifact_path(target, kind)
     config: dict[str, str] = {}
@@ -361,13 +385,14 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
             config = dict(ort_layout.SESSION_CONFIG)
         onnxscript.optimizer.remove_unused_nodes(graph)
     tensors = [t for t in tensors if t.dequantize.graph is not None]
+    config.update(ort_layout.session_workarounds(tensors))
     qparams = sidecar.build_qparams(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
     for node in ir.traversal.RecursiveGraphIterator(graph.graph):
         node.metadata_props.clear()  # the exporter's per-node trace (module path, stack): a third of a small model's bytes
     temporary = final.with_name(f".{final.name}.tmp")
     try:
         ir.save(graph, temporary)
-        checked = _verify(temporary, final, kind, qparams, feeds, references, rtol, config, model, logits)
+        checked = _verify(temporary, final, kind, qparams, feeds, references, rtol, config, model, output_kind)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -378,7 +403,8 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
 
 
 def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: list[list[np.ndarray]],
-            references: list[list[np.ndarray]], rtol: float, config: dict[str, str], model: nn.Module, logits: bool) -> Artifact:
+            references: list[list[np.ndarray]], rtol: float, config: dict[str, str], model: nn.Module,
+            output_kind: str | None) -> Artifact:
     try:
         session = ort.InferenceSession(str(file), kernels.session_options(config), providers=["CPUExecutionProvider"])
         outputs = [parity.run_session(session, f) for f in feeds]
@@ -386,7 +412,7 @@ def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: 
         raise QATError(f"ONNX Runtime cannot run the {kind} artifact `{final}`: {error}") from error
     names = [meta.name for meta in session.get_inputs()]
     named = [dict(zip(names, f, strict=True)) for f in feeds]
-    measured = parity.compare(outputs, references, named, logits)
+    measured = parity.compare(outputs, references, named, output_kind)
     if len(outputs[0]) != len(references[0]):
         raise QATError(f"the ONNX model has {len(outputs[0])} outputs, the PyTorch model {len(references[0])}")
     if not measured.within(rtol):
@@ -398,12 +424,12 @@ def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: 
         plain = kernels.session_options(config)
         plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         unfused = parity.compare([parity.run_session(ort.InferenceSession(str(file), plain, providers=["CPUExecutionProvider"]), f)
-                                  for f in feeds], references, named)
-        hint += (f". Without ORT's graph optimizations the difference is {unfused.max_abs_diff:.3g}: the graph computes what "
+                                  for f in feeds], references, named, output_kind)
+        hint += (f". Without ORT's graph optimizations {unfused.describe()}: the graph computes what "
                  "PyTorch does, and ORT's fused kernels round intermediate tensors differently (expected for an untrained model "
                  "with tiny outputs; pass a larger rtol)") if unfused.within(rtol) else ""
-        raise QATError(f"ONNX Runtime differs from PyTorch by {measured.max_abs_diff:.4g} in the {kind} artifact (largest "
-                       f"output {measured.output_scale:.4g}, allowed {rtol:.0%}); `{final}` was not written{hint}")
+        raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {measured.describe()}, allowed "
+                       f"{rtol:.0%}; `{final}` was not written{hint}")
     report = kernels.kernel_report(file, sidecar.layer_weights(qparams), config)
     for layer, kernel in report.layers.items():
         qparams["layers"][layer]["kernel"] = kernel
@@ -439,6 +465,8 @@ def print_report(result: ExportResult) -> None:
         extra = f", top-1 agreement {p.top1_agreement:.1%}" if p.top1_agreement is not None else ""
         if p.perplexity is not None:
             extra += f", perplexity {p.perplexity['torch']:.3f} → {p.perplexity['onnx']:.3f}"
+        if p.embedding is not None:
+            extra += f", embeddings {p.embedding['distance_mean']:.2%} apart on average, cosine ≥ {p.embedding['cosine_min']:.4f}"
         console.print(f"  max |ORT − PyTorch| {p.max_abs_diff:.3g} (largest output {p.output_scale:.3g}){extra}; "
                       f"metadata {artifact.qparams_path}")
 

@@ -31,6 +31,15 @@ from qat.fake_quant import MIN_SCALE
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 """ORT session options the *ort* artifact is meant to run with (recorded in its sidecar)."""
 
+SIGNED_ACTIVATION_CONFIG = {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
+"""ORT session options for a graph with static int8 activations (either artifact): without them
+ONNX Runtime 1.32 rejects its own optimized graph. Its MatMulAddFusion turns a 3-D ``MatMul →
+Add`` (a Linear with bias on a sequence) into ``Reshape → Gemm``; QDQ propagation copies the
+int8 Q/DQ pair across the new Reshape with ``output_dtype`` int8; the x86 S8→U8 rewrite then
+changes that pair's zero point to uint8 but not the attribute, and type inference fails
+("output_dtype INT8 does not match y_zero_point type UINT8"). With the fusion off, MatMul and Add
+stay two nodes and the graph computes the same numbers (tested on a small BERT)."""
+
 _MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
 
@@ -45,6 +54,14 @@ def _set_constant(value: ir.Value, array: np.ndarray, dtype: ir.DataType | None 
     value.const_value = tensor
     value.shape = ir.Shape(array.shape)
     value.dtype = tensor.dtype
+
+
+def session_workarounds(tensors: list[QuantizedTensor]) -> dict[str, str]:
+    """The session options a graph needs to load in ONNX Runtime: :data:`SIGNED_ACTIVATION_CONFIG`
+    when some static activation (a constant scale) has int8 codes; otherwise none."""
+    signed = any(t.quantize is not None and t.scale.const_value is not None and t.zero_point is not None
+                 and t.zero_point.dtype == ir.DataType.INT8 for t in tensors)
+    return dict(SIGNED_ACTIVATION_CONFIG) if signed else {}
 
 
 def widen_small_weights(tensors: list[QuantizedTensor]) -> list[str]:

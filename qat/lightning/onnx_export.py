@@ -32,7 +32,8 @@ class ONNXExport(pl.Callback):
             ``example_input_array``, else the first training batch (without ``labels``).
         artifacts: which artifacts to write (``device``, ``ort``).
         dynamic_batch: leave the batch dimension of the inputs free.
-        rtol: allowed ORT vs PyTorch difference, relative to the largest output.
+        rtol: allowed ORT vs PyTorch difference, relative to the largest output (embedding models:
+            the mean per-row distance, relative to the embedding's length; see :func:`qat.export_onnx`).
         verification_inputs: more batches of model inputs (the structure of the example) to
             compare ONNX Runtime with PyTorch on; with a fixed batch size they are re-cut to the
             example's (``qat run`` passes the test split).

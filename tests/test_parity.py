@@ -1,0 +1,47 @@
+"""`qat.export.parity`: how ONNX Runtime's outputs are judged against PyTorch's, per kind of output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qat.export import parity
+
+
+def embeddings(rows: int = 20, features: int = 16, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((rows, features)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
+
+
+def test_one_sentence_moved_by_a_code_flip_passes_as_embeddings_but_not_as_plain_tensors():
+    reference = embeddings()
+    onnx = reference.copy()
+    onnx[3] += 0.1 * embeddings(1, seed=1)[0]  # one sentence 10 % away, the rest identical
+    judged = parity.compare([[onnx]], [[reference]], [{}], "embeddings")
+    assert judged.embedding["distance_max"] == pytest.approx(0.1, rel=1e-5)
+    assert judged.embedding["distance_mean"] == pytest.approx(0.1 / 20, rel=1e-5)
+    assert judged.embedding["cosine_min"] < 0.999 < judged.embedding["cosine_mean"]
+    assert judged.within(0.05) and judged.top1_agreement is None
+    plain = parity.compare([[onnx]], [[reference]], [{}])
+    assert plain.embedding is None and not plain.within(0.05)
+
+
+def test_every_sentence_off_fails_and_says_by_how_much():
+    reference = embeddings()
+    judged = parity.compare([[1.1 * reference]], [[reference]], [{}], "embeddings")  # a wrong scale: all rows 10 % long
+    assert judged.embedding["distance_mean"] == pytest.approx(0.1, rel=1e-5)
+    assert judged.embedding["cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert not judged.within(0.05) and judged.within(0.11)
+    assert "on average 10.00% of its length away" in judged.describe()
+
+
+def test_embeddings_pool_rows_over_batches_and_unknown_kinds_are_refused():
+    a, b = embeddings(4, seed=2), embeddings(6, seed=3)
+    moved = b.copy()
+    moved[0] = -moved[0]  # distance 2, cosine −1
+    judged = parity.compare([[a], [moved]], [[a], [b]], [{}, {}], "embeddings")
+    assert judged.embedding["distance_mean"] == pytest.approx(2 / 10, rel=1e-5)
+    assert judged.embedding["cosine_min"] == pytest.approx(-1.0, abs=1e-6)
+    assert judged.samples == 2
+    with pytest.raises(ValueError, match="output_kind: 'vectors' is not one of"):
+        parity.compare([[a]], [[a]], [{}], "vectors")
