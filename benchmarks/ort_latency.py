@@ -11,6 +11,12 @@ For each model: file sizes, median latency of both files (the same session optio
 export's verification), the speed-up, and which kernels ran in the ort artifact (from its
 qparams sidecar's kernel report).
 
+A peer for the vision models: ONNX Runtime's own post-training tool
+(``onnxruntime.quantization.quantize_static``, QDQ format, int8 per-channel weights, uint8
+activations on every operator it supports, calibrated on random images) applied to the same float
+export. It quantizes the output of every Conv and Add, which the ort artifact does not, so it is
+the speed this CPU gives when ORT can fuse every layer: the ceiling for a QDQ graph here.
+
 Run:  python benchmarks/ort_latency.py [--runs 20] [--models resnet18 mobilenet_v3_small llama-decode] [--write]
 """
 
@@ -65,8 +71,8 @@ def llama_decode():
     return model.eval(), (), {"input_ids": ids, "use_cache": False}, {1: [ids.numpy()]}, {}
 
 
-MODELS = {"resnet18": lambda: vision("resnet18"), "mobilenet_v3_small": lambda: vision("mobilenet_v3_small"),
-          "llama-decode": llama_decode}
+VISION = ("resnet18", "mobilenet_v3_small")
+MODELS = {**{name: lambda name=name: vision(name) for name in VISION}, "llama-decode": llama_decode}
 
 
 def float_export(model, args, kwargs, path: Path, dynamic_batch: bool) -> None:
@@ -76,6 +82,27 @@ def float_export(model, args, kwargs, path: Path, dynamic_batch: bool) -> None:
         stripped = qat.strip(model)
         shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
         torch.onnx.export(stripped, args, kwargs=kwargs or None, dynamo=True, dynamic_shapes=shapes, verbose=False).save(str(path))
+
+
+def ort_quantize_static(float_path: Path, folder: Path) -> Path:
+    """ONNX Runtime's own static QDQ quantization of ``float_path`` (the peer column)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Images(CalibrationDataReader):
+        def __init__(self, name: str) -> None:
+            generator = np.random.default_rng(0)
+            self.batches = iter([{name: generator.standard_normal((1, 3, 224, 224), dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared, quantized = folder / f"{float_path.stem}.pre.onnx", folder / f"{float_path.stem}.ort_tool.onnx"
+    quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+    name = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    quantize_static(str(prepared), str(quantized), Images(name), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return quantized
 
 
 def measure(name: str, runs: int, folder: Path) -> list[str]:
@@ -91,11 +118,14 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
         "ort": ort.InferenceSession(str(result.ort.path), kernels.session_options(result.ort.session_config),
                                     providers=["CPUExecutionProvider"]),
     }
+    if name in VISION:
+        sessions["ort_tool"] = ort.InferenceSession(str(ort_quantize_static(float_path, folder)), providers=["CPUExecutionProvider"])
     used = ", ".join(f"{kernel} ×{n}" for kernel, n in Counter(result.ort.kernels.values()).most_common())
     rows = []
     for batch, inputs in feeds.items():
         ms = {kind: median_latency_ms(session, [np.asarray(t) for t in inputs], runs=runs) for kind, session in sessions.items()}
-        rows.append(f"| {name} | {batch} | {ms['float']:.2f} | {ms['ort']:.2f} | {ms['float'] / ms['ort']:.2f}× | "
+        peer = f"{ms['ort_tool']:.2f} ({ms['float'] / ms['ort_tool']:.2f}×)" if "ort_tool" in ms else "—"
+        rows.append(f"| {name} | {batch} | {ms['float']:.2f} | {ms['ort']:.2f} | {ms['float'] / ms['ort']:.2f}× | {peer} | "
                     f"{float_path.stat().st_size / 1e6:.2f} | {result.ort.bytes / 1e6:.2f} | {used} | {export_s:.0f} s |")
         print(rows[-1], flush=True)
     return rows
@@ -107,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    lines = ["| model | batch | float ms | ort ms | speed-up | float MB | ort MB | ort kernels | export + verify |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | float ms | ort ms | speed-up | ORT quantize_static ms (speed-up) | float MB | ort MB | ort kernels "
+             "| export + verify |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

@@ -45,3 +45,12 @@ def test_embeddings_pool_rows_over_batches_and_unknown_kinds_are_refused():
     assert judged.samples == 2
     with pytest.raises(ValueError, match="output_kind: 'vectors' is not one of"):
         parity.compare([[a]], [[a]], [{}], "vectors")
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_decode_step_has_no_perplexity_and_no_warning():
+    logits = np.random.default_rng(0).standard_normal((1, 1, 8)).astype(np.float32)
+    judged = parity.compare([[logits]], [[logits]], [{"input_ids": np.array([[3]])}], "logits")
+    assert judged.perplexity is None and judged.max_abs_diff == 0.0
+    two = np.concatenate([logits, logits], axis=1)
+    assert parity.compare([[two]], [[two]], [{"input_ids": np.array([[3, 5]])}], "logits").perplexity["delta"] == 0.0

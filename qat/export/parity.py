@@ -126,7 +126,8 @@ def compare(onnx_outputs: Sequence[Sequence[np.ndarray]], torch_outputs: Sequenc
         elif reference.ndim == 2:
             agree += int((first.argmax(-1) == reference.argmax(-1)).sum())
             rows += reference.shape[0]
-        if output_kind == "logits" and reference.ndim == 3 and "input_ids" in feeds:
+        # perplexity needs a next token: a decode step (one position) has none
+        if output_kind == "logits" and reference.ndim == 3 and "input_ids" in feeds and feeds["input_ids"].shape[-1] > 1:
             ppl_torch.append(perplexity(reference, feeds["input_ids"], mask))
             ppl_onnx.append(perplexity(first, feeds["input_ids"], mask))
     ppl = None
