@@ -10,6 +10,8 @@ The numeric core, used by everything else:
 - :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`;
 - :func:`calibrate` — post-training quantization: observe ranges on a few batches, then freeze them;
 - :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
+- :func:`sensitivity` — each layer quantized alone at each bit width; :func:`mixed_precision` —
+  per-layer bit widths under a size budget, as a recipe;
 - ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use).
 
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
@@ -19,10 +21,12 @@ from qat.calibrate import calibrate
 from qat.control import deployed, evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers, set_recompute
 from qat.errors import ConfigError, QATError
 from qat.fake_quant import exporting, fake_quantize
+from qat.mixed_precision import MixedPrecision, mixed_precision
 from qat.prepare import is_prepared, prepare
 from qat.quantizer import Quantizer
 from qat.recipe import LayerRule, QuantRecipe
 from qat.schedule import Phase, QATSchedule
+from qat.sensitivity import SensitivityTable, sensitivity
 from qat.spec import Granularity, ObserverKind, QuantSpec
 from qat.stats import ClipTracker, layer_stats
 from qat.summary import QuantSummary, strip, summary
@@ -34,6 +38,7 @@ __all__ = [
     "ExportResult",
     "Granularity",
     "LayerRule",
+    "MixedPrecision",
     "ObserverKind",
     "Phase",
     "QATError",
@@ -42,6 +47,7 @@ __all__ = [
     "QuantSpec",
     "QuantSummary",
     "Quantizer",
+    "SensitivityTable",
     "__version__",
     "calibrate",
     "deployed",
@@ -52,8 +58,10 @@ __all__ = [
     "freeze_bn_stats",
     "is_prepared",
     "layer_stats",
+    "mixed_precision",
     "prepare",
     "quantizers",
+    "sensitivity",
     "set_fake_quant",
     "set_observers",
     "set_recompute",
