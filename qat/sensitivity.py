@@ -174,7 +174,7 @@ class SensitivityTable:
     def plot(self, ax: Any = None) -> Any:
         """Grouped bars, one group per layer and one bar per bit width: the output SQNR in dB
         (higher is better). Returns the matplotlib Axes."""
-        from qat.plots import themed_axes
+        from qat.plots import NEUTRAL, themed_axes
 
         ax = themed_axes(ax, figsize=(max(6.0, 0.45 * len(self.layers) + 2), 3.6))
         width = 0.8 / len(self.bits)
@@ -185,7 +185,9 @@ class SensitivityTable:
         ax.set_xticks(range(len(self.layers)), self.layers, rotation=60, ha="right", fontsize=8)
         ax.set_ylabel("model output SQNR (dB)")
         ax.set_title("Each layer quantized alone: higher is safer")
-        ax.legend(frameon=False)
+        finite = [min(row.output_sqnr_db, 99.0) for row in self.rows]
+        ax.set_ylim(min(0.0, *finite), max(finite) * 1.3)  # headroom for the legend
+        ax.legend(frameon=False, labelcolor=NEUTRAL, ncols=len(self.bits), loc="upper right")
         ax.figure.tight_layout()
         return ax
 

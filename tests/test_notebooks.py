@@ -17,7 +17,8 @@ spec.loader.exec_module(run_notebooks)
 
 
 def test_there_are_notebooks_and_they_carry_no_outputs():
-    assert [p.name for p in run_notebooks.NOTEBOOKS] == ["03_sensitivity_mixed_precision.ipynb"]
+    assert [p.name for p in run_notebooks.NOTEBOOKS] == ["01_quickstart_vision.ipynb", "02_llm_qat.ipynb",
+                                                         "03_sensitivity_mixed_precision.ipynb"]
     for path in run_notebooks.NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)
@@ -35,4 +36,4 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     assert not errors
     images = [output for cell in executed.cells if cell.cell_type == "code" for output in cell.outputs
               if "image/png" in output.get("data", {})]
-    assert images, "the notebook draws its plots"
+    assert len(images) >= {"01_quickstart_vision": 3, "02_llm_qat": 0, "03_sensitivity_mixed_precision": 1}[path.stem]
