@@ -1,8 +1,10 @@
 """Deployed speed: ONNX Runtime CPU latency of the float export against the *ort* artifact.
 
 Vision: torchvision ResNet-18 and MobileNetV3-small at 224×224, batch 1 and 32 (one graph with a
-free batch dimension per model), int4 per-channel weights (first conv 7-bit), uint8 activations,
-the format of the shipped vision recipes. LLM: the decode step of a Llama (4 layers × 1024,
+free batch dimension per model), int4 per-channel weights (first conv 7-bit), uint8 activations
+and quantized residual connections (recipe ``residuals: true``), the format of the shipped ResNet
+recipe. The same model prepared without ``residuals`` (layer inputs quantized only) is timed
+beside it. LLM: the decode step of a Llama (4 layers × 1024,
 vocabulary 8192) at M = 1, one token in and its logits out, int4 weights per group of 32 with
 dynamic int8 per-token activations, which ONNX Runtime runs as MatMulNBits. Models are random
 init, calibrated on random data: latency does not depend on the values.
@@ -14,8 +16,8 @@ qparams sidecar's kernel report).
 A peer for the vision models: ONNX Runtime's own post-training tool
 (``onnxruntime.quantization.quantize_static``, QDQ format, int8 per-channel weights, uint8
 activations on every operator it supports, calibrated on random images) applied to the same float
-export. It quantizes the output of every Conv and Add, which the ort artifact does not, so it is
-the speed this CPU gives when ORT can fuse every layer: the ceiling for a QDQ graph here.
+export. It quantizes the output of every Conv, Add and activation it supports: the speed this CPU
+gives when ORT can fuse every layer it knows.
 
 Run:  python benchmarks/ort_latency.py [--runs 20] [--models resnet18 mobilenet_v3_small llama-decode] [--write]
 """
@@ -41,18 +43,19 @@ import qat
 from qat.export import kernels
 from qat.export.latency import median_latency_ms
 
-VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}]}
+VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}], "residuals": True}
 LLM_RECIPE = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32},
               "activation": {"granularity": "per_token", "signed": True, "symmetric": True}}
 
 
-def vision(name: str):
+def vision(name: str, residuals: bool = True):
     import torchvision
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().eval()
     x = torch.randn(1, 3, 224, 224)
-    qat.prepare(model, VISION_RECIPE, example_inputs=x)
+    qat.prepare(model, {**VISION_RECIPE, "residuals": residuals}, example_inputs=x)
+    torch.manual_seed(1)
     qat.calibrate(model, [torch.randn(4, 3, 224, 224) for _ in range(2)], progress=False)
     feeds = {1: [x.numpy()], 32: [torch.randn(32, 3, 224, 224).numpy()]}
     return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
@@ -119,13 +122,17 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
                                     providers=["CPUExecutionProvider"]),
     }
     if name in VISION:
+        inputs_only, *_ = vision(name, residuals=False)
+        plain = qat.export_onnx(inputs_only, example, folder / f"{name}.inputs.onnx", artifacts=["ort"], **options).ort
+        sessions["inputs_only"] = ort.InferenceSession(str(plain.path), kernels.session_options(plain.session_config),
+                                                       providers=["CPUExecutionProvider"])
         sessions["ort_tool"] = ort.InferenceSession(str(ort_quantize_static(float_path, folder)), providers=["CPUExecutionProvider"])
     used = ", ".join(f"{kernel} ×{n}" for kernel, n in Counter(result.ort.kernels.values()).most_common())
     rows = []
     for batch, inputs in feeds.items():
         ms = {kind: median_latency_ms(session, [np.asarray(t) for t in inputs], runs=runs) for kind, session in sessions.items()}
-        peer = f"{ms['ort_tool']:.2f} ({ms['float'] / ms['ort_tool']:.2f}×)" if "ort_tool" in ms else "—"
-        rows.append(f"| {name} | {batch} | {ms['float']:.2f} | {ms['ort']:.2f} | {ms['float'] / ms['ort']:.2f}× | {peer} | "
+        peer, plain = (f"{ms[k]:.2f} ({ms['float'] / ms[k]:.2f}×)" if k in ms else "—" for k in ("ort_tool", "inputs_only"))
+        rows.append(f"| {name} | {batch} | {ms['float']:.2f} | {ms['ort']:.2f} | {ms['float'] / ms['ort']:.2f}× | {plain} | {peer} | "
                     f"{float_path.stat().st_size / 1e6:.2f} | {result.ort.bytes / 1e6:.2f} | {used} | {export_s:.0f} s |")
         print(rows[-1], flush=True)
     return rows
@@ -137,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    lines = ["| model | batch | float ms | ort ms | speed-up | ORT quantize_static ms (speed-up) | float MB | ort MB | ort kernels "
-             "| export + verify |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | float ms | ort ms | speed-up | without residuals ms (speed-up) | ORT quantize_static ms (speed-up) "
+             "| float MB | ort MB | ort kernels | export + verify |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

@@ -9,7 +9,7 @@ quantized, folded, or listed with its reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from qat.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
 from qat.errors import QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
 from qat.recipe import QuantRecipe
+from qat.residuals import attach_output_quantizer, find_residuals
 from qat.version import __version__
 
 STATE_NAME = "qat_state"
@@ -42,12 +43,17 @@ class QATState:
     bn_folds: dict[str, str] = field(default_factory=dict)
     """Folded pairs, convolution name → BatchNorm name: with the recipe, all it takes to prepare
     a fresh model into the same structure (``prepare(model, recipe, bn_folds=...)``)."""
+    residuals: dict[str, list[str]] = field(default_factory=dict)
+    """Modules whose output is quantized (recipe ``residuals: true``) → the layers whose input
+    quantizer that output quantizer replaced (:mod:`qat.residuals`)."""
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to prepare a fresh model the same way: ``qat.prepare(model,
-        d["recipe"], bn_folds=d["bn_folds"])`` (plain values: loads with ``weights_only=True``)."""
-        return {"version": self.version, "recipe": self.recipe.to_dict(), "bn_folds": dict(self.bn_folds)}
+        d["recipe"], bn_folds=d["bn_folds"], residuals=d.get("residuals"))`` (plain values: loads
+        with ``weights_only=True``)."""
+        return {"version": self.version, "recipe": self.recipe.to_dict(), "bn_folds": dict(self.bn_folds),
+                **({"residuals": {k: list(v) for k, v in self.residuals.items()}} if self.recipe.residuals else {})}
 
 
 def is_prepared(model: nn.Module) -> bool:
@@ -114,8 +120,10 @@ def _fold_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, bn_fo
 
 
 def needs_example_inputs(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | None = None) -> bool:
-    """True when :func:`prepare` would trace example inputs: the recipe folds and there is a BatchNorm."""
-    return QuantRecipe.coerce(recipe).fold_bn and any(is_foldable_bn(m) for m in model.modules())
+    """True when :func:`prepare` would trace example inputs: the recipe folds and there is a
+    BatchNorm, or the recipe quantizes residual connections."""
+    recipe = QuantRecipe.coerce(recipe)
+    return recipe.residuals or (recipe.fold_bn and any(is_foldable_bn(m) for m in model.modules()))
 
 
 def prepare(
@@ -124,6 +132,7 @@ def prepare(
     example_inputs: Any = None,
     *,
     bn_folds: Mapping[str, str] | None = None,
+    residuals: Mapping[str, Sequence[str]] | None = None,
 ) -> nn.Module:
     """Quantize ``model`` in place for QAT and return it.
 
@@ -135,6 +144,8 @@ def prepare(
             arguments, or a mapping of keyword arguments); needed to find Conv+BatchNorm pairs.
         bn_folds: fold exactly these convolution → BatchNorm pairs instead of tracing (what
             ``model.qat_state.bn_folds`` of an earlier preparation, or a checkpoint, records).
+        residuals: with a recipe that sets ``residuals: true``, quantize exactly these module
+            outputs instead of tracing (what ``model.qat_state.residuals`` records).
 
     Example:
         >>> import torch, qat
@@ -186,6 +197,7 @@ def prepare(
         raise QATError(f"the recipe quantizes no layer of {type(model).__name__}: no Linear, Conv, ConvTranspose2d or "
                        f"Embedding layer is selected (left float: {', '.join(list(float_layers)[:6]) or 'none'})")
 
+    plan = _residual_plan(model, recipe, example_inputs, residuals, twin_names, fold_pairs)
     bn_by_name = dict(model.named_modules())
     replacements: dict[int, nn.Module] = dict(twins)
     folded: dict[str, str] = {}
@@ -199,5 +211,39 @@ def prepare(
         else:
             float_layers[bn_name] = f"BatchNorm not folded: its convolution `{conv_name}` is left float"
     replace_children(model, replacements)
-    setattr(model, STATE_NAME, QATState(recipe, float_layers, folded))
+    _quantize_outputs(model, recipe, plan, twin_names)
+    setattr(model, STATE_NAME, QATState(recipe, float_layers, folded, plan))
     return model
+
+
+def _residual_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, residuals: Mapping[str, Sequence[str]] | None,
+                   twins: Mapping[str, QuantizedLayer], fold_pairs: Mapping[str, str]) -> dict[str, list[str]]:
+    """Module → the layers whose input its quantized output replaces (empty unless the recipe
+    sets ``residuals``); traced on the float model, before any layer is swapped."""
+    if not recipe.residuals:
+        return {}
+    modules = dict(model.named_modules())
+    if residuals is not None:
+        for name, readers in residuals.items():
+            missing = [n for n in (name, *readers) if n not in modules]
+            if missing:
+                raise QATError(f"residuals names `{missing[0]}`, which {type(model).__name__} does not have: was it built "
+                               "with another configuration?")
+        return {name: list(readers) for name, readers in residuals.items()}
+    if example_inputs is None:
+        raise QATError("the recipe sets `residuals: true`: pass example_inputs to qat.prepare to find the residual "
+                       "connections")
+    readers = {name: twin.input_quantizer.spec if twin.input_quantizer is not None else None for name, twin in twins.items()}
+    return find_residuals(model, example_inputs, readers, fold_pairs).outputs
+
+
+def _quantize_outputs(model: nn.Module, recipe: QuantRecipe, plan: Mapping[str, list[str]],
+                      twins: Mapping[str, QuantizedLayer]) -> None:
+    """Attach the planned output quantizers; the layers they feed give up their own input quantizer."""
+    modules = dict(model.named_modules())
+    for name, readers in plan.items():
+        specs = [twins[r].input_quantizer.spec for r in readers if r in twins and twins[r].input_quantizer is not None]
+        attach_output_quantizer(modules[name], specs[0] if specs else recipe.activation)
+        for reader in readers:
+            if reader in twins:
+                twins[reader].input_quantizer = None

@@ -181,6 +181,10 @@ class QuantRecipe:
             leave float.
         fold_bn: fold BatchNorm layers that directly follow a convolution (needs example inputs
             to find the pairs).
+        residuals: also quantize both operands and the result of every addition of two
+            activations (residual connections), where they are produced, so ONNX Runtime runs the
+            additions and the layers feeding them on integer kernels (:mod:`qat.residuals`;
+            needs example inputs and a per-tensor static activation spec).
     """
 
     weight: QuantSpec | None = DEFAULT_WEIGHT
@@ -188,6 +192,7 @@ class QuantRecipe:
     rules: tuple[LayerRule, ...] = ()
     skip: tuple[str, ...] = ()
     fold_bn: bool = True
+    residuals: bool = False
     _skip_patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -219,8 +224,12 @@ class QuantRecipe:
         skip = _string_list(self.skip, "skip")
         object.__setattr__(self, "skip", skip)
         object.__setattr__(self, "_skip_patterns", tuple(_compile(p, f"skip[{i}]") for i, p in enumerate(skip)))
-        if not isinstance(self.fold_bn, bool):
-            raise ConfigError("fold_bn", f"must be true or false; got `{self.fold_bn!r}`")
+        for key in ("fold_bn", "residuals"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(key, f"must be true or false; got `{getattr(self, key)!r}`")
+        if self.residuals and (self.activation is None or not self.activation.per_tensor_static):
+            raise ConfigError("residuals", "needs a per-tensor activation spec with a fixed scale (not dynamic); "
+                              f"the recipe's activation is {self.activation.describe() if self.activation else 'None'}")
 
     # -- resolution -----------------------------------------------------------------------------
 
@@ -252,7 +261,7 @@ class QuantRecipe:
         """Build from plain values (a parsed YAML / JSON mapping); errors name the bad key."""
         try:
             data = _mapping(data, "recipe")
-            _check_keys(data, ("weight", "activation", "rules", "skip", "fold_bn"), "")
+            _check_keys(data, ("weight", "activation", "rules", "skip", "fold_bn", "residuals"), "")
             return cls(**data)
         except ConfigError as err:
             raise ConfigError(err.key, err.reason, source) from None
@@ -295,4 +304,6 @@ class QuantRecipe:
             "rules": [rule.to_dict() for rule in self.rules],
             "skip": list(self.skip),
             "fold_bn": self.fold_bn,
+            # only when on: recipes (and checkpoints) from before the key existed stay equal
+            **({"residuals": True} if self.residuals else {}),
         }

@@ -173,6 +173,12 @@ class QuantSpec:
         """True when scales come from each input (``per_token``), not from an observer."""
         return self.granularity is Granularity.PER_TOKEN
 
+    @property
+    def per_tensor_static(self) -> bool:
+        """True for one scale per tensor, fixed ahead of time: what integer kernels that add or
+        compare two tensors need."""
+        return self.granularity is Granularity.PER_TENSOR
+
     def resolve_axis(self, ndim: int, default: int) -> int:
         """The axis this spec uses on a tensor of rank ``ndim``, normalised to be non-negative."""
         axis = default if self.axis is None else self.axis

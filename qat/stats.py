@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from qat.modules import QuantizedLayer
 from qat.quantizer import Quantizer
+from qat.residuals import OUTPUT_QUANTIZER
 from qat.summary import observed_range, weight_sqnr_db
 
 
@@ -49,9 +51,8 @@ class ClipTracker:
         return record
 
     def __enter__(self) -> ClipTracker:
-        for name, layer in self.model.named_modules():
-            if isinstance(layer, QuantizedLayer) and layer.input_quantizer is not None:
-                self._handles.append(layer.input_quantizer.register_forward_hook(self._hook(name)))
+        for name, quantizer in activation_quantizers(self.model):
+            self._handles.append(quantizer.register_forward_hook(self._hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -60,7 +61,8 @@ class ClipTracker:
         self._handles.clear()
 
     def fractions(self) -> dict[str, float]:
-        """Mean saturated fraction of each layer's input over the recorded passes."""
+        """Mean saturated fraction of each quantized activation over the recorded passes, by
+        ``<layer>/input`` (and ``<module>/output`` for a quantized residual connection)."""
         return {name: (total / self._counts[name]).item() for name, total in self._sums.items()}
 
 
@@ -70,23 +72,36 @@ def layer_stats(model: nn.Module, clips: ClipTracker | None = None) -> dict[str,
 
     Metrics: ``weight_scale`` (mean scale), ``weight_sqnr_db``, ``weight_clipped`` (fraction of
     the weight saturated), ``input_min`` / ``input_max`` (observed range), ``input_scale``, and
-    ``input_clipped`` when a :class:`ClipTracker` is given. Uncalibrated quantizers are left out.
+    ``input_clipped`` when a :class:`ClipTracker` is given; the same ``output_*`` metrics for a
+    module whose output is quantized (recipe ``residuals``). Uncalibrated quantizers are left out.
     """
     stats: dict[str, float] = {}
-    input_clipped = clips.fractions() if clips is not None else {}
+    clipped = clips.fractions() if clips is not None else {}
     for name, layer in model.named_modules():
         if not isinstance(layer, QuantizedLayer):
             continue
-        wq, iq = layer.weight_quantizer, layer.input_quantizer
+        wq = layer.weight_quantizer
         if wq is not None and wq.calibrated:
             weight, _ = layer.float_weight_bias()
             stats[f"{name}/weight_scale"] = wq.scale.float().mean().item()
             stats[f"{name}/weight_sqnr_db"] = weight_sqnr_db(layer)
             stats[f"{name}/weight_clipped"] = wq.clipped_fraction(weight).item()
-        input_range = observed_range(iq)
-        if input_range is not None:
-            stats[f"{name}/input_min"], stats[f"{name}/input_max"] = input_range
-            stats[f"{name}/input_scale"] = iq.scale.float().mean().item()
-        if name in input_clipped:
-            stats[f"{name}/input_clipped"] = input_clipped[name]
+    for key, q in activation_quantizers(model):
+        observed = observed_range(q)
+        if observed is not None:
+            stats[f"{key}_min"], stats[f"{key}_max"] = observed
+            stats[f"{key}_scale"] = q.scale.float().mean().item()
+        if key in clipped:
+            stats[f"{key}_clipped"] = clipped[key]
     return stats
+
+
+def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """Every activation quantizer, keyed ``<layer>/input`` (a layer's input) or ``<module>/output``
+    (an output quantized by the recipe's ``residuals``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
+            yield f"{name}/input", module.input_quantizer
+        output = getattr(module, OUTPUT_QUANTIZER, None)
+        if isinstance(output, Quantizer):
+            yield f"{name}/output", output

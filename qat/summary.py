@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console, Group
@@ -15,6 +15,7 @@ from qat.errors import QATError
 from qat.modules import QuantConvNd, QuantizedLayer
 from qat.prepare import STATE_NAME, QATState, replace_children
 from qat.quantizer import Quantizer
+from qat.residuals import OUTPUT_QUANTIZER, detach_output_quantizer
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
@@ -47,6 +48,8 @@ class QuantSummary:
 
     layers: list[LayerReport]
     float_layers: dict[str, str]
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Modules whose output is quantized (recipe ``residuals: true``) → spec and observed range."""
 
     def __rich__(self) -> Group:
         table = Table(title=f"Quantized layers ({len(self.layers)})", title_justify="left")
@@ -63,7 +66,14 @@ class QuantSummary:
         left.add_column("reason")
         for name, reason in self.float_layers.items():
             left.add_row(name or "(the model itself)", reason)
-        return Group(table, left)
+        if not self.outputs:
+            return Group(table, left)
+        outputs = Table(title=f"Quantized outputs, residual connections ({len(self.outputs)})", title_justify="left")
+        outputs.add_column("module")
+        outputs.add_column("output")
+        for name, described in self.outputs.items():
+            outputs.add_row(name, described)
+        return Group(table, outputs, left)
 
     def __str__(self) -> str:
         console = Console(width=160, record=True, file=None, force_terminal=False)
@@ -108,22 +118,28 @@ def summary(model: nn.Module) -> QuantSummary:
     or calibration). ``print(qat.summary(model))`` prints it; ``rich.print`` prints it in colour.
     """
     state = _state(model)
+    modules = dict(model.named_modules())
+    fed_by = {reader: producer for producer, readers in state.residuals.items() for reader in readers}
     reports = []
-    for name, layer in model.named_modules():
+    for name, layer in modules.items():
         if not isinstance(layer, QuantizedLayer):
             continue
         wq, iq = layer.weight_quantizer, layer.input_quantizer
+        if name in fed_by:  # its input quantizer moved to the producer of its input
+            iq = getattr(modules[fed_by[name]], OUTPUT_QUANTIZER)
         reports.append(LayerReport(
             name=name,
             layer=type(layer).float_cls.__name__,
             weight=wq.spec.describe() if wq is not None else "float",
-            activation=iq.spec.describe() if iq is not None else "float",
+            activation=(iq.spec.describe() if iq is not None else "float") + (f" (`{fed_by[name]}` output)" if name in fed_by else ""),
             weight_range=observed_range(wq),
             input_range=observed_range(iq),
             weight_sqnr_db=weight_sqnr_db(layer),
             bn_folded=isinstance(layer, QuantConvNd) and layer.bn is not None,
         ))
-    return QuantSummary(reports, dict(state.float_layers))
+    outputs = {name: f"{q.spec.describe()} {_range(observed_range(q))}"
+               for name in state.residuals if (q := getattr(modules[name], OUTPUT_QUANTIZER)) is not None}
+    return QuantSummary(reports, dict(state.float_layers), outputs)
 
 
 def strip(model: nn.Module) -> nn.Module:
@@ -139,5 +155,7 @@ def strip(model: nn.Module) -> nn.Module:
             raise QATError(f"layer `{name}` was never calibrated: run forward passes with observers on before qat.strip")
     stripped = copy.deepcopy(model)
     del stripped.__dict__[STATE_NAME]
+    for module in stripped.modules():
+        detach_output_quantizer(module)
     replace_children(stripped, {id(m): m.to_float() for m in stripped.modules() if isinstance(m, QuantizedLayer)})
     return stripped

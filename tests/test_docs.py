@@ -52,7 +52,7 @@ def test_readme_main_job_runs_short(tmp_path):
     command = bash.splitlines()[0].split("&&")[1].split("#")[0].split()
     assert command[:2] == ["qat", "run"] and (ROOT / command[2]).is_file()
     assert main(["run", str(ROOT / command[2]), "--out", str(tmp_path), "--calibration-batches", "1", "--latency-runs", "1",
-                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+                 "--trainer.max_epochs=1", "--trainer.limit_train_batches=10", "--trainer.limit_val_batches=1",
                  "--trainer.enable_progress_bar=false", "--trainer.logger=false"]) == 0
     results = load_results(tmp_path / "results.json")
     assert all(entry["verified"] for entry in results["artifacts"].values())

@@ -27,6 +27,26 @@ class TinyCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+class TinyResNet(nn.Module):
+    """A stem and two torchvision BasicBlocks (the second with a strided 1×1 downsample): residual
+    additions whose operands come from a folded conv, the previous block and the downsample, and
+    one ``nn.ReLU`` called twice per block, as in torchvision's ResNets."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = BasicBlock(8, 8)
+        self.block2 = BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False),
+                                                                            nn.BatchNorm2d(16)))
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 EVERYTHING_RECIPE = {
     "weight": {"bits": 4},
     "rules": [

@@ -51,6 +51,7 @@ def load_checkpoint(
     if saved is None and recipe is None:
         raise QATError(f"`{path}` carries no QAT recipe (saved with save_weights_only=True?); pass recipe= (and example_inputs= "
                        "for BatchNorm folding)")
-    prepare(model, saved["recipe"] if recipe is None else recipe, example_inputs, bn_folds=saved["bn_folds"] if saved else None)
+    prepare(model, saved["recipe"] if recipe is None else recipe, example_inputs, bn_folds=saved["bn_folds"] if saved else None,
+            residuals=saved.get("residuals") if saved else None)
     model.load_state_dict(checkpoint["state_dict"])
     return model
