@@ -7,7 +7,9 @@ all of them alike. The figure is the median step time over all rounds, and the r
 - ``float``: the model as it is.
 - ``lightning-qat``: ``qat.prepare`` with the shipped recipe's format, observers and fake
   quantization on (the QAT phase of the callback); ``set_recompute``: the same with
-  ``qat.set_recompute`` on (quantized operands recomputed in backward instead of saved).
+  ``qat.set_recompute`` on (quantized operands recomputed in backward instead of saved);
+  ``residuals`` (ResNets): the recipe's ``residuals: true``, as in the shipped ResNet recipe
+  (residual additions quantized too).
 - ``torch.ao eager``: ``torch.ao.quantization.prepare_qat`` (Conv+BN fused with
   ``fuse_modules_qat``) with fused moving-average fake-quantizers in the same bit widths.
 - ``torchao``: ``torchao.quantization.qat.QATConfig`` (Linear layers only: it has no convolution
@@ -65,6 +67,8 @@ class Workload:
     torch_ao: Callable[[nn.Module], nn.Module]
     torchao: Callable[[nn.Module], nn.Module] | None
     description: str
+    residual_adds: bool = False
+    """The model adds activations (a ResNet): time the recipe with ``residuals: true`` too."""
 
 
 def _classification_loss(model, batch):
@@ -139,7 +143,7 @@ def workload(name: str, device: str) -> Workload:
         return Workload(
             model, inputs, _classification_loss, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
             {"weight": {"bits": 4}}, _resnet_torch_ao, None,
-            f"torchvision {name}, {size}×{size}, batch {batch}, SGD; W4 per-channel, A8 per-tensor",
+            f"torchvision {name}, {size}×{size}, batch {batch}, SGD; W4 per-channel, A8 per-tensor", residual_adds=True,
         )
     if name in ("llama", "llama-large"):
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -158,11 +162,11 @@ def workload(name: str, device: str) -> Workload:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def _ours(work: Workload, recompute: bool = False) -> Callable[[nn.Module], nn.Module]:
+def _ours(work: Workload, recompute: bool = False, residuals: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]
         example = images if images.is_floating_point() else {"input_ids": images}
-        model = qat.prepare(model, work.recipe, example_inputs=example)
+        model = qat.prepare(model, {**work.recipe, "residuals": residuals}, example_inputs=example)
         qat.set_recompute(model, recompute)
         return model
 
@@ -170,8 +174,10 @@ def _ours(work: Workload, recompute: bool = False) -> Callable[[nn.Module], nn.M
 
 
 def variants(work: Workload) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True),
-           "torch.ao eager": work.torch_ao}
+    out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True)}
+    if work.residual_adds:
+        out["lightning-qat, residuals"] = _ours(work, residuals=True)
+    out["torch.ao eager"] = work.torch_ao
     if work.torchao is not None:
         try:
             import torchao  # noqa: F401
