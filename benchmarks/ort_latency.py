@@ -4,7 +4,9 @@ Vision: torchvision ResNet-18 and MobileNetV3-small at 224×224, batch 1 and 32 
 free batch dimension per model), int4 per-channel weights (first conv 7-bit), uint8 activations
 and quantized residual connections (recipe ``residuals: true``), the format of the shipped ResNet
 recipe. The same model prepared without ``residuals`` (layer inputs quantized only) is timed
-beside it. LLM: the decode step of a Llama (4 layers × 1024,
+beside it. ViT-tiny (timm, 224×224, batch 1 and 32): int4 per-channel weights and uint8 inputs on
+every Linear, the format of the shipped ViT recipe (its additions feed LayerNorms, which have no
+integer kernel, so no ``residuals``). LLM: the decode step of a Llama (4 layers × 1024,
 vocabulary 8192) at M = 1, one token in and its logits out, int4 weights per group of 32 with
 dynamic int8 per-token activations, which ONNX Runtime runs as MatMulNBits. Models are random
 init, calibrated on random data: latency does not depend on the values.
@@ -61,6 +63,19 @@ def vision(name: str, residuals: bool = True):
     return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
 
 
+def vit():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    qat.prepare(model, {"weight": {"bits": 4}}, example_inputs=x)
+    torch.manual_seed(1)
+    qat.calibrate(model, [torch.randn(4, 3, 224, 224) for _ in range(2)], progress=False)
+    feeds = {1: [x.numpy()], 32: [torch.randn(32, 3, 224, 224).numpy()]}
+    return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
+
+
 def llama_decode():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,7 +90,8 @@ def llama_decode():
 
 
 VISION = ("resnet18", "mobilenet_v3_small")
-MODELS = {**{name: lambda name=name: vision(name) for name in VISION}, "llama-decode": llama_decode}
+MODELS = {**{name: lambda name=name: vision(name) for name in VISION}, "vit_tiny": vit, "llama-decode": llama_decode}
+IMAGES = (*VISION, "vit_tiny")
 
 
 def float_export(model, args, kwargs, path: Path, dynamic_batch: bool) -> None:
@@ -126,6 +142,7 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
         plain = qat.export_onnx(inputs_only, example, folder / f"{name}.inputs.onnx", artifacts=["ort"], **options).ort
         sessions["inputs_only"] = ort.InferenceSession(str(plain.path), kernels.session_options(plain.session_config),
                                                        providers=["CPUExecutionProvider"])
+    if name in IMAGES:
         sessions["ort_tool"] = ort.InferenceSession(str(ort_quantize_static(float_path, folder)), providers=["CPUExecutionProvider"])
     used = ", ".join(f"{kernel} ×{n}" for kernel, n in Counter(result.ort.kernels.values()).most_common())
     rows = []

@@ -114,3 +114,24 @@ def test_bert_exports_and_verifies(tmp_path):
         assert artifact.session_config["optimization.disable_specified_optimizers"] == "MatMulAddFusion"
         assert read_qparams(sidecar_path(artifact.path))["model"]["session_config"] == artifact.session_config
         assert artifact.parity.max_abs_diff < 1e-3 * artifact.parity.output_scale
+
+
+def test_bert_linears_run_on_integer_kernels_in_the_ort_artifact(tmp_path):
+    """uint8 inputs, int4 per-channel weights: in the ort artifact each 3-D Linear's ``DQ → MatMul``
+    becomes MatMulIntegerToFloat, once the session keeps ORT's MatMulAddFusion from turning it into
+    a float Gemm first (recorded in the ort sidecar; the device artifact does not need it)."""
+    torch.manual_seed(0)
+    model = _language("transformers.BertModel")
+    qat.prepare(model, {"weight": {"bits": 4}})
+    ids, mask = torch.randint(0, 128, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=torch.randint(0, 128, (4, 16)))
+    result = qat.export_onnx(model.eval(), {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
+    check_artifacts(result, model)
+    assert result.ort.session_config == {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
+    assert result.device.session_config == {}
+    sequence_linears = [layer for layer in result.ort.kernels if ".encoder." in f".{layer}"]
+    assert sequence_linears and {result.ort.kernels[layer] for layer in sequence_linears} == {"MatMulIntegerToFloat"}
+    # the device artifact: int4 weights, no integer kernel; MatMulAddFusion made each a Gemm (named past the Transpose)
+    assert {result.device.kernels[layer] for layer in sequence_linears} == {"float Gemm"}

@@ -169,3 +169,20 @@ def test_the_callback_trains_and_a_checkpoint_restores_the_output_quantizers(tmp
     x = next(iter(model.val_dataloader()))[0]
     with torch.no_grad():
         assert torch.equal(plain(x), model.eval()(x))
+
+
+@pytest.mark.slow
+def test_four_bit_activations_around_a_seven_bit_conv_load_in_ort(tmp_path):
+    """A quantized conv output in front of a 7-bit conv with uint4 input: ORT 1.32 fuses the device
+    artifact's true uint4 Q/DQ into a QLinearConv that rejects uint4, unless its Q/DQ fusion is off
+    (recorded in the device sidecar; the ort artifact widens the codes to uint8 instead)."""
+    torch.manual_seed(0)
+    recipe = {**RECIPE, "activation": {"bits": 4}}
+    model = qat.prepare(TinyResNet(classes=4).eval(), recipe, example_inputs=torch.randn(2, 3, 8, 8))
+    qat.calibrate(model, [torch.randn(16, 3, 8, 8) for _ in range(4)], progress=False)
+    result = qat.export_onnx(model.eval(), torch.randn(2, 3, 8, 8), tmp_path / "a4.onnx", rtol=0.3)
+    assert result.device.session_config == {"session.disable_quant_qdq": "1"}
+    assert result.ort.session_config == {}
+    for artifact in result.artifacts.values():
+        assert artifact.parity.max_abs_diff < 1e-4 * artifact.parity.output_scale
+        assert sidecar.read_qparams(artifact.qparams_path)["model"]["session_config"] == artifact.session_config

@@ -66,28 +66,48 @@ def optimized_graph(path: Path, config: dict[str, str] | None = None) -> onnx.Gr
         return onnx.load(options.optimized_model_filepath, load_external_data=False).graph
 
 
+_LAYOUT_OPS = ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast")
+
+
 def kernel_report(path: Path, weights: dict[str, str], config: dict[str, str] | None = None) -> KernelReport:
     """The kernel of each layer, given ``weights``: layer name → name of its integer weight initializer.
 
     A fused kernel may repack the weight into an initializer of its own named after it
-    (MatMulNBits reads ``<weight>_T``): such readers count as reading the weight. A weight that
-    nobody reads any more was folded away by ORT (``folded``).
+    (MatMulNBits reads ``<weight>_T``): such readers count as reading the weight. ORT may also
+    give a rewritten weight a name of its own (a transpose folded into the codes reads
+    ``QuantizeLinear_token_…``); the weight's scale (``<prefix>_scale`` for ``<prefix>_quantized``)
+    keeps its name, so its readers count then. A float operator is named past layout-only nodes
+    (``float Gemm``, not ``float Transpose``). A weight that nobody reads any more was folded away
+    by ORT (``folded``).
     """
     graph = optimized_graph(path, config)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+
+    def computing(value: str) -> str | None:
+        """The first operator reading ``value`` that is not a layout-only node."""
+        for user in readers.get(value, []):
+            if user.op_type not in _LAYOUT_OPS:
+                return user.op_type
+            found = computing(user.output[0])
+            if found is not None:
+                return found
+        return None
+
     layers = {}
     for layer, weight in weights.items():
         nodes = [n for name, users in readers.items() if name == weight or name.startswith(weight + "_") for n in users]
+        if not nodes:
+            nodes = readers.get(weight.removesuffix("_quantized") + "_scale", [])
         if not nodes:
             layers[layer] = "folded"
             continue
         node = nodes[0]
         if node.op_type == "DequantizeLinear":
-            after = readers.get(node.output[0], [])
-            layers[layer] = f"float {after[0].op_type}" if after else "float"
+            after = computing(node.output[0])
+            layers[layer] = f"float {after}" if after else "float"
         else:
             layers[layer] = node.op_type
     return KernelReport(layers, dict(Counter(node.op_type for node in graph.node)))

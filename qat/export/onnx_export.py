@@ -385,7 +385,7 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
             config = dict(ort_layout.SESSION_CONFIG)
         onnxscript.optimizer.remove_unused_nodes(graph)
     tensors = [t for t in tensors if t.dequantize.graph is not None]
-    config.update(ort_layout.session_workarounds(tensors))
+    config.update(ort_layout.session_options_for(tensors, kind))
     qparams = sidecar.build_qparams(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
     for node in ir.traversal.RecursiveGraphIterator(graph.graph):
         node.metadata_props.clear()  # the exporter's per-node trace (module path, stack): a third of a small model's bytes

@@ -31,14 +31,22 @@ from qat.fake_quant import MIN_SCALE
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 """ORT session options the *ort* artifact is meant to run with (recorded in its sidecar)."""
 
-SIGNED_ACTIVATION_CONFIG = {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
-"""ORT session options for a graph with static int8 activations (either artifact): without them
-ONNX Runtime 1.32 rejects its own optimized graph. Its MatMulAddFusion turns a 3-D ``MatMul →
-Add`` (a Linear with bias on a sequence) into ``Reshape → Gemm``; QDQ propagation copies the
-int8 Q/DQ pair across the new Reshape with ``output_dtype`` int8; the x86 S8→U8 rewrite then
-changes that pair's zero point to uint8 but not the attribute, and type inference fails
-("output_dtype INT8 does not match y_zero_point type UINT8"). With the fusion off, MatMul and Add
-stay two nodes and the graph computes the same numbers (tested on a small BERT)."""
+NO_MATMUL_ADD_FUSION = {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
+"""ORT session options that keep a Linear on a sequence (a 3-D ``MatMul → Add``) as two nodes
+instead of letting ONNX Runtime's MatMulAddFusion turn it into ``Reshape → Gemm``. Two reasons,
+both seen with ORT 1.32 (:func:`session_options_for`):
+
+- **Integer kernels.** The fusion runs before the QDQ fusions and takes the MatMul away from
+  them: every Linear of a transformer with static 8-bit inputs then runs as a float Gemm on
+  dequantized operands. Without it, ``DQ → MatMul`` with an 8-bit input becomes
+  MatMulIntegerToFloat (ViT-tiny at 224×224: 48 of 48 Linears integer, 1.6× faster than the
+  float export instead of 0.65×).
+- **Signed int8 activations** (either artifact): QDQ propagation copies the int8 Q/DQ pair across
+  the fusion's new Reshape with ``output_dtype`` int8; the x86 S8→U8 rewrite then changes that
+  pair's zero point to uint8 but not the attribute, and ORT rejects its own optimized graph
+  ("output_dtype INT8 does not match y_zero_point type UINT8").
+
+The graph computes the same numbers either way (tested on a small BERT)."""
 
 _MATMUL_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _WIDER = {ir.DataType.INT4: ir.DataType.INT8, ir.DataType.UINT4: ir.DataType.UINT8}
@@ -56,12 +64,38 @@ def _set_constant(value: ir.Value, array: np.ndarray, dtype: ir.DataType | None 
     value.dtype = tensor.dtype
 
 
-def session_workarounds(tensors: list[QuantizedTensor]) -> dict[str, str]:
-    """The session options a graph needs to load in ONNX Runtime: :data:`SIGNED_ACTIVATION_CONFIG`
-    when some static activation (a constant scale) has int8 codes; otherwise none."""
-    signed = any(t.quantize is not None and t.scale.const_value is not None and t.zero_point is not None
-                 and t.zero_point.dtype == ir.DataType.INT8 for t in tensors)
-    return dict(SIGNED_ACTIVATION_CONFIG) if signed else {}
+NO_QDQ_FUSION = {"session.disable_quant_qdq": "1"}
+"""ORT session options that keep ONNX Runtime from fusing Q/DQ pairs into integer kernels, for a
+*device* artifact with static 4-bit activation codes: ORT 1.32 fuses ``DQ → Conv → Q`` around a
+layer with 8-bit (or 7-bit) weights into a QLinearConv without checking the activation type, then
+rejects its own graph for a uint4 input. The ort artifact widens such codes into 8-bit containers
+(:func:`widen_small_activations`); the device artifact keeps true 4-bit codes for runtimes that
+take them, so ORT runs it operator by operator. Seen once a recipe quantized a conv's output
+(``residuals: true``) in front of a 7-bit first conv."""
+
+
+def _static_8bit(tensor: QuantizedTensor) -> bool:
+    """An activation with a constant scale (computed ahead of time) and 8-bit codes."""
+    return (tensor.quantize is not None and tensor.scale.const_value is not None and tensor.zero_point is not None
+            and tensor.zero_point.dtype in (ir.DataType.INT8, ir.DataType.UINT8))
+
+
+def session_options_for(tensors: list[QuantizedTensor], kind: str) -> dict[str, str]:
+    """The session options an artifact is meant to run with beyond :data:`SESSION_CONFIG`:
+    :data:`NO_MATMUL_ADD_FUSION` when some static int8 activation exists (without it ONNX Runtime
+    cannot load the graph), or, in the *ort* artifact, when a static 8-bit activation feeds a
+    MatMul (so the MatMul can run on an integer kernel); :data:`NO_QDQ_FUSION` when static
+    activation codes are narrower than 8 bits (left so in the device artifact only)."""
+    options = {}
+    signed = any(_static_8bit(t) and t.zero_point.dtype == ir.DataType.INT8 for t in tensors)
+    integer_matmul = kind == "ort" and any(_static_8bit(t) and any(op.op_type == "MatMul" for op in consumers_through(t.dequantized))
+                                           for t in tensors)
+    if signed or integer_matmul:
+        options.update(NO_MATMUL_ADD_FUSION)
+    if any(t.quantize is not None and t.scale.const_value is not None and t.zero_point is not None
+           and t.zero_point.dtype in _WIDER for t in tensors):
+        options.update(NO_QDQ_FUSION)
+    return options
 
 
 def widen_small_weights(tensors: list[QuantizedTensor]) -> list[str]:
