@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.hooks import RemovableHandle
 
 from qat.errors import QATError
 
@@ -64,6 +65,25 @@ def run_example(model: nn.Module, example_inputs: Any) -> Any:
     if isinstance(example_inputs, (tuple, list)):
         return model(*example_inputs)
     return model(example_inputs)
+
+
+def trace_example(model: nn.Module, example_inputs: Any, handles: list[RemovableHandle], mode: TorchFunctionMode) -> None:
+    """Run ``example_inputs`` through ``model`` once, in eval mode under ``no_grad`` (no
+    BatchNorm statistic moves) inside ``mode``; then remove the ``handles`` (the caller's hooks)
+    and put every module back in the training mode it had."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), mode:
+            run_example(model, example_inputs)
+    except Exception as err:
+        raise QATError(f"the example inputs do not run through the model ({type(err).__name__}: {err}); "
+                       "pass inputs the model's forward accepts, or prepare without example_inputs") from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes.items():
+            module.training = training
 
 
 class _UseCounter(TorchFunctionMode):
@@ -112,19 +132,7 @@ def find_conv_bn_pairs(model: nn.Module, example_inputs: Any) -> FoldPlan:
 
     handles = [m.register_forward_hook(conv_hook(n)) for n, m in convs.items()]
     handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in bns.items()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), counter:
-            run_example(model, example_inputs)
-    except Exception as err:
-        raise QATError(f"the example inputs do not run through the model ({type(err).__name__}: {err}); "
-                       "pass inputs the model's forward accepts, or prepare without example_inputs") from err
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    trace_example(model, example_inputs, handles, counter)
 
     for bn_name, bn in bns.items():
         conv_name = producer.get(bn_input.get(bn_name, -1))

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from qat.bn_fold import run_example
+from qat.bn_fold import trace_example
 from qat.errors import QATError
 from qat.quantizer import Quantizer
 from qat.spec import QuantSpec
@@ -131,19 +131,7 @@ def find_residuals(model: nn.Module, example_inputs: Any, readers: Mapping[str, 
 
     handles = [m.register_forward_hook(after(n)) for n, m in modules.items() if n]
     handles += [modules[n].register_forward_pre_hook(before(n)) for n, spec in readers.items() if spec is not None]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad(), flow:
-            run_example(model, example_inputs)
-    except Exception as err:
-        raise QATError(f"the example inputs do not run through the model ({type(err).__name__}: {err}); "
-                       "pass inputs the model's forward accepts") from err
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
+    trace_example(model, example_inputs, handles, flow)
 
     folded_into = {bn: conv for conv, bn in fold_pairs.items()}
     plan = ResidualPlan()

@@ -96,18 +96,23 @@ def test_llama_ort_artifact_runs_matmulnbits(tmp_path):
     np.testing.assert_array_equal(np.reshape(entry["scale"], (4, 32)), np.reshape(device_entry["scale"], (32, 4)).T)
 
 
+def _export_calibrated(model, recipe, path):
+    """Prepare a small language model, calibrate it on two random batches and export it."""
+    qat.prepare(model, recipe)
+    ids, mask = torch.randint(0, 128, (2, 16)), torch.ones(2, 16, dtype=torch.long)
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=torch.randint(0, 128, (4, 16)))
+    return qat.export_onnx(model.eval(), {"input_ids": ids, "attention_mask": mask}, path)
+
+
 def test_bert_exports_and_verifies(tmp_path):
     torch.manual_seed(0)
     model = _language("transformers.BertModel")
     # signed int8 activations: ORT 1.32 on x86 rejects its own rewrite of them in front of a 3-D
     # Gemm unless the session turns MatMulAddFusion off, which both sidecars record
     recipe = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 16}, "activation": {"signed": True, "symmetric": True}}
-    qat.prepare(model, recipe)
-    ids, mask = torch.randint(0, 128, (2, 16)), torch.ones(2, 16, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(2):
-            model(input_ids=torch.randint(0, 128, (4, 16)))
-    result = qat.export_onnx(model.eval(), {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
+    result = _export_calibrated(model, recipe, tmp_path / "bert.onnx")
     check_artifacts(result, model)
     assert len(onnx.load(str(result.device.path)).graph.output) == 2  # last_hidden_state, pooler_output
     for artifact in result.artifacts.values():
@@ -122,12 +127,7 @@ def test_bert_linears_run_on_integer_kernels_in_the_ort_artifact(tmp_path):
     a float Gemm first (recorded in the ort sidecar; the device artifact does not need it)."""
     torch.manual_seed(0)
     model = _language("transformers.BertModel")
-    qat.prepare(model, {"weight": {"bits": 4}})
-    ids, mask = torch.randint(0, 128, (2, 16)), torch.ones(2, 16, dtype=torch.long)
-    with torch.no_grad():
-        for _ in range(2):
-            model(input_ids=torch.randint(0, 128, (4, 16)))
-    result = qat.export_onnx(model.eval(), {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
+    result = _export_calibrated(model, {"weight": {"bits": 4}}, tmp_path / "bert.onnx")
     check_artifacts(result, model)
     assert result.ort.session_config == {"optimization.disable_specified_optimizers": "MatMulAddFusion"}
     assert result.device.session_config == {}

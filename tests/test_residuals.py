@@ -110,9 +110,9 @@ def test_a_fresh_model_is_prepared_the_same_way_from_the_recorded_plan():
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="residuals"):
         qat.QuantRecipe.from_dict({"residuals": "yes"})
-    with pytest.raises(ConfigError, match="residuals.*per-tensor"):
+    with pytest.raises(ConfigError, match=r"residuals.*per-tensor"):
         qat.QuantRecipe.from_dict({"residuals": True, "activation": {"granularity": "per_token", "signed": True}})
-    with pytest.raises(QATError, match="residuals: true.*example_inputs"):
+    with pytest.raises(QATError, match=r"residuals: true.*example_inputs"):
         qat.prepare(TinyResNet(), {"residuals": True, "fold_bn": False})
     assert needs_example_inputs(TinyResNet(), {"residuals": True, "fold_bn": False})
 
