@@ -39,8 +39,8 @@ both seen with ORT 1.32 (:func:`session_options_for`):
 - **Integer kernels.** The fusion runs before the QDQ fusions and takes the MatMul away from
   them: every Linear of a transformer with static 8-bit inputs then runs as a float Gemm on
   dequantized operands. Without it, ``DQ → MatMul`` with an 8-bit input becomes
-  MatMulIntegerToFloat (ViT-tiny at 224×224: 48 of 48 Linears integer, 1.6× faster than the
-  float export instead of 0.65×).
+  MatMulIntegerToFloat (ViT-tiny at 224×224: 48 of 48 Linears integer, 1.25–1.34× the float
+  export's speed in ``benchmarks/ort_latency.py`` instead of 0.65×).
 - **Signed int8 activations** (either artifact): QDQ propagation copies the int8 Q/DQ pair across
   the fusion's new Reshape with ``output_dtype`` int8; the x86 S8→U8 rewrite then changes that
   pair's zero point to uint8 but not the attribute, and ORT rejects its own optimized graph
