@@ -38,6 +38,7 @@ from qat.modules import QuantizedLayer
 from qat.prepare import is_prepared, prepare
 from qat.quantizer import Quantizer
 from qat.recipe import QuantRecipe
+from qat.residuals import OUTPUT_QUANTIZER
 
 DEFAULT_BITS = (8, 4)
 
@@ -81,7 +82,7 @@ def other_bytes(model: nn.Module) -> int:
     weights. A BatchNorm folded into its convolution counts as float, a slight overestimate."""
     layers = [m for m in model.modules() if isinstance(m, QuantizedLayer)]
     skip = {id(m.weight) for m in layers if m.weight_quantizer is not None}
-    skip |= {id(t) for m in layers for q in _layer_quantizers(m) for t in [*q.parameters(), *q.buffers()]}
+    skip |= {id(t) for q in model.modules() if isinstance(q, Quantizer) for t in [*q.parameters(), *q.buffers()]}
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in skip and t.is_floating_point()}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -204,8 +205,14 @@ def _sqnr_db(reference: list[Tensor], approximation: list[Tensor]) -> float:
     return math.inf if noise == 0 else 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def _layer_quantizers(layer: QuantizedLayer) -> list[Any]:
-    return [q for q in (layer.weight_quantizer, layer.input_quantizer) if q is not None]
+def _layer_quantizers(model: nn.Module) -> dict[str, list[Quantizer]]:
+    """Each quantized layer's weight and input quantizers; for a layer whose input quantizer moved
+    to the module producing its input (recipe ``residuals``), that module's output quantizer."""
+    modules = dict(model.named_modules())
+    fed_by = {reader: producer for producer, readers in model.qat_state.residuals.items() for reader in readers}
+    return {name: [q for q in (layer.weight_quantizer, layer.input_quantizer,
+                               getattr(modules[fed_by[name]], OUTPUT_QUANTIZER) if name in fed_by else None) if q is not None]
+            for name, layer in modules.items() if isinstance(layer, QuantizedLayer)}
 
 
 def sensitivity(
@@ -277,14 +284,15 @@ def sensitivity(
             bar.update(task, total=len(layers) * len(bits))
             others = other_bytes(quantized) if others is None else others
             set_fake_quant(quantized, False)
+            own = _layer_quantizers(quantized)
             for name, layer in layers.items():
-                for q in _layer_quantizers(layer):
+                for q in own[name]:
                     q.enable_fake_quant(True)
                 metric = None if evaluate is None else float(evaluate(quantized))
                 loss = None if metric is None else (float_metric - metric) * (1 if higher_is_better else -1)
                 rows.append(LayerSensitivity(name, b, metric, loss, _sqnr_db(reference, _outputs(quantized, batches)),
                                              weight_bytes(layer, b)))
-                for q in _layer_quantizers(layer):
+                for q in own[name]:
                     q.enable_fake_quant(False)
                 bar.advance(task)
     return SensitivityTable(rows, float_metric, higher_is_better, others or 0, base.to_dict())

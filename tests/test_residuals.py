@@ -186,3 +186,16 @@ def test_four_bit_activations_around_a_seven_bit_conv_load_in_ort(tmp_path):
     for artifact in result.artifacts.values():
         assert artifact.parity.max_abs_diff < 1e-4 * artifact.parity.output_scale
         assert sidecar.read_qparams(artifact.qparams_path)["model"]["session_config"] == artifact.session_config
+
+
+def test_sensitivity_quantizes_a_moved_input_at_its_producer():
+    """A layer whose input quantizer moved to the producer is measured with that quantizer on,
+    as its input is quantized in the model: noisier than its weights alone."""
+    calibration = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    measured = {}
+    for key, recipe in (("residuals", RECIPE), ("weights", {"weight": {"bits": 4}, "activation": None})):
+        torch.manual_seed(0)
+        measured[key] = qat.sensitivity(TinyResNet(classes=4).eval(), recipe, calibration, bits=(8,),
+                                        example_inputs=calibration[0][:2], progress=False)
+    for layer in ("block2.conv1", "block1.conv2"):  # input quantized at `block1`'s output / by the layer itself
+        assert measured["residuals"].get(layer, 8).output_sqnr_db < measured["weights"].get(layer, 8).output_sqnr_db - 3
