@@ -50,30 +50,29 @@ LLM_RECIPE = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32
               "activation": {"granularity": "per_token", "signed": True, "symmetric": True}}
 
 
-def vision(name: str, residuals: bool = True):
-    import torchvision
-
+def _image_model(build, recipe: dict):
+    """An image model (224×224) built from seed 0, prepared with ``recipe`` and calibrated on random
+    images, with its inputs at batch 1 and 32."""
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)().eval()
+    model = build().eval()
     x = torch.randn(1, 3, 224, 224)
-    qat.prepare(model, {**VISION_RECIPE, "residuals": residuals}, example_inputs=x)
+    qat.prepare(model, recipe, example_inputs=x)
     torch.manual_seed(1)
     qat.calibrate(model, [torch.randn(4, 3, 224, 224) for _ in range(2)], progress=False)
     feeds = {1: [x.numpy()], 32: [torch.randn(32, 3, 224, 224).numpy()]}
     return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
+
+
+def vision(name: str, residuals: bool = True):
+    import torchvision
+
+    return _image_model(getattr(torchvision.models, name), {**VISION_RECIPE, "residuals": residuals})
 
 
 def vit():
     import timm
 
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", num_classes=10).eval()
-    x = torch.randn(1, 3, 224, 224)
-    qat.prepare(model, {"weight": {"bits": 4}}, example_inputs=x)
-    torch.manual_seed(1)
-    qat.calibrate(model, [torch.randn(4, 3, 224, 224) for _ in range(2)], progress=False)
-    feeds = {1: [x.numpy()], 32: [torch.randn(32, 3, 224, 224).numpy()]}
-    return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
+    return _image_model(lambda: timm.create_model("vit_tiny_patch16_224", num_classes=10), {"weight": {"bits": 4}})
 
 
 def llama_decode():

@@ -18,8 +18,9 @@ from torch import nn
 from qat.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
 from qat.errors import QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
+from qat.quantizer import Quantizer
 from qat.recipe import QuantRecipe
-from qat.residuals import attach_output_quantizer, find_residuals
+from qat.residuals import OUTPUT_QUANTIZER, attach_output_quantizer, find_residuals
 from qat.version import __version__
 
 STATE_NAME = "qat_state"
@@ -54,6 +55,17 @@ class QATState:
         with ``weights_only=True``)."""
         return {"version": self.version, "recipe": self.recipe.to_dict(), "bn_folds": dict(self.bn_folds),
                 **({"residuals": {k: list(v) for k, v in self.residuals.items()}} if self.recipe.residuals else {})}
+
+
+def input_quantizers(model: nn.Module) -> dict[str, tuple[Quantizer | None, str | None]]:
+    """Each quantized layer → the quantizer its input goes through, and the module that owns it
+    when it is not the layer's own: with the recipe's ``residuals``, a layer's input quantizer may
+    have moved to the output of the module producing that input."""
+    state = getattr(model, STATE_NAME, None)
+    fed_by = {} if state is None else {reader: producer for producer, readers in state.residuals.items() for reader in readers}
+    modules = dict(model.named_modules())
+    return {name: ((getattr(modules[fed_by[name]], OUTPUT_QUANTIZER), fed_by[name]) if name in fed_by else (layer.input_quantizer, None))
+            for name, layer in modules.items() if isinstance(layer, QuantizedLayer)}
 
 
 def is_prepared(model: nn.Module) -> bool:

@@ -35,10 +35,9 @@ from qat.calibrate import calibrate
 from qat.control import set_fake_quant
 from qat.errors import QATError
 from qat.modules import QuantizedLayer
-from qat.prepare import is_prepared, prepare
+from qat.prepare import input_quantizers, is_prepared, prepare
 from qat.quantizer import Quantizer
 from qat.recipe import QuantRecipe
-from qat.residuals import OUTPUT_QUANTIZER
 
 DEFAULT_BITS = (8, 4)
 
@@ -206,13 +205,11 @@ def _sqnr_db(reference: list[Tensor], approximation: list[Tensor]) -> float:
 
 
 def _layer_quantizers(model: nn.Module) -> dict[str, list[Quantizer]]:
-    """Each quantized layer's weight and input quantizers; for a layer whose input quantizer moved
-    to the module producing its input (recipe ``residuals``), that module's output quantizer."""
+    """Each quantized layer's weight quantizer and the quantizer its input goes through (the
+    producer's output quantizer where the recipe's ``residuals`` moved it there)."""
     modules = dict(model.named_modules())
-    fed_by = {reader: producer for producer, readers in model.qat_state.residuals.items() for reader in readers}
-    return {name: [q for q in (layer.weight_quantizer, layer.input_quantizer,
-                               getattr(modules[fed_by[name]], OUTPUT_QUANTIZER) if name in fed_by else None) if q is not None]
-            for name, layer in modules.items() if isinstance(layer, QuantizedLayer)}
+    return {name: [q for q in (modules[name].weight_quantizer, iq) if q is not None]
+            for name, (iq, _) in input_quantizers(model).items()}
 
 
 def sensitivity(

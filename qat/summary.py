@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from qat.errors import QATError
 from qat.modules import QuantConvNd, QuantizedLayer
-from qat.prepare import STATE_NAME, QATState, replace_children
+from qat.prepare import STATE_NAME, QATState, input_quantizers, replace_children
 from qat.quantizer import Quantizer
 from qat.residuals import OUTPUT_QUANTIZER, detach_output_quantizer
 
@@ -119,19 +119,16 @@ def summary(model: nn.Module) -> QuantSummary:
     """
     state = _state(model)
     modules = dict(model.named_modules())
-    fed_by = {reader: producer for producer, readers in state.residuals.items() for reader in readers}
+    inputs = input_quantizers(model)
     reports = []
-    for name, layer in modules.items():
-        if not isinstance(layer, QuantizedLayer):
-            continue
-        wq, iq = layer.weight_quantizer, layer.input_quantizer
-        if name in fed_by:  # its input quantizer moved to the producer of its input
-            iq = getattr(modules[fed_by[name]], OUTPUT_QUANTIZER)
+    for name, (iq, producer) in inputs.items():
+        layer = modules[name]
+        wq = layer.weight_quantizer
         reports.append(LayerReport(
             name=name,
             layer=type(layer).float_cls.__name__,
             weight=wq.spec.describe() if wq is not None else "float",
-            activation=(iq.spec.describe() if iq is not None else "float") + (f" (`{fed_by[name]}` output)" if name in fed_by else ""),
+            activation=(iq.spec.describe() if iq is not None else "float") + (f" (`{producer}` output)" if producer else ""),
             weight_range=observed_range(wq),
             input_range=observed_range(iq),
             weight_sqnr_db=weight_sqnr_db(layer),

@@ -74,10 +74,14 @@ take them, so ORT runs it operator by operator. Seen once a recipe quantized a c
 (``residuals: true``) in front of a 7-bit first conv."""
 
 
+def _static(tensor: QuantizedTensor) -> bool:
+    """An activation with a constant scale (computed ahead of time) and a zero point."""
+    return tensor.quantize is not None and tensor.scale.const_value is not None and tensor.zero_point is not None
+
+
 def _static_8bit(tensor: QuantizedTensor) -> bool:
-    """An activation with a constant scale (computed ahead of time) and 8-bit codes."""
-    return (tensor.quantize is not None and tensor.scale.const_value is not None and tensor.zero_point is not None
-            and tensor.zero_point.dtype in (ir.DataType.INT8, ir.DataType.UINT8))
+    """A static activation with 8-bit codes."""
+    return _static(tensor) and tensor.zero_point.dtype in (ir.DataType.INT8, ir.DataType.UINT8)
 
 
 def session_options_for(tensors: list[QuantizedTensor], kind: str) -> dict[str, str]:
@@ -92,8 +96,7 @@ def session_options_for(tensors: list[QuantizedTensor], kind: str) -> dict[str, 
                                            for t in tensors)
     if signed or integer_matmul:
         options.update(NO_MATMUL_ADD_FUSION)
-    if any(t.quantize is not None and t.scale.const_value is not None and t.zero_point is not None
-           and t.zero_point.dtype in _WIDER for t in tensors):
+    if any(_static(t) and t.zero_point.dtype in _WIDER for t in tensors):
         options.update(NO_QDQ_FUSION)
     return options
 
