@@ -164,8 +164,8 @@ def workload(name: str, device: str) -> Workload:
 
 def _ours(work: Workload, recompute: bool = False, residuals: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
-        images = work.batch[0][:2]
-        example = images if images.is_floating_point() else {"input_ids": images}
+        images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
+        example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
         model = qat.prepare(model, {**work.recipe, "residuals": residuals}, example_inputs=example)
         qat.set_recompute(model, recompute)
         return model
@@ -220,22 +220,26 @@ class Runner:
         return times
 
     def peak_bytes(self) -> int:
-        """Peak memory of one step: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the
-        tensors that exist before it (parameters, buffers, optimizer state) plus the peak of
-        :class:`LiveTensorBytes` during it."""
+        """Peak memory of one step, this variant's alone: the tensors that exist before it
+        (parameters, buffers, optimizer state) plus the peak of what the step adds. On CUDA the
+        step's peak is ``torch.cuda.max_memory_allocated`` less what was allocated before it (the
+        other variants' models live on the same card); on the CPU, whose allocator keeps no
+        statistics, the peak of :class:`LiveTensorBytes`."""
         self.optimizer.zero_grad(set_to_none=True)
+        state = [*self.model.parameters(), *self.model.buffers()]
+        state += [t for per_param in self.optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
+        own = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}.values())
         if self.device == "cuda":
             torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             self.step()
             torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        state = [*self.model.parameters(), *self.model.buffers()]
-        state += [t for per_param in self.optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
-        before = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}
-        with LiveTensorBytes() as live:
+            return own + torch.cuda.max_memory_allocated() - before
+        tensors_before = [*state, *self.batch]
+        with LiveTensorBytes(tensors_before) as live:
             self.step()
-        return sum(before.values()) + live.peak
+        return own + live.peak
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -244,10 +248,12 @@ class LiveTensorBytes(TorchDispatchMode):
     The CPU allocator keeps no statistics, so this counts at the dispatcher what CUDA's caching
     allocator counts for ``max_memory_allocated``: every storage an operator returns (forward,
     backward and optimizer step alike; autograd runs CPU backward passes on this thread, under
-    this mode), until it is freed. Scratch space inside a kernel is not seen."""
+    this mode), until it is freed. Scratch space inside a kernel is not seen. Views of
+    ``existing`` tensors (a parameter's ``detach()``) share their storage and are not counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, existing: list[torch.Tensor] = ()) -> None:
         super().__init__()
+        self.existing = {t.untyped_storage()._cdata for t in existing}
         self.live: set[int] = set()
         self.now = self.peak = 0
 
@@ -257,7 +263,7 @@ class LiveTensorBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()  # one Python object per storage while it lives
                 key = storage._cdata
-                if key not in self.live:
+                if key not in self.live and key not in self.existing:
                     self.live.add(key)
                     self.now += storage.nbytes()
                     self.peak = max(self.peak, self.now)
@@ -269,12 +275,16 @@ class LiveTensorBytes(TorchDispatchMode):
         self.now -= nbytes
 
 
-def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, steps: int, warmup: int) -> tuple[str, list[dict]]:
-    """Rows for one model. A peer that cannot run the configuration (torch.ao's fake-quant under
-    bf16 autocast) gets a row saying how it failed instead of figures."""
+def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, steps: int, warmup: int,
+            only: list[str] | None = None) -> tuple[str, list[dict]]:
+    """Rows for one model (``only``: these variants and float). A peer that cannot run the
+    configuration (torch.ao's fake-quant under bf16 autocast) gets a row saying how it failed
+    instead of figures."""
     work = workload(name, device)
     runners, failed = {}, {}
     for label, prepare in variants(work).items():
+        if only is not None and label != "float" and label not in only:
+            continue
         try:
             runner = Runner(work, prepare, device, bf16, compiled)
             runner.timed_steps(warmup)  # compilation, allocator warm-up, observers' first ranges
@@ -283,6 +293,8 @@ def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, ste
             if label.startswith(("float", "lightning-qat")):
                 raise
             failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the failed variant's model and optimizer state are garbage now
     times: dict[str, list[float]] = {label: [] for label in runners}
     for _ in range(rounds):
         for label, runner in runners.items():
@@ -313,14 +325,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
+                        help="time only these variants beside float (default: all), e.g. 'lightning-qat' torchao")
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    models = args.models or (["resnet18", "llama"] if args.device == "cpu" else ["resnet50", "llama-large"])
+    if args.compile:  # one compiled step per variant, all through Runner._forward_backward's code object
+        torch._dynamo.config.recompile_limit = 64
+    default_models = ["resnet18", "llama"] if args.device == "cpu" else ["resnet50", "llama-large"]
+    models = args.models or default_models
     bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
     mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {'torch.compile' if args.compile else 'eager'}"
     lines = ["| model | variant | step ms | × float | memory MB | memory × float |", "|---|---|---|---|---|---|"]
     for name in models:
-        description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup)
+        description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup, args.variants)
         for row in rows:
             if "failed" in row:
                 line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | |"
@@ -335,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     print(footer)
     if args.write:
         key = f"{args.device}-{'compile' if args.compile else 'eager'}-{'bf16' if bf16 else 'fp32'}"
+        if models != default_models:  # a run of other models has its own block beside the default run's
+            key += "-" + "-".join(args.models)
         write_block(f"overhead:{key}", [*lines, "", footer])
 
 

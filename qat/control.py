@@ -54,10 +54,12 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
     weight in the backward pass instead of saving them (:mod:`qat.modules.recompute`; eager mode).
 
     Off by default. The saved copies are one weight-sized tensor per layer and one input-sized
-    tensor per layer that reads an activation. On the CPU benchmarks recomputing took a small
-    Llama's peak memory from +21 % to +10 % of float for about 25 % more step time, and did not
-    help ResNet-18, whose peak comes in the backward pass after the copies are freed. Turn it on
-    where the forward's saved tensors set the peak: large batches, long sequences.
+    tensor per layer that reads an activation; while recomputing, the straight-through masks of
+    the inputs and of unfolded weights are remade in the backward too. On the benchmarks
+    (benchmarks/RESULTS.md) recomputing took the peak memory over float from +21 % to +7 % (a
+    small Llama, CPU), +30 % to +7 % (ResNet-18, CPU) and +68 % to +1 % (ResNet-50, H100, bf16),
+    for about 12 % more step time on the CPU and 32 % on the GPU. Turn it on where the forward's
+    saved tensors set the peak: large batches, long sequences.
     """
     for module in model.modules():
         if isinstance(module, QuantizedLayer):

@@ -134,14 +134,24 @@ class FakeQuantizeFunction(torch.autograd.Function):
     - fixed scale and zero point (observed ranges, the common case): only the straight-through
       mask, one byte an element, computed with the value in one pass
       (:func:`fake_quantize_with_mask`); the backward is one multiply;
+    - the same with ``keep_input``: ``x`` and copies of the parameters, from which the backward
+      remakes the mask. For a caller that keeps ``x`` alive anyway (a layer that recomputes its
+      quantized input in backward, :func:`qat.set_recompute`): then the mask is the only new
+      tensor, and not saving it is free;
     - learnable scale or zero point: the inputs, from which the backward recomputes the rest.
 
     ``zero_point`` None means 0 (no add and subtract); it is never learnable.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, keep_input=False):
         ctx.learnable = ctx.needs_input_grad[1] or (zero_point is not None and ctx.needs_input_grad[2])
+        ctx.keep_input = keep_input and not ctx.learnable
+        if ctx.keep_input:
+            # copies: an observer may update the scale in place before this backward runs
+            ctx.save_for_backward(x, scale.detach().clone(), None if zero_point is None else zero_point.detach().clone())
+            ctx.qrange = (qmin, qmax)
+            return fake_quantize_values(x, scale, zero_point, qmin, qmax)
         if not ctx.learnable:
             y, inside = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax)
             ctx.save_for_backward(inside)
@@ -156,9 +166,16 @@ class FakeQuantizeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if ctx.keep_input:
+            x, scale, zero_point = ctx.saved_tensors
+            qmin, qmax = ctx.qrange
+            code = torch.round(x.float() / scale.float().clamp_min(MIN_SCALE))
+            if zero_point is not None:
+                code += zero_point.float().round().clamp(qmin, qmax)
+            return grad_y * ((code >= qmin) & (code <= qmax)), None, None, None, None, None, None
         if not ctx.learnable:
             (inside,) = ctx.saved_tensors
-            return grad_y * inside, None, None, None, None, None
+            return grad_y * inside, None, None, None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         s, z = _guarded(scale, zero_point, qmin, qmax)
@@ -173,7 +190,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             d_zero_point = torch.where(inside, 0.0, -s)
             grad_zero_point = (grad_y.float() * d_zero_point).sum_to_size(zero_point.shape) * ctx.grad_factor
-        return grad_x, grad_scale, grad_zero_point, None, None, None
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None
 
 
 @torch.library.custom_op("qat::fake_quantize", mutates_args=())
@@ -230,6 +247,7 @@ def fake_quantize(
     axis: int = 0,
     block_size: int = 0,
     grad_factor: float = 1.0,
+    keep_input: bool = False,
 ) -> Tensor:
     """Fake-quantize ``x`` with ONNX-layout parameters; differentiable (STE, LSQ / LSQ+).
 
@@ -243,6 +261,8 @@ def fake_quantize(
         axis: the per-channel or block axis (negative counts from the end).
         block_size: elements per block along ``axis``; 0 for per-tensor / per-channel.
         grad_factor: multiplies the scale and zero-point gradients (LSQ gradient scaling).
+        keep_input: with fixed parameters, save ``x`` for the backward pass instead of the
+            straight-through mask (for a caller that keeps ``x`` alive anyway); same gradients.
 
     Example:
         >>> import torch
@@ -258,8 +278,8 @@ def fake_quantize(
         # whole blocks: split the axis and broadcast the scales rather than repeat them to x's size
         blocks = x.unflatten(axis, (-1, block_size))
         z = None if zero_point is None else zero_point.unsqueeze(axis + 1)
-        y = FakeQuantizeFunction.apply(blocks, scale.unsqueeze(axis + 1), z, qmin, qmax, grad_factor)
+        y = FakeQuantizeFunction.apply(blocks, scale.unsqueeze(axis + 1), z, qmin, qmax, grad_factor, keep_input)
         return y.flatten(axis, axis + 1)
     s = broadcast_qparam(scale, x, axis, block_size)
     z = None if zero_point is None else broadcast_qparam(zero_point, x, axis, block_size)
-    return FakeQuantizeFunction.apply(x, s, z, qmin, qmax, grad_factor)
+    return FakeQuantizeFunction.apply(x, s, z, qmin, qmax, grad_factor, keep_input)

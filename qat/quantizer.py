@@ -126,8 +126,9 @@ class Quantizer(nn.Module):
         scale, zero_point = qparams_from_range(low, high, self.spec)
         return snapshot(scale), snapshot(zero_point)
 
-    def fake_quantize(self, x: Tensor) -> Tensor:
-        """Fake-quantize ``x`` with the current parameters, without observing it."""
+    def fake_quantize(self, x: Tensor, keep_input: bool = False) -> Tensor:
+        """Fake-quantize ``x`` with the current parameters, without observing it. ``keep_input``:
+        save ``x`` for the backward pass rather than a mask (see :func:`qat.fake_quant.fake_quantize`)."""
         if self.spec.dynamic:
             return self._fake_quantize_per_token(x)
         grad_factor = self.grad_factor(x) if self.spec.learnable else 1.0
@@ -136,7 +137,7 @@ class Quantizer(nn.Module):
         # scale / zero_point are buffers this forward may have just updated: see qat.snapshot
         return fake_quantize(
             x, snapshot(self.scale), zero_point, self.spec.qmin, self.spec.qmax,
-            axis=self.axis, block_size=self.block_size, grad_factor=grad_factor,
+            axis=self.axis, block_size=self.block_size, grad_factor=grad_factor, keep_input=keep_input,
         )
 
     def replay(self, source: Callable[[], Tensor]) -> Callable[[], Tensor]:
@@ -200,10 +201,10 @@ class Quantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keep_input: bool = False) -> Tensor:
         if self.observer_enabled:
             self.observe(x)
-        return self.fake_quantize(x) if self.fake_quant_enabled else x
+        return self.fake_quantize(x, keep_input) if self.fake_quant_enabled else x
 
     def extra_repr(self) -> str:
         flags = f"observe={self.observer_enabled}, fake_quant={self.fake_quant_enabled}"

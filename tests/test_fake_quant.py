@@ -311,3 +311,24 @@ def test_fixed_scale_backward_keeps_only_a_one_byte_mask():
     y.backward(torch.ones_like(y))
     code = torch.round(x.detach() / 0.1)
     assert torch.equal(x.grad, ((code >= -8) & (code <= 7)).float())
+
+
+@settings(max_examples=200)
+@given(fq_cases())
+def test_keep_input_saves_the_input_and_gives_the_same_value_and_gradient(case):
+    """``keep_input`` (for callers that keep ``x`` alive anyway) remakes the mask in backward:
+    the same value and straight-through gradient, bit for bit, and no mask saved."""
+    x, scale, zero_point, qmin, qmax, axis, block = case
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for keep_input in (False, True):
+        xt = torch.from_numpy(x).requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            y = fake_quantize(xt, torch.from_numpy(scale), torch.from_numpy(zero_point), qmin, qmax,
+                              axis=axis or 0, block_size=block, keep_input=keep_input)
+        y.backward(grad_y)
+        results.append((y.detach(), xt.grad, sorted({t.dtype for t in saved}, key=str)))
+    (y_mask, grad_mask, saved_mask), (y_kept, grad_kept, saved_kept) = results
+    assert torch.equal(y_kept, y_mask) and torch.equal(grad_kept, grad_mask)
+    assert saved_mask == [torch.bool] and torch.bool not in saved_kept

@@ -147,6 +147,36 @@ def test_zero_gamma_batchnorm_folds_without_nan_and_keeps_learning_gamma():
     torch.testing.assert_close(qat.strip(model)(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+def test_folded_conv_under_bf16_autocast_keeps_activations_in_bf16_and_saves_no_extra_copy():
+    """A float32 fold factor once promoted every activation after a folded conv to float32
+    under autocast (3× a float step's memory on a GPU), and the division kept the conv's output."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    float_model = TinyCNN()
+    model = qat.prepare(copy.deepcopy(float_model), {"weight": {"bits": 4}}, example_inputs=x).train()
+    model(x)
+    saved, outputs = {}, {}
+
+    def run(m, bn_name):
+        hook = getattr(m, bn_name).register_forward_hook(lambda mod, i, out: outputs.__setitem__(bn_name, out))
+        activations = []
+        with (torch.autograd.graph.saved_tensors_hooks(lambda t: activations.append(t) or t, lambda t: t),
+              torch.autocast("cpu", dtype=torch.bfloat16)):
+            m(x)
+        hook.remove()
+        # activation-sized tensors (batch first, 4-D), once each, the input image aside
+        unique = {t.untyped_storage().data_ptr(): t for t in activations if t.ndim == 4 and t.shape[0] == 4}
+        return [t for t in unique.values() if t.data_ptr() != x.data_ptr()]
+
+    saved["float"] = run(float_model, "bn1")
+    saved["qat"] = run(model, "conv1")
+    assert outputs["bn1"].dtype == outputs["conv1"].dtype == torch.bfloat16
+    assert all(t.dtype != torch.float32 for t in saved["qat"])
+    # beyond the float model's: the quantized inputs of the two convs (as bf16) and their one-byte masks
+    extra = sum(t.untyped_storage().nbytes() for t in saved["qat"]) - sum(t.untyped_storage().nbytes() for t in saved["float"])
+    assert extra <= 2 * (2 + 1) * 4 * 8 * 8 * 8
+
+
 class SharedOutput(nn.Module):
     def __init__(self):
         super().__init__()

@@ -139,3 +139,35 @@ def test_layers_reading_one_input_share_its_per_token_quantization():
     with torch.inference_mode():  # inference tensors have no version counter: nothing is shared
         x = torch.randn(2, 5, 16)
         assert torch.equal(q(x), k(x))
+
+
+def _fake_quant_saved_dtypes(out: torch.Tensor) -> list[torch.dtype]:
+    """Dtypes of what every fake-quantization node in ``out``'s graph saved for the backward pass."""
+    dtypes, seen, todo = [], set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "FakeQuantizeFunctionBackward":
+            dtypes += [t.dtype for t in node.saved_tensors if t is not None]
+        todo += [next_node for next_node, _ in node.next_functions]
+    return dtypes
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "linear"])
+def test_recomputing_layers_keep_no_straight_through_masks(model_name):
+    """While recomputing, a layer keeps its float input and its weight (a parameter) anyway, so the
+    fake quantization remakes its mask from them in backward rather than saving one byte per
+    element; a folded weight (a new tensor) keeps its mask."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8) if model_name == "cnn" else torch.randn(4, 16)
+    model = TinyCNN() if model_name == "cnn" else nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = qat.prepare(model, {"weight": {"bits": 4}}, example_inputs=x).train()
+    model(x)
+    masks = sum(d == torch.bool for d in _fake_quant_saved_dtypes(model(x.requires_grad_())))
+    qat.set_recompute(model)
+    masks_recomputing = sum(d == torch.bool for d in _fake_quant_saved_dtypes(model(x)))
+    folded = 2 if model_name == "cnn" else 0  # conv1 and dw fold their BatchNorms
+    quantized_tensors = 8 if model_name == "cnn" else 4  # each layer's weight and input
+    assert masks == quantized_tensors and masks_recomputing == folded

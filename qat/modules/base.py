@@ -62,12 +62,21 @@ class QuantizedLayer(nn.Module):
         return twin
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """The layer's input, fake-quantized when an input quantizer is set."""
-        return x if self.input_quantizer is None else self.input_quantizer(x)
+        """The layer's input, fake-quantized when an input quantizer is set. While recomputing
+        (:attr:`recompute_operands`) the layer keeps ``x`` for its backward pass, so the
+        quantizer's backward uses ``x`` too instead of saving a mask."""
+        if self.input_quantizer is None:
+            return x
+        return self.input_quantizer(x, keep_input=self.recompute_operands and recompute.active(x))
 
     def quantize_weight(self, weight: Tensor) -> Tensor:
-        """``weight`` (the layer's, or a folded one) through the weight quantizer, if any."""
-        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+        """``weight`` (the layer's, or a folded one) through the weight quantizer, if any. While
+        recomputing, the layer's own weight (a parameter, alive all along) is what the
+        quantizer's backward keeps instead of a mask."""
+        if self.weight_quantizer is None:
+            return weight
+        keep_input = self.recompute_operands and weight is self.weight and recompute.active(weight)
+        return self.weight_quantizer(weight, keep_input=keep_input)
 
     def recomputing(self, x: Tensor, x_q: Tensor, w_q: Tensor, weight_factor: Tensor | None = None) -> AbstractContextManager:
         """Context for the layer's own op (conv, matmul) when :attr:`recompute_operands` is on:

@@ -31,6 +31,29 @@ from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
 from qat.snapshot import snapshot
 
 
+class DivideChannels(torch.autograd.Function):
+    """``y / f`` for a per-channel ``f``, saving the quotient instead of ``y``.
+
+    The BatchNorm after the folded convolution saves the quotient (its input) anyway, so this
+    division adds nothing to the saved activations; plain ``y / f`` would keep the convolution's
+    output too, one more activation-sized tensor per layer. ``d(y/f)/df = -(y/f) / f``."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, factor: Tensor) -> Tensor:
+        quotient = y / factor
+        ctx.save_for_backward(quotient, factor)
+        return quotient
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        quotient, factor = ctx.saved_tensors
+        grad_y = grad / factor if ctx.needs_input_grad[0] else None
+        grad_factor = None
+        if ctx.needs_input_grad[1]:
+            grad_factor = (-(grad * quotient).sum_to_size(factor.shape) / factor)
+        return grad_y, grad_factor
+
+
 class QuantConvNd(QuantizedLayer):
     """Shared forward of the Conv1d/2d/3d twins, with BatchNorm folding."""
 
@@ -112,9 +135,13 @@ class QuantConvNd(QuantizedLayer):
         weight = self.quantize_weight(self.weight * weight_factor)
         with self.recomputing(input, x, weight, weight_factor):
             y = self._conv_forward(x, weight, None)
-        y = y / factor.reshape(self._channel_shape(x.ndim, 1))
+        # In the convolution's output dtype (bf16 under autocast), as autocast runs a float
+        # conv's bias: a float32 factor would promote every activation after it to float32 and
+        # double the memory the backward pass saves. Rounding f costs nothing in training, where
+        # the BatchNorm's batch statistics cancel any per-channel scale.
+        y = DivideChannels.apply(y, factor.to(y.dtype).reshape(self._channel_shape(x.ndim, 1)))
         if self.bias is not None:
-            y = y + self.bias.reshape(self._channel_shape(x.ndim, 1))
+            y = y + self.bias.to(y.dtype).reshape(self._channel_shape(x.ndim, 1))
         return self.bn(y)  # the module, so a BatchNorm-with-activation runs its activation too
 
     def to_float(self) -> nn.Module:
