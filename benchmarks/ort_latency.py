@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-from results_md import write_block
+from results_md import cpu_description, write_block
 
 import qat
 from qat.export import kernels
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.models:
             lines += measure(name, args.runs, Path(folder))
     footer = (f"Command: `python benchmarks/ort_latency.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-              f"{platform.processor() or platform.machine()}, onnxruntime {ort.__version__} (CPUExecutionProvider, "
+              f"{cpu_description()}, onnxruntime {ort.__version__} (CPUExecutionProvider, "
               f"{ort.SessionOptions().intra_op_num_threads or 'default'} threads), torch {torch.__version__}; median of "
               f"{args.runs} runs; {datetime.date.today():%Y-%m-%d}.")
     print(footer)

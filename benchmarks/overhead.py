@@ -23,13 +23,16 @@ Models and formats (issue 6):
   dynamic int8 per-token activations (torch.ao has no per-token or per-group fake quantization:
   per-channel int4 and per-tensor int8 there).
 - GPU (``--device cuda``): ``resnet50`` (224, batch 128) and ``llama-large`` (8 layers × 2048,
-  sequence 1024, batch 8), in bf16 autocast; ``--compile`` wraps each variant in ``torch.compile``.
+  sequence 1024, batch 8), in bf16 autocast; ``--compile`` wraps each variant's step in
+  ``torch.compile``; ``--compile regional`` compiles each repeated block instead (a decoder layer,
+  a ResNet block: PyTorch's regional compilation), which compiles one graph per kind of block
+  rather than the whole network, minutes less on a GPU machine.
 
 Memory: the peak of one step (forward, backward and optimizer step), parameters and optimizer
 state included: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, whose allocator keeps no
 statistics, the same count made at the dispatcher (:class:`LiveTensorBytes`).
 
-Run:  python benchmarks/overhead.py [--models resnet18 llama] [--device cpu] [--compile] [--write]
+Run:  python benchmarks/overhead.py [--models resnet18 llama] [--device cpu] [--compile [regional]] [--write]
 ``--write`` replaces this device's block of benchmarks/RESULTS.md.
 """
 
@@ -38,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import sys
 import time
@@ -47,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from results_md import write_block
+from results_md import cpu_description, write_block
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -188,15 +190,25 @@ def variants(work: Workload) -> dict[str, Callable[[nn.Module], nn.Module]]:
     return out
 
 
+REPEATED_BLOCKS = {"LlamaDecoderLayer", "BasicBlock", "Bottleneck"}
+"""Classes that ``--compile regional`` compiles one by one (the same code, so compiled once per shape)."""
+
+
 class Runner:
     """One variant: its model, optimizer and (optionally compiled) training step."""
 
-    def __init__(self, work: Workload, prepare: Callable[[nn.Module], nn.Module], device: str, bf16: bool, compiled: bool) -> None:
+    def __init__(self, work: Workload, prepare: Callable[[nn.Module], nn.Module], device: str, bf16: bool, compiled: str | None) -> None:
         self.model = prepare(copy.deepcopy(work.model)).to(device).train()
         self.optimizer = work.optimizer(list(self.model.parameters()))
         self.batch = tuple(t.to(device) for t in work.batch)
         self.loss, self.device, self.bf16 = work.loss, device, bf16
-        self.forward = torch.compile(self._forward_backward) if compiled else self._forward_backward
+        self.forward = torch.compile(self._forward_backward) if compiled == "step" else self._forward_backward
+        if compiled == "regional":
+            blocks = [m for m in self.model.modules() if type(m).__name__ in REPEATED_BLOCKS]
+            if not blocks:
+                raise SystemExit(f"--compile regional: no block of {sorted(REPEATED_BLOCKS)} in {type(self.model).__name__}")
+            for block in blocks:
+                block.compile()
 
     def _forward_backward(self) -> torch.Tensor:
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
@@ -275,7 +287,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.now -= nbytes
 
 
-def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, steps: int, warmup: int,
+def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: int, steps: int, warmup: int,
             only: list[str] | None = None) -> tuple[str, list[dict]]:
     """Rows for one model (``only``: these variants and float). A peer that cannot run the
     configuration (torch.ao's fake-quant under bf16 autocast) gets a row saying how it failed
@@ -313,14 +325,15 @@ def measure(name: str, device: str, bf16: bool, compiled: bool, rounds: int, ste
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} × {torch.get_num_threads()} threads (CPU), torch {torch.__version__}"
+    return f"{cpu_description()}, {torch.get_num_threads()} threads (CPU), torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--models", nargs="+", default=None, help="default: resnet18 llama (CPU), resnet50 llama-large (CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every variant's step")
+    parser.add_argument("--compile", nargs="?", const="step", choices=["step", "regional"], default=None,
+                        help="torch.compile every variant's step, or (regional) each of its repeated blocks")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1)
@@ -329,12 +342,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="time only these variants beside float (default: all), e.g. 'lightning-qat' torchao")
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    if args.compile:  # one compiled step per variant, all through Runner._forward_backward's code object
+    if args.compile:  # the variants share code objects (the step, a block's forward): one entry per variant and shape
         torch._dynamo.config.recompile_limit = 64
     default_models = ["resnet18", "llama"] if args.device == "cpu" else ["resnet50", "llama-large"]
     models = args.models or default_models
     bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
-    mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {'torch.compile' if args.compile else 'eager'}"
+    compiled, compiled_key = {None: ("eager", "eager"), "step": ("torch.compile", "compile"),
+                              "regional": ("torch.compile per block", "compile-regional")}[args.compile]
+    mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {compiled}"
     lines = ["| model | variant | step ms | × float | memory MB | memory × float |", "|---|---|---|---|---|---|"]
     for name in models:
         description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup, args.variants)
@@ -351,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{datetime.date.today():%Y-%m-%d}.")
     print(footer)
     if args.write:
-        key = f"{args.device}-{'compile' if args.compile else 'eager'}-{'bf16' if bf16 else 'fp32'}"
+        key = f"{args.device}-{compiled_key}-{'bf16' if bf16 else 'fp32'}"
         if models != default_models:  # a run of other models has its own block beside the default run's
             key += "-" + "-".join(args.models)
         write_block(f"overhead:{key}", [*lines, "", footer])
