@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -207,8 +207,8 @@ class Runner:
             blocks = [m for m in self.model.modules() if type(m).__name__ in REPEATED_BLOCKS]
             if not blocks:
                 raise SystemExit(f"--compile regional: no block of {sorted(REPEATED_BLOCKS)} in {type(self.model).__name__}")
-            for block in blocks:
-                block.compile()
+            for block in blocks:  # static shapes: ResNet blocks of different widths each compile
+                block.compile(dynamic=False)  # (a dynamic-shape graph of them failed in Inductor's lowering)
 
     def _forward_backward(self) -> torch.Tensor:
         with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
@@ -263,7 +263,7 @@ class LiveTensorBytes(TorchDispatchMode):
     this mode), until it is freed. Scratch space inside a kernel is not seen. Views of
     ``existing`` tensors (a parameter's ``detach()``) share their storage and are not counted."""
 
-    def __init__(self, existing: list[torch.Tensor] = ()) -> None:
+    def __init__(self, existing: Iterable[torch.Tensor] = ()) -> None:
         super().__init__()
         self.existing = {t.untyped_storage()._cdata for t in existing}
         self.live: set[int] = set()

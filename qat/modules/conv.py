@@ -50,7 +50,7 @@ class DivideChannels(torch.autograd.Function):
         grad_y = grad / factor if ctx.needs_input_grad[0] else None
         grad_factor = None
         if ctx.needs_input_grad[1]:
-            grad_factor = (-(grad * quotient).sum_to_size(factor.shape) / factor)
+            grad_factor = -(grad * quotient).sum_to_size(factor.shape) / factor
         return grad_y, grad_factor
 
 
