@@ -168,11 +168,8 @@ class FakeQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         if ctx.keep_input:
             x, scale, zero_point = ctx.saved_tensors
-            qmin, qmax = ctx.qrange
-            code = torch.round(x.float() / scale.float().clamp_min(MIN_SCALE))
-            if zero_point is not None:
-                code += zero_point.float().round().clamp(qmin, qmax)
-            return grad_y * ((code >= qmin) & (code <= qmax)), None, None, None, None, None, None
+            _, inside = fake_quantize_with_mask(x, scale, zero_point, *ctx.qrange)  # the forward's mask, made again
+            return grad_y * inside, None, None, None, None, None, None
         if not ctx.learnable:
             (inside,) = ctx.saved_tensors
             return grad_y * inside, None, None, None, None, None, None
