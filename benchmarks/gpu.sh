@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Everything this project checks on a lent GPU, in one call: bash benchmarks/gpu.sh [SECTION ...]
-# Sections: lightning (callback, compile parity, ONNXExport after GPU training; about 6 min on an H200)
-# and overhead (issue 6's GPU rows; at most 9 min); default both, which is more than one device call's
-# 10 minutes: pass one section per call. Each overhead step has its own time limit and log under $OUT,
+# Sections: lightning (callback, compile parity, ONNXExport after GPU training; about 6 min on an H200),
+# kernels (qat.kernels' Triton kernels against the PyTorch ops, bit for bit, on the GPU; about 2 min)
+# and overhead (issue 6's GPU rows; at most 8 min); default all, which is more than one device call's
+# 10 minutes: pass `kernels overhead` or `lightning` per call. Each overhead step has its own time limit and log under $OUT,
 # so a step that fails or runs long costs its own figures only.
 # (the GPU machine has torch, lightning, onnx, onnxruntime, timm and transformers preinstalled, no internet)
 set -uo pipefail
 OUT=${OUT:-.}
-SECTIONS=${*:-lightning overhead}
+SECTIONS=${*:-lightning kernels overhead}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # no internet there, so no build backend for `pip install -e .`: run from the checkout
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# jsonschema and torchao are not preinstalled there: carry their wheels (cp312) in .gpu-wheels/ (run's `carry`), made with
+# jsonschema, torchao and the test tools are not preinstalled there: carry their wheels (cp312) in .gpu-wheels/
+# (run's `carry`), made with
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
-#     -d .gpu-wheels jsonschema jsonschema-specifications referencing rpds-py torchao==0.17.0
-python -c "import jsonschema, torchao" 2>/dev/null || python -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
-python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+#     -d .gpu-wheels jsonschema jsonschema-specifications referencing rpds-py torchao==0.17.0 \
+#     hypothesis sortedcontainers pytest pluggy iniconfig
+python -c "import jsonschema, torchao, hypothesis, pytest" 2>/dev/null || python -m pip install -q --no-index --no-deps .gpu-wheels/*.whl
+python -c "import torch, lightning, triton; print('torch', torch.__version__, 'lightning', lightning.__version__, 'triton', triton.__version__)"
 quiet() { grep -v -E "Warning|warn|^  "; }
 # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its whole output in $OUT/NAME.log
 step() {
@@ -31,6 +34,26 @@ if [[ " $SECTIONS " == *" lightning "* ]]; then
   # ONNXExport after training on the GPU: both artifacts of the CNN and the Llama must verify
   python benchmarks/gpu_export.py "$OUT/gpu_export" 2>&1 | grep -E "^(torch|cnn|llama)"
 fi
+if [[ " $SECTIONS " == *" kernels "* ]]; then
+  # the fused kernels on CUDA tensors (tests/test_kernels.py; without a GPU it runs in Triton's interpreter)
+  # first a smoke run of every kernel variant: if one cannot compile or run, the overhead runs go on
+  # with QAT_TRITON=0 (the PyTorch ops) rather than fail
+  if ! python -c "
+import torch, qat.kernels as k
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    x = torch.randn(8, 16, 32, device='cuda').to(dtype)
+    for s in (torch.tensor(0.1, device='cuda'), torch.rand(1, 16, 1, device='cuda') + 0.01):
+        assert k.can_fuse(x, s)
+        for z in (None, torch.full_like(s, 3.0)):
+            for value, mask in ((True, True), (True, False), (False, True)):
+                k.fake_quantize_fused(x, s, z, -8, 7, value=value, mask=mask)
+    k.finite_range_fused(x); k.finite_range_fused(x.view(-1))
+torch.cuda.synchronize(); print('kernels run')"; then
+    echo "== the kernels failed to run: the overhead runs go on with QAT_TRITON=0 (the PyTorch ops)"; export QAT_TRITON=0
+  fi
+  step kernels 80 python -m pytest tests/test_kernels.py -q -p no:cacheprovider
+  tail -n 4 "$OUT/kernels.log"
+fi
 if [[ " $SECTIONS " == *" overhead "* ]]; then
   # issue 6: QAT step time and peak memory against float and the peers, bf16 autocast; each run writes
   # its block of benchmarks/RESULTS.md into $OUT/RESULTS.md. torch.ao's fake-quant fails under bf16
@@ -38,10 +61,10 @@ if [[ " $SECTIONS " == *" overhead "* ]]; then
   # compiled runs compile each repeated block (regional compilation) and time the default variant only.
   cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
   export RESULTS_MD="$OUT/RESULTS.md"
-  step eager 120 python benchmarks/overhead.py --device cuda --write
-  step compile-llama 200 python benchmarks/overhead.py --device cuda --compile regional --models llama-large \
+  step eager 150 python benchmarks/overhead.py --device cuda --write
+  step compile-llama 180 python benchmarks/overhead.py --device cuda --compile regional --models llama-large \
     --variants lightning-qat torchao --write
-  step compile-resnet50 200 python benchmarks/overhead.py --device cuda --compile regional --models resnet50 \
+  step compile-resnet50 100 python benchmarks/overhead.py --device cuda --compile regional --models resnet50 \
     --variants lightning-qat --write
   grep -h -E "^\||^Command|Error" "$OUT"/eager.log "$OUT"/compile-*.log
 fi

@@ -9,7 +9,9 @@ all of them alike. The figure is the median step time over all rounds, and the r
   quantization on (the QAT phase of the callback); ``set_recompute``: the same with
   ``qat.set_recompute`` on (quantized operands recomputed in backward instead of saved);
   ``residuals`` (ResNets): the recipe's ``residuals: true``, as in the shipped ResNet recipe
-  (residual additions quantized too).
+  (residual additions quantized too); ``PyTorch ops`` (CUDA): the default with :mod:`qat.kernels`
+  off, each fake quantization and observer as PyTorch's elementwise kernels instead of one fused
+  Triton kernel each.
 - ``torch.ao eager``: ``torch.ao.quantization.prepare_qat`` (Conv+BN fused with
   ``fuse_modules_qat``) with fused moving-average fake-quantizers in the same bit widths.
 - ``torchao``: ``torchao.quantization.qat.QATConfig`` (Linear layers only: it has no convolution
@@ -39,6 +41,7 @@ Run:  python benchmarks/overhead.py [--models resnet18 llama] [--device cpu] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import statistics
@@ -55,6 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import qat
+import qat.kernels
 
 
 @dataclass
@@ -164,7 +168,7 @@ def workload(name: str, device: str) -> Workload:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def _ours(work: Workload, recompute: bool = False, residuals: bool = False) -> Callable[[nn.Module], nn.Module]:
+def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
@@ -172,13 +176,16 @@ def _ours(work: Workload, recompute: bool = False, residuals: bool = False) -> C
         qat.set_recompute(model, recompute)
         return model
 
+    prepare.pytorch_ops = pytorch_ops  # Runner runs its steps with qat.kernels disabled
     return prepare
 
 
-def variants(work: Workload) -> dict[str, Callable[[nn.Module], nn.Module]]:
+def variants(work: Workload, device: str) -> dict[str, Callable[[nn.Module], nn.Module]]:
     out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True)}
     if work.residual_adds:
         out["lightning-qat, residuals"] = _ours(work, residuals=True)
+    if device == "cuda" and qat.kernels.triton is not None:  # what the Triton kernels save
+        out["lightning-qat, PyTorch ops"] = _ours(work, pytorch_ops=True)
     out["torch.ao eager"] = work.torch_ao
     if work.torchao is not None:
         try:
@@ -202,6 +209,7 @@ class Runner:
         self.optimizer = work.optimizer(list(self.model.parameters()))
         self.batch = tuple(t.to(device) for t in work.batch)
         self.loss, self.device, self.bf16 = work.loss, device, bf16
+        self.kernels = qat.kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
         self.forward = torch.compile(self._forward_backward) if compiled == "step" else self._forward_backward
         if compiled == "regional":
             blocks = [m for m in self.model.modules() if type(m).__name__ in REPEATED_BLOCKS]
@@ -211,9 +219,10 @@ class Runner:
                 block.compile(dynamic=False)  # (a dynamic-shape graph of them failed in Inductor's lowering)
 
     def _forward_backward(self) -> torch.Tensor:
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.loss(self.model, self.batch)
-        loss.backward()
+        with self.kernels():
+            with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.loss(self.model, self.batch)
+            loss.backward()
         return loss
 
     def step(self) -> None:
@@ -230,6 +239,11 @@ class Runner:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         return times
+
+    def parameters_without_gradient(self) -> list[str]:
+        """Trainable parameters the last step left without a gradient, or with an all-zero one."""
+        return [name for name, p in self.model.named_parameters()
+                if p.requires_grad and (p.grad is None or not bool(p.grad.any()))]
 
     def peak_bytes(self) -> int:
         """Peak memory of one step, this variant's alone: the tensors that exist before it
@@ -294,12 +308,16 @@ def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: in
     instead of figures."""
     work = workload(name, device)
     runners, failed = {}, {}
-    for label, prepare in variants(work).items():
+    for label, prepare in variants(work, device).items():
         if only is not None and label != "float" and label not in only:
             continue
         try:
             runner = Runner(work, prepare, device, bf16, compiled)
-            runner.timed_steps(warmup)  # compilation, allocator warm-up, observers' first ranges
+            runner.timed_steps(max(warmup, 1))  # compilation, allocator warm-up, observers' first ranges
+            lost = runner.parameters_without_gradient()
+            if lost:  # faster than float by skipping work is no result (compiled QAT on torch 2.11 did)
+                failed[label] = f"no gradient for {len(lost)} parameters, e.g. {lost[0]}"
+                continue
             runners[label] = runner
         except Exception as error:  # a peer's failure is a result, not a crash
             if label.startswith(("float", "lightning-qat")):

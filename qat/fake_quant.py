@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
+from qat import kernels
+
 MIN_SCALE = torch.finfo(torch.float32).eps
 """Smallest scale used: zero or tiny scales are raised to this (torch.ao observers' ``eps``)."""
 
@@ -62,8 +64,9 @@ def broadcast_qparam(param: Tensor, x: Tensor, axis: int, block_size: int) -> Te
     return param.repeat_interleave(block_size, dim=axis).narrow(axis, 0, x.shape[axis])
 
 
-def _guarded(scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    return scale.float().clamp_min(MIN_SCALE), zero_point.float().round().clamp(qmin, qmax)
+def _guarded(scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> tuple[Tensor, Tensor | None]:
+    z = None if zero_point is None else zero_point.float().round().clamp(qmin, qmax)
+    return scale.float().clamp_min(MIN_SCALE), z
 
 
 def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -74,6 +77,14 @@ def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, 
     # no `.to()` when the dtype already matches: a no-op `.to` as an autograd.Function's output
     # makes Dynamo before torch 2.13 drop the custom backward's gradient (zero gradients, seen with 2.11)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _multiply_last(t: Tensor, s: Tensor) -> Tensor:
+    """``t * s``, the last op of the in-place fast paths: in place in eager mode, out of place under
+    ``torch.compile`` (where Inductor fuses the ops and in-place buys nothing). Dynamo before torch
+    2.13 drops an ``autograd.Function``'s custom backward when its output comes from an in-place op
+    (zero gradients; seen with torch 2.11, ``tests/test_compile.py``)."""
+    return t * s if torch.compiler.is_compiling() else t.mul_(s)
 
 
 def fake_quantize_with_mask(
@@ -87,34 +98,46 @@ def fake_quantize_with_mask(
     is inside the range exactly when clamping leaves it alone. ``zero_point`` None means 0 (signed
     symmetric), which skips the add and subtract. The only bit that can differ from the reference
     is the sign of a zero: ``-0.0`` where ``x / s`` rounds to ``-0`` without a zero point to add.
+    On a GPU in eager mode one Triton kernel computes the same bits (:mod:`qat.kernels`).
     """
-    s = scale.float().clamp_min(MIN_SCALE)
+    s, z = _guarded(scale, zero_point, qmin, qmax)
+    if kernels.can_fuse(x, s):
+        return kernels.fake_quantize_fused(x, s, z, qmin, qmax)
     code = x.float() / s
     code.round_()
-    if zero_point is not None:
-        z = zero_point.float().round().clamp(qmin, qmax)
+    if z is not None:
         code.add_(z)
     clamped = code.clamp(qmin, qmax)
     inside = clamped == code
-    if zero_point is not None:
+    if z is not None:
         clamped.sub_(z)
-    y = clamped.mul_(s)
+    y = _multiply_last(clamped, s)
     return (y if y.dtype == x.dtype else y.to(x.dtype)), inside
 
 
 def fake_quantize_values(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
     """:func:`fake_quantize_with_mask`'s value alone, in four in-place passes over one new tensor
-    (five or six with a zero point): what a backward pass recomputes instead of saving."""
-    s = scale.float().clamp_min(MIN_SCALE)
+    (five or six with a zero point; one Triton kernel on a GPU): what a backward pass recomputes
+    instead of saving."""
+    s, z = _guarded(scale, zero_point, qmin, qmax)
+    if kernels.can_fuse(x, s):
+        return kernels.fake_quantize_fused(x, s, z, qmin, qmax, mask=False)[0]
     y = x.float() / s
     y.round_()
-    if zero_point is not None:
-        z = zero_point.float().round().clamp(qmin, qmax)
+    if z is not None:
         y.add_(z).clamp_(qmin, qmax).sub_(z)
     else:
         y.clamp_(qmin, qmax)
-    y.mul_(s)
+    y = _multiply_last(y, s)
     return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def straight_through_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """:func:`fake_quantize_with_mask`'s mask alone (a backward pass that did not save it)."""
+    s, z = _guarded(scale, zero_point, qmin, qmax)
+    if kernels.can_fuse(x, s):
+        return kernels.fake_quantize_fused(x, s, z, qmin, qmax, value=False)[1]
+    return fake_quantize_with_mask(x, scale, zero_point, qmin, qmax)[1]
 
 
 class FakeQuantizeFunction(torch.autograd.Function):
@@ -168,8 +191,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         if ctx.keep_input:
             x, scale, zero_point = ctx.saved_tensors
-            _, inside = fake_quantize_with_mask(x, scale, zero_point, *ctx.qrange)  # the forward's mask, made again
-            return grad_y * inside, None, None, None, None, None, None
+            return grad_y * straight_through_mask(x, scale, zero_point, *ctx.qrange), None, None, None, None, None, None
         if not ctx.learnable:
             (inside,) = ctx.saved_tensors
             return grad_y * inside, None, None, None, None, None, None

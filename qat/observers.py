@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qat import kernels
 from qat.fake_quant import fake_quantize_math
 from qat.qparams import qparams_from_range
 from qat.spec import Granularity, ObserverKind, QuantSpec
@@ -75,7 +76,11 @@ def host_reads_are_free(t: Tensor) -> bool:
 
 
 def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Min and max of each row over its finite values (``+inf, -inf`` when there are none)."""
+    """Min and max of each row over its finite values (``+inf, -inf`` when there are none), in
+    float32 for rows of any float dtype. One Triton kernel on a GPU in eager mode (:mod:`qat.kernels`)."""
+    if kernels.can_fuse_rows(rows):
+        return kernels.finite_range_fused(rows)
+    rows = rows.float()
     if host_reads_are_free(rows):
         # on the CPU a host read costs nothing: when every row's plain min and max are finite (no
         # NaN or inf anywhere), they are the answer, in two passes instead of five
@@ -135,7 +140,7 @@ class Observer(nn.Module):
     @torch.no_grad()
     def forward(self, x: Tensor) -> None:
         """Fold ``x`` into the range."""
-        low, high = self.batch_range(x.detach().float())
+        low, high = self.batch_range(x.detach())
         if self.sync:
             low, high = self.all_reduce(low, high)
         low, high = self.combine(low, high)
@@ -143,7 +148,9 @@ class Observer(nn.Module):
         self.max_val.copy_(high)
 
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """This batch's range per group (``+inf, -inf`` / NaN where a group has no finite value)."""
+        """This batch's range per group, float32 (``+inf, -inf`` / NaN where a group has no finite
+        value), from ``x`` in its own dtype: the min and max of bf16 values are exact in float32,
+        so no float32 copy of ``x`` is made."""
         return reduce_groups(x, self.spec, self.axis, finite_range)
 
     def all_reduce(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,7 +200,7 @@ class PercentileObserver(MovingAverageMinMaxObserver):
 
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         p = self.spec.percentile
-        return reduce_groups(x, self.spec, self.axis, lambda rows: finite_percentiles(rows, 100 - p, p))
+        return reduce_groups(x.float(), self.spec, self.axis, lambda rows: finite_percentiles(rows, 100 - p, p))
 
     def all_reduce(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
         """The mean of the ranks' percentiles (a percentile of the union needs all the data)."""
@@ -208,7 +215,7 @@ class MSEObserver(Observer):
     """Clipping search: the shrunk min/max range with the least fake-quantization error."""
 
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return reduce_groups(x, self.spec, self.axis, self._search)
+        return reduce_groups(x.float(), self.spec, self.axis, self._search)
 
     def _search(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         low, high = finite_range(rows)  # (S...)

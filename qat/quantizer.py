@@ -122,7 +122,7 @@ class Quantizer(nn.Module):
         Snapshotted so a compiled backward reuses them: recomputed there with other arithmetic,
         a row's maximum — which sits exactly on the tie ``(qmax - qmin) / 2`` — can round the
         other way and flip its straight-through mask."""
-        low, high = reduce_groups(x.detach().float(), self.spec, x.ndim - 1, finite_range)
+        low, high = reduce_groups(x.detach(), self.spec, x.ndim - 1, finite_range)
         scale, zero_point = qparams_from_range(low, high, self.spec)
         return snapshot(scale), snapshot(zero_point)
 

@@ -145,11 +145,11 @@ def test_compile_on_torch_that_reports_exporting_under_compile(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("learnable", [False, True])
-def test_compiled_fake_quant_gradients_match_eager(dtype, learnable):
+@pytest.mark.parametrize("learnable,keep_input", [(False, False), (False, True), (True, False)])
+def test_compiled_fake_quant_gradients_match_eager(dtype, learnable, keep_input):
     """Gradients of x, scale and zero point through a compiled fake-quant equal eager's. On torch
-    2.11 a no-op ``.to(dtype)`` at the end of the forward made Dynamo drop the custom backward
-    (all-zero gradients); this fails there with that code."""
+    2.11 Dynamo dropped the custom backward (all-zero gradients) when the forward's output was a
+    no-op ``.to(dtype)`` or came from an in-place op; this fails there with either."""
     torch.manual_seed(0)
     x = torch.randn(16, 32).to(dtype).requires_grad_()
     scale = torch.full((16,), 0.1, requires_grad=learnable)
@@ -157,7 +157,8 @@ def test_compiled_fake_quant_gradients_match_eager(dtype, learnable):
     inputs = (x, scale, zero_point) if learnable else (x,)
 
     def loss(x, scale, zero_point):
-        return fake_quantize(x, scale, zero_point, 0, 15, axis=0, grad_factor=0.5).float().pow(2).sum()
+        y = fake_quantize(x, scale, zero_point, 0, 15, axis=0, grad_factor=0.5, keep_input=keep_input)
+        return y.float().pow(2).sum()
 
     expected = torch.autograd.grad(loss(x, scale, zero_point), inputs)
     torch._dynamo.reset()
@@ -165,3 +166,20 @@ def test_compiled_fake_quant_gradients_match_eager(dtype, learnable):
     for e, g in zip(expected, got, strict=True):
         assert e.abs().sum() > 0
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_regional_compilation_keeps_every_gradient():
+    """Compiling one quantized layer of a model (regional compilation, ``module.compile``) gives
+    every parameter the gradient eager gives. On torch 2.11 the compiled layer's weight got a zero
+    gradient while the step ran faster than float: the fast path's in-place last op."""
+    model, x = _prepared(None)
+    eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
+    compiled.fc1.compile(backend="aot_eager")
+    grads = []
+    for m in (eager, compiled):
+        m(x).pow(2).mean().backward()
+        grads.append({name: p.grad for name, p in m.named_parameters()})
+    for name, expected in grads[0].items():
+        assert expected.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], expected, rtol=0, atol=0, msg=name)
