@@ -15,7 +15,9 @@ They are used where they apply (:func:`can_fuse`): a CUDA tensor, outside ``torc
 Inductor fuses the PyTorch ops itself) and outside export, when Triton is installed. Everywhere
 else, and as the reference in tests, the PyTorch ops run. Results are equal bit for bit: division
 is IEEE round-to-nearest (``div_rn``; Triton's ``/`` is approximate), rounding is half to even,
-NaN propagates as in ``torch.clamp``, and the sign of a zero is kept.
+NaN propagates as in ``torch.clamp``, subnormals are kept. The sign of a zero is kept too, which
+is where PyTorch's own ops disagree between devices: ``clamp(-0.0, min=0)`` is ``-0.0`` on the
+CPU and ``0.0`` on CUDA; the kernel gives the CPU's.
 
 Set ``QAT_TRITON=0`` in the environment, or use :func:`disabled`, to run the PyTorch ops instead.
 Tests without a GPU run the kernels on CPU tensors in Triton's interpreter: ``TRITON_INTERPRET=1``
