@@ -25,6 +25,7 @@ observers need no reduction: data-parallel training keeps weights identical on e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -85,10 +86,18 @@ def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
         # on the CPU a host read costs nothing: when every row's plain min and max are finite (no
         # NaN or inf anywhere), they are the answer, in two passes instead of five
         low, high = rows.amin(-1), rows.amax(-1)
-        if bool(torch.isfinite(low).all() & torch.isfinite(high).all()):
+        # finite when the spreads' sum is: three small ops rather than isfinite's ten (an overflow
+        # of the sum only sends finite rows down the masked path, which gives the same answer)
+        if math.isfinite((high - low).sum().item()):
             return low, high
     finite = torch.isfinite(rows)
     return rows.masked_fill(~finite, float("inf")).amin(-1), rows.masked_fill(~finite, float("-inf")).amax(-1)
+
+
+def both_finite(a: Tensor, b: Tensor) -> Tensor:
+    """``isfinite(a) & isfinite(b)`` in four small ops instead of nine (``isfinite`` is four on its
+    own): ``x * 0`` is ±0 for a finite ``x`` and NaN for ±inf or NaN."""
+    return (a * 0 + b * 0) == 0
 
 
 def finite_percentiles(rows: Tensor, low: float, high: float) -> tuple[Tensor, Tensor]:
@@ -163,7 +172,7 @@ class Observer(nn.Module):
         """The new range from the old one and this batch's."""
         if self.accumulate:
             return torch.minimum(self.min_val, low), torch.maximum(self.max_val, high)
-        seen = torch.isfinite(low) & torch.isfinite(high)
+        seen = both_finite(low, high)
         return torch.where(seen, low, self.min_val), torch.where(seen, high, self.max_val)
 
     def qparams(self) -> tuple[Tensor, Tensor]:
@@ -188,7 +197,7 @@ class MovingAverageMinMaxObserver(Observer):
 
     def combine(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
         c = self.spec.averaging_constant
-        seen = torch.isfinite(low) & torch.isfinite(high)
+        seen = both_finite(low, high)
         first = torch.isinf(self.min_val) | torch.isinf(self.max_val)
         new_low = torch.where(first, low, self.min_val + c * (low - self.min_val))
         new_high = torch.where(first, high, self.max_val + c * (high - self.max_val))

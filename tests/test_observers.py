@@ -13,7 +13,7 @@ import torch.ao.quantization.observer as ao
 
 from qat import QuantSpec
 from qat.fake_quant import fake_quantize
-from qat.observers import MSE_MIN_RATIO, MSE_STEPS, make_observer
+from qat.observers import MSE_MIN_RATIO, MSE_STEPS, both_finite, make_observer
 from qat.qparams import qparams_from_range
 
 AO_CASES = [
@@ -220,3 +220,9 @@ def test_activation_ranges_are_identical_on_every_rank():
     x1 = torch.randn(64) * 2
     assert rank0[0][2] == min(x0.min().item(), x1.min().item())
     assert rank0[0][3] == max(x0.max().item(), x1.max().item())
+
+
+def test_both_finite_is_isfinite_of_both():
+    values = torch.tensor([0.0, -0.0, 1.0, -3e38, 3.4e38, 1e-45, float("inf"), float("-inf"), float("nan")])
+    a, b = torch.meshgrid(values, values, indexing="ij")
+    assert torch.equal(both_finite(a, b), torch.isfinite(a) & torch.isfinite(b))
