@@ -201,6 +201,17 @@ REPEATED_BLOCKS = {"LlamaDecoderLayer", "BasicBlock", "Bottleneck"}
 """Classes that ``--compile regional`` compiles one by one (the same code, so compiled once per shape)."""
 
 
+def compile_blocks(model: nn.Module, **options) -> None:
+    """Regional compilation: ``torch.compile`` each of ``model``'s :data:`REPEATED_BLOCKS`, with static
+    shapes (ResNet blocks of different widths each compile; a dynamic-shape graph of them failed in
+    Inductor's lowering). ``options`` go to ``compile`` (a backend)."""
+    blocks = [m for m in model.modules() if type(m).__name__ in REPEATED_BLOCKS]
+    if not blocks:
+        raise SystemExit(f"--compile regional: no block of {sorted(REPEATED_BLOCKS)} in {type(model).__name__}")
+    for block in blocks:
+        block.compile(dynamic=False, **options)
+
+
 class Runner:
     """One variant: its model, optimizer and (optionally compiled) training step."""
 
@@ -212,11 +223,7 @@ class Runner:
         self.kernels = qat.kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
         self.forward = torch.compile(self._forward_backward) if compiled == "step" else self._forward_backward
         if compiled == "regional":
-            blocks = [m for m in self.model.modules() if type(m).__name__ in REPEATED_BLOCKS]
-            if not blocks:
-                raise SystemExit(f"--compile regional: no block of {sorted(REPEATED_BLOCKS)} in {type(self.model).__name__}")
-            for block in blocks:  # static shapes: ResNet blocks of different widths each compile
-                block.compile(dynamic=False)  # (a dynamic-shape graph of them failed in Inductor's lowering)
+            compile_blocks(self.model)
 
     def _forward_backward(self) -> torch.Tensor:
         with self.kernels():

@@ -32,9 +32,7 @@ def main() -> None:
     for mode in ("eager", "regional"):
         model = copy.deepcopy(base)
         if mode == "regional":
-            for block in model.modules():
-                if type(block).__name__ in overhead.REPEATED_BLOCKS:
-                    block.compile(dynamic=False, backend=args.backend)
+            overhead.compile_blocks(model, backend=args.backend)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = work.loss(model, batch)
         loss.backward()

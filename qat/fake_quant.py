@@ -103,6 +103,11 @@ def fake_quantize_with_mask(
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
         return kernels.fake_quantize_fused(x, s, z, qmin, qmax)
+    return _with_mask_ops(x, s, z, qmin, qmax)
+
+
+def _with_mask_ops(x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """:func:`fake_quantize_with_mask` in PyTorch ops, with ``s`` and ``z`` already guarded."""
     code = x.float() / s
     code.round_()
     if z is not None:
@@ -137,7 +142,7 @@ def straight_through_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, q
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
         return kernels.fake_quantize_fused(x, s, z, qmin, qmax, value=False)[1]
-    return fake_quantize_with_mask(x, scale, zero_point, qmin, qmax)[1]
+    return _with_mask_ops(x, s, z, qmin, qmax)[1]
 
 
 class FakeQuantizeFunction(torch.autograd.Function):
