@@ -34,7 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from qat.errors import QATError
-from qat.fake_quant import MIN_SCALE, broadcast_qparam, export_face, fake_quantize, fake_quantize_math, fake_quantize_values
+from qat.fake_quant import (
+    MIN_SCALE,
+    broadcast_qparam,
+    export_face,
+    fake_quantize,
+    fake_quantize_folded,
+    fake_quantize_math,
+    fake_quantize_values,
+)
 from qat.observers import finite_range, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
 from qat.snapshot import snapshot
@@ -201,10 +209,34 @@ class Quantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
-    def forward(self, x: Tensor, keep_input: bool = False) -> Tensor:
+    def forward(self, x: Tensor, keep_input: bool = False, factor: Tensor | None = None) -> Tensor:
+        """Observe (when on) and fake-quantize (when on) ``x``, or ``x * factor`` when a factor is
+        given (a folded BatchNorm's per-channel factor): then in eager training one autograd node
+        does the product and the fake quantization (:func:`~qat.fake_quant.fake_quantize_folded`)."""
+        if factor is not None and self._folds_in_one_node(x, factor, keep_input):
+            with torch.no_grad():
+                folded = x * factor
+            if self.observer_enabled:
+                self.observe(folded)
+            zero_point = None if self.zero_point_is_zero else self.zero_point
+            return fake_quantize_folded(x, factor, folded, self.scale, zero_point, self.spec.qmin, self.spec.qmax, axis=self.axis)
+        if factor is not None:
+            x = x * factor
         if self.observer_enabled:
             self.observe(x)
         return self.fake_quantize(x, keep_input) if self.fake_quant_enabled else x
+
+    def _folds_in_one_node(self, x: Tensor, factor: Tensor, keep_input: bool) -> bool:
+        """Whether :func:`~qat.fake_quant.fake_quantize_folded` applies: eager training with fixed
+        per-tensor or per-channel parameters, float32 operands of one shape (after broadcasting,
+        ``x``'s). Elsewhere the product and the fake quantization are two ops (compiled graphs
+        fuse them anyway)."""
+        return (
+            self.fake_quant_enabled and not keep_input and not self.spec.dynamic and not self.spec.learnable
+            and self.block_size == 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not export_face() and x.dtype == factor.dtype == torch.float32
+            and torch.broadcast_shapes(x.shape, factor.shape) == x.shape
+        )
 
     def extra_repr(self) -> str:
         flags = f"observe={self.observer_enabled}, fake_quant={self.fake_quant_enabled}"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx_oracle import onnx_fake_quant
 
@@ -18,6 +18,7 @@ from qat.fake_quant import (
     FakeQuantizeFunction,
     broadcast_qparam,
     fake_quantize,
+    fake_quantize_folded,
     fake_quantize_math,
     fake_quantize_op,
     fake_quantize_values,
@@ -296,6 +297,9 @@ def test_fast_path_gives_the_reference_value_and_straight_through_mask(case):
     assert torch.equal(fake_quantize_values(x, s, z, qmin, qmax), y)
     code = torch.round(x / s.clamp_min(MIN_SCALE)) + z
     assert torch.equal(inside, (code >= qmin) & (code <= qmax))
+    scratch = x.clone()  # overwrite: the result in the caller's temporary, the same bits
+    y_over, inside_over = fake_quantize_with_mask(scratch, s, z, qmin, qmax, overwrite=True)
+    assert torch.equal(y_over, y) and torch.equal(inside_over, inside)
     if not zero_point.any():  # None: the signed symmetric form, without the add and subtract
         y_none, inside_none = fake_quantize_with_mask(x, s, None, qmin, qmax)
         assert torch.equal(y_none, y) and torch.equal(inside_none, inside)
@@ -332,3 +336,32 @@ def test_keep_input_saves_the_input_and_gives_the_same_value_and_gradient(case):
     (y_mask, grad_mask, saved_mask), (y_kept, grad_kept, saved_kept) = results
     assert torch.equal(y_kept, y_mask) and torch.equal(grad_kept, grad_mask)
     assert saved_mask == [torch.bool] and torch.bool not in saved_kept
+
+
+@settings(max_examples=300)
+@given(fq_cases(), st.lists(st.floats(-4.0, 4.0, width=32), min_size=5, max_size=5))
+def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, factors):
+    """BatchNorm folding's one node (``fake_quantize_folded``) against ``fake_quantize(w * f)``:
+    the value and the gradients of ``w`` and ``f``, bit for bit, with only the mask saved besides
+    ``w`` and ``f``."""
+    x, scale, zero_point, qmin, qmax, axis, block = case
+    assume(block == 0)
+    factor_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    factor = torch.tensor(factors[: x.shape[0]]).reshape(factor_shape)
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    z = None if not zero_point.any() and qmin < 0 else torch.from_numpy(zero_point)
+    results = []
+    for folded_node in (False, True):
+        w, f = torch.from_numpy(x).requires_grad_(), factor.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
+            if folded_node:
+                y = fake_quantize_folded(w, f, (w * f).detach(), torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0)
+            else:
+                y = fake_quantize(w * f, torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0)
+        y.backward(grad_y)
+        results.append((y.detach(), w.grad, f.grad, saved))
+    (y_two, gw_two, gf_two, _), (y_one, gw_one, gf_one, saved_one) = results
+    for got, expected in ((y_one, y_two), (gw_one, gw_two), (gf_one, gf_two)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    assert sorted(t.dtype for t in saved_one if t.dtype == torch.bool) == [torch.bool]

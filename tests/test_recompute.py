@@ -149,7 +149,7 @@ def _fake_quant_saved_dtypes(out: torch.Tensor) -> list[torch.dtype]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "FakeQuantizeFunctionBackward":
+        if type(node).__name__ in ("FakeQuantizeFunctionBackward", "FoldedFakeQuantizeFunctionBackward"):
             dtypes += [t.dtype for t in node.saved_tensors if t is not None]
         todo += [next_node for next_node, _ in node.next_functions]
     return dtypes

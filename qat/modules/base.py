@@ -69,14 +69,15 @@ class QuantizedLayer(nn.Module):
             return x
         return self.input_quantizer(x, keep_input=self.recompute_operands and recompute.active(x))
 
-    def quantize_weight(self, weight: Tensor) -> Tensor:
-        """``weight`` (the layer's, or a folded one) through the weight quantizer, if any. While
-        recomputing, the layer's own weight (a parameter, alive all along) is what the
-        quantizer's backward keeps instead of a mask."""
+    def quantize_weight(self, weight: Tensor, factor: Tensor | None = None) -> Tensor:
+        """``weight`` (times ``factor``, a folded BatchNorm's, when given) through the weight
+        quantizer, if any. While recomputing, the layer's own unfolded weight (a parameter, alive
+        all along) is what the quantizer's backward keeps instead of a mask."""
         if self.weight_quantizer is None:
-            return weight
-        keep_input = self.recompute_operands and weight is self.weight and recompute.active(weight)
-        return self.weight_quantizer(weight, keep_input=keep_input)
+            return weight if factor is None else weight * factor
+        unfolded = factor is None and weight is self.weight
+        keep_input = self.recompute_operands and unfolded and recompute.active(weight)
+        return self.weight_quantizer(weight, keep_input=keep_input, factor=factor)
 
     def recomputing(self, x: Tensor, x_q: Tensor, w_q: Tensor, weight_factor: Tensor | None = None) -> AbstractContextManager:
         """Context for the layer's own op (conv, matmul) when :attr:`recompute_operands` is on:

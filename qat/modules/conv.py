@@ -132,7 +132,7 @@ class QuantConvNd(QuantizedLayer):
         # γ's gradient (folding with 0 would zero the normalised input and freeze γ at 0).
         factor = torch.where(factor == 0, torch.ones_like(factor), factor)
         weight_factor = factor.reshape(self._channel_shape(self.weight.ndim, 0))
-        weight = self.quantize_weight(self.weight * weight_factor)
+        weight = self.quantize_weight(self.weight, weight_factor)
         with self.recomputing(input, x, weight, weight_factor):
             y = self._conv_forward(x, weight, None)
         # In the convolution's output dtype (bf16 under autocast), as autocast runs a float
