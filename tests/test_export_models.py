@@ -94,6 +94,40 @@ def test_llama_ort_artifact_runs_matmulnbits(tmp_path):
     device_entry = read_qparams(sidecar_path(result.device.path))["tensors"]["model.layers.0.mlp.down_proj.weight_quantized"]
     assert (device_entry["axis"], device_entry["shape"]) == (1, [32, 64])
     np.testing.assert_array_equal(np.reshape(entry["scale"], (4, 32)), np.reshape(device_entry["scale"], (32, 4)).T)
+    # the embedding: rows dequantized as they are gathered in the ort artifact, the whole table in the device one
+    assert result.ort.kernels["model.embed_tokens"] == "GatherBlockQuantized"
+    assert result.device.kernels["model.embed_tokens"] == "float Gather"
+    produced = {o for n in onnx.load(str(result.ort.path)).graph.node for o in n.output}
+    assert qparams["tensors"]["model.embed_tokens.weight_quantized"]["dequantized"] in produced
+    _assert_gathered_rows_equal_the_dequantized_table(result.ort.path, result.device.path, "model.embed_tokens.weight_quantized", 128)
+
+
+def _assert_gathered_rows_equal_the_dequantized_table(ort_path, device_path, table: str, vocabulary: int) -> None:
+    """The ort artifact's GatherBlockQuantized, run alone on every row, against the device
+    artifact's DequantizeLinear of the whole table followed by Gather: equal bit for bit."""
+    import onnxruntime as ort
+
+    def lone_node(path, op_type: str) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+        graph = onnx.load(str(path)).graph
+        node = next(n for n in graph.node if n.op_type == op_type and n.input[0] == table)
+        return node, [t for t in graph.initializer if t.name in node.input]
+
+    fused, fused_tables = lone_node(ort_path, "GatherBlockQuantized")
+    dequantize, device_tables = lone_node(device_path, "DequantizeLinear")
+    fused.input[1], dequantize.output[0] = "ids", "table"
+    del fused.output[:]
+    fused.output.append("rows")
+    gather = onnx.helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)
+    ids = onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [vocabulary])
+    out = onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)
+    opsets = [onnx.helper.make_opsetid("", 21), onnx.helper.make_opsetid("com.microsoft", 1)]
+    rows = []
+    for nodes, tables in (([fused], fused_tables), ([dequantize, gather], device_tables)):
+        model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [ids], [out], tables), opset_imports=opsets)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        rows.append(session.run(None, {"ids": np.arange(vocabulary)})[0])
+    np.testing.assert_array_equal(rows[0], rows[1])
+
 
 
 def _export_calibrated(model, recipe, path):

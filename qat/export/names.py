@@ -39,6 +39,8 @@ class QuantizedTensor:
     quantizer: str
     """Module path of the :class:`~qat.quantizer.Quantizer` (``conv1.weight_quantizer``)."""
     dequantize: ir.Node
+    """The DequantizeLinear; in an *ort* artifact's quantized embedding, the GatherBlockQuantized
+    that replaced it (:func:`qat.export.ort_layout.gather_block_quantized`)."""
     quantize: ir.Node | None
     """None for a weight whose QuantizeLinear was evaluated into an initializer."""
 
@@ -71,12 +73,20 @@ class QuantizedTensor:
         return value
 
     @property
+    def _scale_input(self) -> int:
+        """Where the scale is among the dequantizing node's inputs: ``DequantizeLinear(x, scale,
+        zero_point)``, or ``GatherBlockQuantized(data, indices, scales, zero_points)`` (an *ort*
+        artifact's embedding, :func:`qat.export.ort_layout.gather_block_quantized`)."""
+        return 2 if self.dequantize.op_type == "GatherBlockQuantized" else 1
+
+    @property
     def scale(self) -> ir.Value:
-        return self.dequantize.inputs[1]
+        return self.dequantize.inputs[self._scale_input]
 
     @property
     def zero_point(self) -> ir.Value | None:
-        return self.dequantize.inputs[2] if len(self.dequantize.inputs) > 2 else None
+        index = self._scale_input + 1
+        return self.dequantize.inputs[index] if len(self.dequantize.inputs) > index else None
 
 
 def node_quantizer(node: ir.Node, strip: str = "") -> str | None:

@@ -383,6 +383,7 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
         ort_layout.widen_small_activations(tensors)
         if ort_layout.matmul_nbits_layout(tensors):
             config = dict(ort_layout.SESSION_CONFIG)
+        ort_layout.gather_block_quantized(tensors)
         onnxscript.optimizer.remove_unused_nodes(graph)
     tensors = [t for t in tensors if t.dequantize.graph is not None]
     config.update(ort_layout.session_options_for(tensors, kind))

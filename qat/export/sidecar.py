@@ -112,7 +112,7 @@ def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer, layer_name: str)
         zero_point = [0] * len(scale)
     observed_min, observed_max = _observed(quantizer)
     block = dq.attributes.get("block_size")
-    axis = dq.attributes.get("axis")
+    axis = dq.attributes.get("axis", dq.attributes.get("quantize_axis"))  # GatherBlockQuantized: quantize_axis
     shape = tensor.quantized.shape
     float_value = tensor.float_value
     return {
