@@ -29,6 +29,9 @@ Models and formats (issue 6):
   ``torch.compile``; ``--compile regional`` compiles each repeated block instead (a decoder layer,
   a ResNet block: PyTorch's regional compilation), which compiles one graph per kind of block
   rather than the whole network, minutes less on a GPU machine.
+- ``--accumulate K``: gradient accumulation, K forward and backward passes per optimizer step,
+  with one more variant, ``set_weight_reuse`` (each weight fake-quantized once per optimizer
+  step; the Lightning callback turns it on when ``accumulate_grad_batches > 1``).
 
 Memory: the peak of one step (forward, backward and optimizer step), parameters and optimizer
 state included: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, whose allocator keeps no
@@ -168,20 +171,24 @@ def workload(name: str, device: str) -> Workload:
     raise SystemExit(f"unknown model {name!r}")
 
 
-def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False) -> Callable[[nn.Module], nn.Module]:
+def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False,
+          reuse: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
         model = qat.prepare(model, {**work.recipe, "residuals": residuals}, example_inputs=example)
         qat.set_recompute(model, recompute)
+        qat.set_weight_reuse(model, reuse)
         return model
 
     prepare.pytorch_ops = pytorch_ops  # Runner runs its steps with qat.kernels disabled
     return prepare
 
 
-def variants(work: Workload, device: str) -> dict[str, Callable[[nn.Module], nn.Module]]:
+def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Callable[[nn.Module], nn.Module]]:
     out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True)}
+    if accumulate > 1:  # what the Lightning callback does with accumulate_grad_batches > 1
+        out["lightning-qat, set_weight_reuse"] = _ours(work, reuse=True)
     if work.residual_adds:
         out["lightning-qat, residuals"] = _ours(work, residuals=True)
     if device == "cuda" and qat.kernels.triton is not None:  # what the Triton kernels save
@@ -215,11 +222,12 @@ def compile_blocks(model: nn.Module, **options) -> None:
 class Runner:
     """One variant: its model, optimizer and (optionally compiled) training step."""
 
-    def __init__(self, work: Workload, prepare: Callable[[nn.Module], nn.Module], device: str, bf16: bool, compiled: str | None) -> None:
+    def __init__(self, work: Workload, prepare: Callable[[nn.Module], nn.Module], device: str, bf16: bool, compiled: str | None,
+                 accumulate: int = 1) -> None:
         self.model = prepare(copy.deepcopy(work.model)).to(device).train()
         self.optimizer = work.optimizer(list(self.model.parameters()))
         self.batch = tuple(t.to(device) for t in work.batch)
-        self.loss, self.device, self.bf16 = work.loss, device, bf16
+        self.loss, self.device, self.bf16, self.accumulate = work.loss, device, bf16, accumulate
         self.kernels = qat.kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
         self.forward = torch.compile(self._forward_backward) if compiled == "step" else self._forward_backward
         if compiled == "regional":
@@ -233,8 +241,10 @@ class Runner:
         return loss
 
     def step(self) -> None:
+        """One optimizer step, after :attr:`accumulate` forward and backward passes (micro-batches)."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.forward()
+        for _ in range(self.accumulate):
+            self.forward()
         self.optimizer.step()
 
     def timed_steps(self, steps: int) -> list[float]:
@@ -259,6 +269,10 @@ class Runner:
         other variants' models live on the same card); on the CPU, whose allocator keeps no
         statistics, the peak of :class:`LiveTensorBytes`."""
         self.optimizer.zero_grad(set_to_none=True)
+        if any(q.reuse_unchanged for _, q in qat.quantizers(self.model)):
+            # the weights the last step kept are stale now and made again inside this step, where they count
+            qat.set_weight_reuse(self.model, False)
+            qat.set_weight_reuse(self.model, True)
         state = [*self.model.parameters(), *self.model.buffers()]
         state += [t for per_param in self.optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
         own = sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state}.values())
@@ -309,17 +323,17 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: int, steps: int, warmup: int,
-            only: list[str] | None = None) -> tuple[str, list[dict]]:
+            only: list[str] | None = None, accumulate: int = 1) -> tuple[str, list[dict]]:
     """Rows for one model (``only``: these variants and float). A peer that cannot run the
     configuration (torch.ao's fake-quant under bf16 autocast) gets a row saying how it failed
     instead of figures."""
     work = workload(name, device)
     runners, failed = {}, {}
-    for label, prepare in variants(work, device).items():
+    for label, prepare in variants(work, device, accumulate).items():
         if only is not None and label != "float" and label not in only:
             continue
         try:
-            runner = Runner(work, prepare, device, bf16, compiled)
+            runner = Runner(work, prepare, device, bf16, compiled, accumulate)
             runner.timed_steps(max(warmup, 1))  # compilation, allocator warm-up, observers' first ranges
             lost = runner.parameters_without_gradient()
             if lost:  # faster than float by skipping work is no result (compiled QAT on torch 2.11 did)
@@ -344,7 +358,8 @@ def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: in
         rows.append({"variant": label, "ms": 1000 * median, "ratio": median / base_time,
                      "memory_mb": memory[label] / 2**20, "memory_ratio": memory[label] / base_memory})
     rows += [{"variant": label, "failed": reason} for label, reason in failed.items()]
-    return work.description, rows
+    description = work.description + (f"; {accumulate} micro-batches per optimizer step" if accumulate > 1 else "")
+    return description, rows
 
 
 def machine(device: str) -> str:
@@ -363,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="micro-batches (forward and backward passes) per optimizer step: gradient accumulation")
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help="time only these variants beside float (default: all), e.g. 'lightning-qat' torchao")
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
@@ -377,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {compiled}"
     lines = ["| model | variant | step ms | × float | memory MB | memory × float |", "|---|---|---|---|---|---|"]
     for name in models:
-        description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup, args.variants)
+        description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup, args.variants,
+                                    args.accumulate)
         for row in rows:
             if "failed" in row:
                 line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | |"
@@ -394,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
         key = f"{args.device}-{compiled_key}-{'bf16' if bf16 else 'fp32'}"
         if models != default_models:  # a run of other models has its own block beside the default run's
             key += "-" + "-".join(args.models)
+        if args.accumulate > 1:
+            key += f"-accumulate{args.accumulate}"
         write_block(f"overhead:{key}", [*lines, "", footer])
 
 

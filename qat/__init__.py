@@ -18,7 +18,16 @@ The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
 from qat.calibrate import calibrate
-from qat.control import deployed, evaluating, freeze_bn_stats, quantizers, set_fake_quant, set_observers, set_recompute
+from qat.control import (
+    deployed,
+    evaluating,
+    freeze_bn_stats,
+    quantizers,
+    set_fake_quant,
+    set_observers,
+    set_recompute,
+    set_weight_reuse,
+)
 from qat.errors import ConfigError, QATError
 from qat.fake_quant import exporting, fake_quantize
 from qat.mixed_precision import MixedPrecision, mixed_precision
@@ -65,6 +74,7 @@ __all__ = [
     "set_fake_quant",
     "set_observers",
     "set_recompute",
+    "set_weight_reuse",
     "strip",
     "summary",
 ]

@@ -66,6 +66,34 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
             module.recompute_operands = bool(enabled)
 
 
+def set_weight_reuse(model: nn.Module, enabled: bool = True) -> None:
+    """Fake-quantize each weight once per change rather than once per forward pass: with gradient
+    accumulation, the micro-batches between two optimizer steps use the same weights.
+
+    Each weight quantizer then keeps its fake-quantized weight and straight-through mask and uses
+    them again while the weight (a parameter, by its version counter) and the scale are
+    unchanged; the values and gradients are the same, bit for bit. It applies to fixed scales
+    whose observer, if on, takes the current weight's range (``minmax``, ``mse``), in eager
+    training; BatchNorm-folded weights change with the running statistics and are not kept. The
+    cost is memory: one more weight-sized tensor (and a one-byte mask) per layer between steps.
+    The Lightning callback turns it on when ``accumulate_grad_batches > 1``. Turning it off frees
+    what was kept.
+
+    Example:
+        >>> import torch
+        >>> import qat
+        >>> model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 4)), {"weight": {"bits": 4}})
+        >>> qat.set_weight_reuse(model)
+        >>> for micro_batch in torch.randn(4, 2, 8):
+        ...     model(micro_batch).sum().backward()  # the weight is fake-quantized once
+    """
+    for _, quantizer in quantizers(model):
+        if quantizer.role == "weight":
+            quantizer.reuse_unchanged = bool(enabled)
+            if not enabled:
+                quantizer._kept = None
+
+
 def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
     """Freeze (or unfreeze) the statistics of every BatchNorm folded into a convolution."""
     for module in model.modules():

@@ -367,12 +367,60 @@ def fake_quantize(
     if export_face():
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         return torch.ops.qat.fake_quantize(x, scale, zero_point, qmin, qmax, axis, block_size)
+    x_in, s, z, restore = _in_layout(x, scale, zero_point, axis, block_size)
+    return restore(FakeQuantizeFunction.apply(x_in, s, z, qmin, qmax, grad_factor, keep_input))
+
+
+def _in_layout(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int, block_size: int):
+    """``x`` and its parameters laid out to broadcast against each other (``axis`` non-negative),
+    and the function that takes a result back to ``x``'s shape. Whole blocks split the axis and
+    broadcast the scales rather than repeat them to ``x``'s size."""
     if block_size and scale.ndim and scale.shape[axis] > 1 and x.shape[axis] % block_size == 0:
-        # whole blocks: split the axis and broadcast the scales rather than repeat them to x's size
-        blocks = x.unflatten(axis, (-1, block_size))
         z = None if zero_point is None else zero_point.unsqueeze(axis + 1)
-        y = FakeQuantizeFunction.apply(blocks, scale.unsqueeze(axis + 1), z, qmin, qmax, grad_factor, keep_input)
-        return y.flatten(axis, axis + 1)
+        return x.unflatten(axis, (-1, block_size)), scale.unsqueeze(axis + 1), z, lambda t: t.flatten(axis, axis + 1)
     s = broadcast_qparam(scale, x, axis, block_size)
     z = None if zero_point is None else broadcast_qparam(zero_point, x, axis, block_size)
-    return FakeQuantizeFunction.apply(x, s, z, qmin, qmax, grad_factor, keep_input)
+    return x, s, z, lambda t: t
+
+
+def fake_quantize_kept(
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, *, axis: int = 0, block_size: int = 0
+) -> tuple[Tensor, Tensor]:
+    """:func:`fake_quantize`'s value with fixed parameters and its straight-through mask, both in
+    ``x``'s shape and outside autograd: for a caller that keeps them to use again while ``x`` and
+    the parameters are unchanged (:func:`reuse_fake_quantized`)."""
+    axis = axis % x.ndim if x.ndim else 0
+    x_in, s, z, restore = _in_layout(x.detach(), scale.detach(), None if zero_point is None else zero_point.detach(), axis, block_size)
+    y, inside = fake_quantize_with_mask(x_in, s, z, qmin, qmax)
+    return restore(y), restore(inside)
+
+
+class _ReusedFakeQuantize(torch.autograd.Function):
+    """A value computed earlier by :func:`fake_quantize_kept`, as a new autograd node of ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, y, inside):
+        ctx.save_for_backward(inside)
+        return y.view_as(y)  # a new tensor object each time, so each use has its own history
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (inside,) = ctx.saved_tensors
+        return pass_inside(grad_y, inside), None, None
+
+
+def reuse_fake_quantized(x: Tensor, y: Tensor, inside: Tensor) -> Tensor:
+    """``y`` and ``inside`` from :func:`fake_quantize_kept` for this same, unchanged ``x``, as
+    :func:`fake_quantize` would give them again: the same value, and the straight-through gradient
+    of ``x`` (fixed parameters), bit for bit, without recomputing either.
+
+    Example:
+        >>> import torch
+        >>> from qat.fake_quant import fake_quantize_kept, reuse_fake_quantized
+        >>> w = torch.tensor([0.26, -1.0, 9.0], requires_grad=True)
+        >>> y, inside = fake_quantize_kept(w, torch.tensor(0.5), None, -8, 7)
+        >>> reuse_fake_quantized(w, y, inside).sum().backward()
+        >>> w.grad
+        tensor([1., 1., 0.])
+    """
+    return _ReusedFakeQuantize.apply(x, y, inside)

@@ -40,10 +40,12 @@ from qat.fake_quant import (
     export_face,
     fake_quantize,
     fake_quantize_folded,
+    fake_quantize_kept,
     fake_quantize_math,
     fake_quantize_values,
+    reuse_fake_quantized,
 )
-from qat.observers import finite_range, make_observer, reduce_groups
+from qat.observers import MinMaxObserver, MSEObserver, finite_range, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
 from qat.snapshot import snapshot
 from qat.spec import Granularity, QuantSpec, Role
@@ -61,6 +63,11 @@ class Quantizer(nn.Module):
         default_axis: the axis used when ``spec.axis`` is None (the layer's channel axis for
             ``per_channel``, its input axis for ``per_group``).
     """
+
+    reuse_unchanged: bool = False
+    """Keep a weight's fake-quantized value and mask, and use them again while the weight and the
+    scale are unchanged (:func:`qat.set_weight_reuse`)."""
+    _kept: tuple | None = None
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int] | None = None, role: Role = "activation", default_axis: int = 0) -> None:
         super().__init__()
@@ -213,6 +220,8 @@ class Quantizer(nn.Module):
         """Observe (when on) and fake-quantize (when on) ``x``, or ``x * factor`` when a factor is
         given (a folded BatchNorm's per-channel factor): then in eager training one autograd node
         does the product and the fake quantization (:func:`~qat.fake_quant.fake_quantize_folded`)."""
+        if factor is None and self._reusable(x, keep_input):
+            return self._fake_quantize_reusing(x)
         if factor is not None and self._folds_in_one_node(x, factor, keep_input):
             with torch.no_grad():
                 folded = x * factor
@@ -225,6 +234,33 @@ class Quantizer(nn.Module):
         if self.observer_enabled:
             self.observe(x)
         return self.fake_quantize(x, keep_input) if self.fake_quant_enabled else x
+
+    def _reusable(self, x: Tensor, keep_input: bool) -> bool:
+        """Whether :attr:`reuse_unchanged` applies to ``x``: a parameter, fixed scales, an observer
+        (if on) whose range is a function of the current weight (observing it twice changes
+        nothing), eager autograd outside inference mode (an inference tensor cannot be kept for a
+        later backward pass)."""
+        observer_idempotent = (not self.observer_enabled
+                               or (isinstance(self.observer, MinMaxObserver | MSEObserver) and not self.observer.accumulate))
+        return (
+            self.reuse_unchanged and self.fake_quant_enabled and not keep_input and isinstance(x, nn.Parameter)
+            and not self.spec.learnable and not self.spec.dynamic and observer_idempotent
+            and not torch.compiler.is_compiling() and not export_face() and not torch.is_inference_mode_enabled()
+        )
+
+    def _fake_quantize_reusing(self, x: Tensor) -> Tensor:
+        """:meth:`forward` for a weight whose value and mask are kept: computed (observing first)
+        when the weight or the scale changed since, else the kept ones, as a new autograd node."""
+        key = (id(x), x.data_ptr(), x._version, self.observer_enabled)
+        kept = self._kept
+        if kept is None or kept[0] != key or kept[1] != (self.scale._version, self.zero_point._version):
+            if self.observer_enabled:
+                self.observe(x)
+            zero_point = None if self.zero_point_is_zero else self.zero_point
+            y, inside = fake_quantize_kept(x, self.scale, zero_point, self.spec.qmin, self.spec.qmax,
+                                           axis=self.axis, block_size=self.block_size)
+            kept = self._kept = (key, (self.scale._version, self.zero_point._version), y, inside)
+        return reuse_fake_quantized(x, kept[2], kept[3])
 
     def _folds_in_one_node(self, x: Tensor, factor: Tensor, keep_input: bool) -> bool:
         """Whether :func:`~qat.fake_quant.fake_quantize_folded` applies: eager training with fixed

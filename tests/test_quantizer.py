@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -100,3 +102,53 @@ def test_calibrated_reports_whether_ranges_were_observed():
     assert not q.calibrated
     q(torch.randn(3, 4))
     assert q.calibrated
+
+
+REUSE_RECIPES = {
+    "per_channel": {"weight": {"bits": 4}, "activation": {"bits": 8, "signed": False, "symmetric": False}},
+    "per_group_mse": {"weight": {"bits": 4, "granularity": "per_group", "group_size": 4, "observer": "mse"},
+                      "activation": {"granularity": "per_token", "signed": True, "symmetric": True}},
+}
+
+
+@pytest.mark.parametrize("recipe", list(REUSE_RECIPES))
+def test_weight_reuse_gives_the_same_values_and_gradients_once_per_weight_change(recipe, monkeypatch):
+    """Gradient accumulation: three micro-batches per optimizer step. With ``set_weight_reuse``
+    each weight is fake-quantized once per optimizer step, and the outputs, gradients, weights and
+    scales equal those of the model that fake-quantizes on every forward pass, bit for bit."""
+    import qat.quantizer
+
+    torch.manual_seed(0)
+    float_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    models = [qat.prepare(copy.deepcopy(float_model), REUSE_RECIPES[recipe]) for _ in range(2)]
+    qat.set_weight_reuse(models[1])
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    made = []
+    kept = qat.quantizer.fake_quantize_kept
+    monkeypatch.setattr(qat.quantizer, "fake_quantize_kept", lambda *a, **k: made.append(1) or kept(*a, **k))
+    for _ in range(2):
+        for micro_batch in torch.randn(3, 5, 8):
+            outputs = [m(micro_batch) for m in models]
+            assert torch.equal(outputs[0], outputs[1])
+            for out in outputs:
+                out.pow(2).mean().backward()
+        for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            assert torch.equal(a.grad, b.grad)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    assert len(made) == 2 * 2  # two weights, two optimizer steps: not once per micro-batch
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values(), strict=True):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    qat.set_weight_reuse(models[1], False)
+    assert all(q._kept is None for _, q in qat.quantizers(models[1]))
+
+
+def test_weight_reuse_leaves_observers_that_move_on_every_call_alone():
+    """A moving-average weight observer moves its range even for the same weight: nothing is kept."""
+    model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(8, 4)), {"weight": {"bits": 4, "observer": "moving_average_minmax"}})
+    qat.set_weight_reuse(model)
+    x = torch.randn(2, 8)
+    model(x).sum().backward()
+    model(x).sum().backward()
+    assert model[0].weight_quantizer._kept is None

@@ -40,7 +40,7 @@ from rich.console import Console
 from torch import nn
 
 from qat.batches import batch_inputs
-from qat.control import evaluating, quantizers
+from qat.control import evaluating, quantizers, set_weight_reuse
 from qat.errors import QATError
 from qat.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
 from qat.recipe import QuantRecipe
@@ -200,11 +200,14 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_quantizers_fp32(pl_module)
+        # micro-batches between two optimizer steps share their weights: fake-quantize them once
+        set_weight_reuse(pl_module, trainer.accumulate_grad_batches > 1)
         self._phase = None
         self._apply_phase(trainer, pl_module)
         self._print_summary(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        set_weight_reuse(pl_module, False)  # frees the kept weights
         self._print_summary(trainer, pl_module)
 
     def _stats_interval(self, trainer: pl.Trainer) -> int:
