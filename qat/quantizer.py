@@ -240,12 +240,14 @@ class Quantizer(nn.Module):
         (if on) whose range is a function of the current weight (observing it twice changes
         nothing), eager autograd outside inference mode (an inference tensor cannot be kept for a
         later backward pass)."""
+        if not self.reuse_unchanged or torch.compiler.is_compiling():
+            return False
+        # a tuple, not `MinMaxObserver | MSEObserver`: Dynamo in torch 2.9 cannot trace a types.UnionType
         observer_idempotent = (not self.observer_enabled
-                               or (isinstance(self.observer, MinMaxObserver | MSEObserver) and not self.observer.accumulate))
+                               or (isinstance(self.observer, (MinMaxObserver, MSEObserver)) and not self.observer.accumulate))
         return (
-            self.reuse_unchanged and self.fake_quant_enabled and not keep_input and isinstance(x, nn.Parameter)
-            and not self.spec.learnable and not self.spec.dynamic and observer_idempotent
-            and not torch.compiler.is_compiling() and not export_face() and not torch.is_inference_mode_enabled()
+            self.fake_quant_enabled and not keep_input and isinstance(x, nn.Parameter) and not self.spec.learnable
+            and not self.spec.dynamic and observer_idempotent and not export_face() and not torch.is_inference_mode_enabled()
         )
 
     def _fake_quantize_reusing(self, x: Tensor) -> Tensor:
