@@ -170,6 +170,18 @@ def _is_power_of_two(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
+def _blocked_4bit_matrix(tensor: QuantizedTensor) -> int:
+    """The block size of a constant 4-bit ``[rows, K]`` weight quantized in blocks along ``K``
+    that ORT's 4-bit kernels take (a power of two ≥ 16), else 0."""
+    dq, codes = tensor.dequantize, tensor.quantized
+    if tensor.quantize is not None or codes.const_value is None or codes.dtype not in _WIDER:
+        return 0
+    block = _attribute(dq, "block_size", 0)
+    if len(codes.shape) != 2 or _attribute(dq, "axis", 1) != 1 or not _is_power_of_two(block):
+        return 0
+    return block
+
+
 def _dynamic_activation(value: ir.Value) -> ir.Value | None:
     """If ``value`` is a dequantized activation whose scale is computed at run time, the float tensor before it."""
     dq = value.producer()
@@ -187,10 +199,7 @@ def matmul_nbits_layout(tensors: list[QuantizedTensor]) -> list[str]:
     rewritten = []
     for tensor in tensors:
         dq, codes = tensor.dequantize, tensor.quantized
-        if tensor.quantize is not None or codes.const_value is None or codes.dtype not in _WIDER:
-            continue
-        block = _attribute(dq, "block_size", 0)
-        if len(codes.shape) != 2 or _attribute(dq, "axis", 1) != 1 or not _is_power_of_two(block):
+        if not _blocked_4bit_matrix(tensor):
             continue
         uses = list(tensor.dequantized.uses())
         if len(uses) != 1 or uses[0][0].op_type != "Transpose":
@@ -222,10 +231,8 @@ def gather_block_quantized(tensors: list[QuantizedTensor]) -> list[str]:
     rewritten = []
     for tensor in tensors:
         dq, codes = tensor.dequantize, tensor.quantized
-        if tensor.quantize is not None or codes.const_value is None or codes.dtype not in _WIDER:
-            continue
-        block = _attribute(dq, "block_size", 0)
-        if len(codes.shape) != 2 or _attribute(dq, "axis", 1) != 1 or not _is_power_of_two(block):
+        block = _blocked_4bit_matrix(tensor)
+        if not block:
             continue
         gathers = list(tensor.dequantized.uses())
         if not gathers or any(user.op_type != "Gather" or index != 0 or _attribute(user, "axis", 0) != 0 for user, index in gathers):
