@@ -57,7 +57,7 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
     tensor per layer that reads an activation; while recomputing, the straight-through masks of
     the inputs and of unfolded weights are remade in the backward too. On the benchmarks
     (benchmarks/RESULTS.md) recomputing took the peak memory over float from +21 % to +7 % (a
-    small Llama, CPU), +30 % to +7 % (ResNet-18, CPU) and +68 % to +1 % (ResNet-50, H100, bf16),
+    small Llama, CPU), +30 % to +9 % (ResNet-18, CPU) and +68 % to +1 % (ResNet-50, H100, bf16),
     for about 10 % more step time on the CPU and 32 % on the GPU. Turn it on where the forward's
     saved tensors set the peak: large batches, long sequences.
     """
