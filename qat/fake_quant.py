@@ -94,8 +94,8 @@ def fake_quantize_with_mask(
     mask ``qmin <= round(x / s) + z <= qmax``, in the fewest passes over ``x``.
 
     The fast path of training. It makes one intermediate and rewrites it in place (divide, round,
-    add the zero point, clamp, subtract it, multiply), and reads the mask off the clamp: a code
-    is inside the range exactly when clamping leaves it alone. ``zero_point`` None means 0 (signed
+    add the zero point, clamp, subtract it, multiply), and takes the mask from two comparisons of
+    the codes just before the clamp. ``zero_point`` None means 0 (signed
     symmetric), which skips the add and subtract. The only bit that can differ from the reference
     is the sign of a zero: ``-0.0`` where ``x / s`` rounds to ``-0`` without a zero point to add.
     On a GPU in eager mode one Triton kernel computes the same bits (:mod:`qat.kernels`).
@@ -298,9 +298,7 @@ def fake_quantize_folded(
         >>> fake_quantize_folded(w, f, (w * f).detach(), torch.tensor(0.5), None, -8, 7)
         tensor([[ 0.5000, -2.0000]], grad_fn=<FoldedFakeQuantizeFunctionBackward>)
     """
-    axis = axis % w.ndim if w.ndim else 0
-    s = broadcast_qparam(scale, w, axis, 0)
-    z = None if zero_point is None else broadcast_qparam(zero_point, w, axis, 0)
+    _, s, z, _ = _in_layout(w, scale, zero_point, axis % w.ndim if w.ndim else 0, 0)
     return FoldedFakeQuantizeFunction.apply(w, factor, folded, s, z, qmin, qmax)
 
 

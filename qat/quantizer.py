@@ -240,15 +240,12 @@ class Quantizer(nn.Module):
         (if on) whose range is a function of the current weight (observing it twice changes
         nothing), eager autograd outside inference mode (an inference tensor cannot be kept for a
         later backward pass)."""
-        if not self.reuse_unchanged or torch.compiler.is_compiling():
+        if not self.reuse_unchanged or not self._eager_with_fixed_scales(keep_input):
             return False
         # a tuple, not `MinMaxObserver | MSEObserver`: Dynamo in torch 2.9 cannot trace a types.UnionType
         observer_idempotent = (not self.observer_enabled
                                or (isinstance(self.observer, (MinMaxObserver, MSEObserver)) and not self.observer.accumulate))
-        return (
-            self.fake_quant_enabled and not keep_input and isinstance(x, nn.Parameter) and not self.spec.learnable
-            and not self.spec.dynamic and observer_idempotent and not export_face() and not torch.is_inference_mode_enabled()
-        )
+        return isinstance(x, nn.Parameter) and observer_idempotent and not torch.is_inference_mode_enabled()
 
     def _fake_quantize_reusing(self, x: Tensor) -> Tensor:
         """:meth:`forward` for a weight whose value and mask are kept: computed (observing first)
@@ -270,10 +267,17 @@ class Quantizer(nn.Module):
         ``x``'s). Elsewhere the product and the fake quantization are two ops (compiled graphs
         fuse them anyway)."""
         return (
-            self.fake_quant_enabled and not keep_input and not self.spec.dynamic and not self.spec.learnable
-            and self.block_size == 0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not export_face() and x.dtype == factor.dtype == torch.float32
-            and torch.broadcast_shapes(x.shape, factor.shape) == x.shape
+            self._eager_with_fixed_scales(keep_input) and self.block_size == 0 and torch.is_grad_enabled()
+            and x.dtype == factor.dtype == torch.float32 and torch.broadcast_shapes(x.shape, factor.shape) == x.shape
+        )
+
+    def _eager_with_fixed_scales(self, keep_input: bool) -> bool:
+        """What the one-node paths (:meth:`_reusable`, :meth:`_folds_in_one_node`) need: eager
+        mode (neither compiling nor exporting), fake quantization on, fixed scales (not learnable,
+        not per-token), and a mask to save (``keep_input`` saves the input instead)."""
+        return (
+            not torch.compiler.is_compiling() and not export_face() and self.fake_quant_enabled and not keep_input
+            and not self.spec.learnable and not self.spec.dynamic
         )
 
     def extra_repr(self) -> str:
