@@ -37,6 +37,11 @@ Memory: the peak of one step (forward, backward and optimizer step), parameters 
 state included: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, whose allocator keeps no
 statistics, the same count made at the dispatcher (:class:`LiveTensorBytes`).
 
+Allocator (CPU): the run first calls ``qat.retain_freed_memory()``, as the Lightning callback
+does on the CPU, so glibc's ``malloc`` keeps freed blocks for the next step; ``--default-malloc``
+leaves glibc as it is. The last column counts the fresh pages a step took from the system
+(``ru_minflt``, median): what the allocator did not reuse.
+
 Run:  python benchmarks/overhead.py [--models resnet18 llama] [--device cpu] [--compile [regional]] [--write]
 ``--write`` replaces this device's block of benchmarks/RESULTS.md.
 """
@@ -47,6 +52,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import resource
 import statistics
 import sys
 import time
@@ -247,14 +253,17 @@ class Runner:
             self.forward()
         self.optimizer.step()
 
-    def timed_steps(self, steps: int) -> list[float]:
+    def timed_steps(self, steps: int) -> list[tuple[float, int]]:
+        """``(seconds, page faults)`` of each step: faults are the fresh pages the process took
+        from the system (``ru_minflt``), what the allocator did not reuse."""
         times = []
         for _ in range(steps):
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             self.step()
             if self.device == "cuda":
                 torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
         return times
 
     def parameters_without_gradient(self) -> list[str]:
@@ -346,17 +355,18 @@ def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: in
             failed[label] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
             if device == "cuda":
                 torch.cuda.empty_cache()  # the failed variant's model and optimizer state are garbage now
-    times: dict[str, list[float]] = {label: [] for label in runners}
+    times: dict[str, list[tuple[float, int]]] = {label: [] for label in runners}
     for _ in range(rounds):
         for label, runner in runners.items():
             times[label] += runner.timed_steps(steps)
     memory = {label: runner.peak_bytes() for label, runner in runners.items()}
-    base_time, base_memory = statistics.median(times["float"]), memory["float"]
+    base_time, base_memory = statistics.median(t for t, _ in times["float"]), memory["float"]
     rows = []
     for label in times:
-        median = statistics.median(times[label])
+        median = statistics.median(t for t, _ in times[label])
         rows.append({"variant": label, "ms": 1000 * median, "ratio": median / base_time,
-                     "memory_mb": memory[label] / 2**20, "memory_ratio": memory[label] / base_memory})
+                     "memory_mb": memory[label] / 2**20, "memory_ratio": memory[label] / base_memory,
+                     "faults": statistics.median(f for _, f in times[label])})
     rows += [{"variant": label, "failed": reason} for label, reason in failed.items()]
     description = work.description + (f"; {accumulate} micro-batches per optimizer step" if accumulate > 1 else "")
     return description, rows
@@ -382,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="micro-batches (forward and backward passes) per optimizer step: gradient accumulation")
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help="time only these variants beside float (default: all), e.g. 'lightning-qat' torchao")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="CPU: leave glibc's malloc as it is (by default the run calls qat.retain_freed_memory, "
+                             "as the Lightning callback does)")
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if args.compile:  # the variants share code objects (the step, a block's forward): one entry per variant and shape
@@ -392,20 +405,25 @@ def main(argv: list[str] | None = None) -> None:
     compiled, compiled_key = {None: ("eager", "eager"), "step": ("torch.compile", "compile"),
                               "regional": ("torch.compile per block", "compile-regional")}[args.compile]
     mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {compiled}"
-    lines = ["| model | variant | step ms | × float | memory MB | memory × float |", "|---|---|---|---|---|---|"]
+    if args.device == "cpu" and not args.default_malloc:
+        qat.retain_freed_memory()  # what the Lightning callback does on the CPU, for every variant alike
+    malloc = "glibc malloc defaults" if args.default_malloc else "qat.retain_freed_memory"
+    lines = ["| model | variant | step ms | × float | memory MB | memory × float | page faults / step |",
+             "|---|---|---|---|---|---|---|"]
     for name in models:
         description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup, args.variants,
                                     args.accumulate)
         for row in rows:
             if "failed" in row:
-                line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | |"
+                line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | | |"
             else:
                 line = (f"| {description} | {row['variant']} | {row['ms']:.1f} | {row['ratio']:.2f}× | "
-                        f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}× |")
+                        f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}× | {row['faults']:.0f} |")
             lines.append(line)
             print(line, flush=True)
     footer = (f"Command: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
-              f"{machine(args.device)}, {mode}; median of {args.rounds} × {args.steps} interleaved steps; "
+              f"{machine(args.device)}, {mode}{', ' + malloc if args.device == 'cpu' else ''}; "
+              f"median of {args.rounds} × {args.steps} interleaved steps; "
               f"{datetime.date.today():%Y-%m-%d}.")
     print(footer)
     if args.write:
@@ -414,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
             key += "-" + "-".join(args.models)
         if args.accumulate > 1:
             key += f"-accumulate{args.accumulate}"
+        if args.default_malloc:
+            key += "-default-malloc"
         write_block(f"overhead:{key}", [*lines, "", footer])
 
 

@@ -12,11 +12,13 @@ The numeric core, used by everything else:
 - :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
 - :func:`sensitivity` — each layer quantized alone at each bit width; :func:`mixed_precision` —
   per-layer bit widths under a size budget, as a recipe;
+- :func:`retain_freed_memory` — keep freed CPU memory for the next step (glibc's ``malloc``);
 - ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use).
 
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
+from qat.allocator import retain_freed_memory
 from qat.calibrate import calibrate
 from qat.control import (
     deployed,
@@ -70,6 +72,7 @@ __all__ = [
     "mixed_precision",
     "prepare",
     "quantizers",
+    "retain_freed_memory",
     "sensitivity",
     "set_fake_quant",
     "set_observers",

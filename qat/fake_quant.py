@@ -93,14 +93,14 @@ def fake_quantize_with_mask(
     """:func:`fake_quantize_math`'s value (equal, as values, bit for bit) and the straight-through
     mask ``qmin <= round(x / s) + z <= qmax``, in the fewest passes over ``x``.
 
-    The fast path of training. It makes one intermediate and rewrites it in place (divide, round,
-    add the zero point, clamp, subtract it, multiply), and takes the mask from two comparisons of
-    the codes just before the clamp. ``zero_point`` None means 0 (signed
-    symmetric), which skips the add and subtract. The only bit that can differ from the reference
+    The fast path of training. It makes the codes in one intermediate (divide, round and add the
+    zero point in place), clamps them into a second, which it rewrites in place (subtract the
+    zero point, multiply), and takes the mask from comparing the two. ``zero_point`` None means 0
+    (signed symmetric), which skips the add and subtract. The only bit that can differ from the reference
     is the sign of a zero: ``-0.0`` where ``x / s`` rounds to ``-0`` without a zero point to add.
     On a GPU in eager mode one Triton kernel computes the same bits (:mod:`qat.kernels`).
-    ``overwrite``: ``x`` is a float32 temporary of the caller's, which the PyTorch ops may reuse
-    for the result instead of allocating one.
+    ``overwrite``: ``x`` is a float32 temporary of the caller's, which the PyTorch ops may use for
+    the codes instead of allocating them.
     """
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
@@ -113,19 +113,21 @@ def _with_mask_ops(
 ) -> tuple[Tensor, Tensor]:
     """:func:`fake_quantize_with_mask` in PyTorch ops, with ``s`` and ``z`` already guarded.
 
-    The mask comes from two comparisons before an in-place clamp rather than from comparing a
-    clamped copy: one weight-sized tensor fewer to allocate, which on the CPU costs more than the
-    arithmetic (fresh pages)."""
+    The mask is where clamping the codes changed nothing (``NaN != NaN``, so a NaN is outside).
+    In eager mode the comparison writes 1.0 / 0.0 over the unclamped codes, which are not needed
+    after it, and converts them to bool: PyTorch's CPU comparisons write a bool output through a
+    loop about four times slower than a float one, and float → bool is one vectorized pass (a
+    512×512×3×3 weight: 0.29 ms for the clamp and the mask against 0.88 ms for two bool
+    comparisons and an in-place clamp, 2-core AVX-512 EPYC, torch 2.14)."""
     code = x.div_(s) if overwrite and x.dtype == torch.float32 else x.float() / s
     code.round_()
     if z is not None:
         code.add_(z)
-    inside = code >= qmin
-    inside &= code <= qmax
-    code.clamp_(qmin, qmax)
+    y = code.clamp(qmin, qmax)
+    inside = y == code if torch.compiler.is_compiling() else torch.eq(y, code, out=code).to(torch.bool)
     if z is not None:
-        code.sub_(z)
-    y = _multiply_last(code, s)
+        y.sub_(z)
+    y = _multiply_last(y, s)
     return (y if y.dtype == x.dtype else y.to(x.dtype)), inside
 
 

@@ -306,6 +306,15 @@ def test_fast_path_gives_the_reference_value_and_straight_through_mask(case):
         assert torch.equal(fake_quantize_values(x, s, None, qmin, qmax), y)
 
 
+@pytest.mark.parametrize("zero_point", [None, torch.tensor(3.0)])
+def test_fast_path_keeps_nan_and_puts_it_outside_the_mask(zero_point):
+    x = torch.tensor([float("nan"), 0.3, -float("nan"), 9.0])
+    y, inside = fake_quantize_with_mask(x, torch.tensor(0.5), zero_point, -8, 7)
+    reference = fake_quantize_math(x, torch.tensor(0.5), torch.tensor(0.0) if zero_point is None else zero_point, -8, 7)
+    torch.testing.assert_close(y, reference, rtol=0, atol=0, equal_nan=True)
+    assert inside.dtype == torch.bool and inside.tolist() == [False, True, False, False]
+
+
 def test_fixed_scale_backward_keeps_only_a_one_byte_mask():
     x = torch.randn(64, 32, requires_grad=True)
     saved = []

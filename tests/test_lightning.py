@@ -11,6 +11,7 @@ from lightning_models import MODELS, LitClassifier, MemoryLogger, quantizer_stat
 from torch import nn
 
 import qat
+from qat import allocator
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
 from qat.modules import QuantConvNd, QuantizedLayer
 
@@ -244,6 +245,16 @@ def test_weights_are_fake_quantized_once_per_optimizer_step_with_gradient_accumu
     trainer(max_steps=2, callbacks=[callback, spy], limit_val_batches=0, accumulate_grad_batches=accumulate).fit(model)
     assert spy.reusing == (accumulate > 1) and (spy.kept > 0) == (accumulate > 1)
     assert not any(q.reuse_unchanged or q._kept is not None for _, q in qat.quantizers(model))  # freed after fit
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_freed_memory_is_retained_when_training_on_the_cpu(retain, monkeypatch):
+    calls = []
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append("retain") or True)
+    model, _ = build("cnn")
+    callback = QuantizationAwareTraining(MODELS["cnn"][1], print_summary=False, retain_freed_memory=retain)
+    trainer(max_steps=1, callbacks=[callback], limit_val_batches=0).fit(model)
+    assert calls == (["retain"] if retain else [])
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from torch import nn
 
+from qat import allocator
 from qat.batches import batch_inputs
 from qat.control import evaluating, quantizers, set_weight_reuse
 from qat.errors import QATError
@@ -103,6 +104,9 @@ class QuantizationAwareTraining(Callback):
         log_every_n_steps: per-layer statistics every N optimizer steps (None: the Trainer's
             ``log_every_n_steps``; 0: off).
         print_summary: print the per-layer table at fit start and end (global rank zero).
+        retain_freed_memory: when training on the CPU, keep freed memory in the process for the
+            next step (:func:`qat.retain_freed_memory`, glibc only): a QAT step's weight-sized
+            temporaries otherwise take fresh pages from the system every step.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -121,6 +125,7 @@ class QuantizationAwareTraining(Callback):
         example_inputs: Any = None,
         log_every_n_steps: int | None = None,
         print_summary: bool = True,
+        retain_freed_memory: bool = True,
     ) -> None:
         self.recipe = QuantRecipe.coerce(recipe)
         self.schedule = QATSchedule.coerce(schedule)
@@ -130,6 +135,7 @@ class QuantizationAwareTraining(Callback):
             raise QATError(f"log_every_n_steps must be an integer ≥ 0 or None, got `{log_every_n_steps!r}`")
         self.log_every_n_steps = log_every_n_steps
         self.print_summary = print_summary
+        self.retain_freed_memory = retain_freed_memory
         self._model: weakref.ref[nn.Module] | None = None
         self._phase: Phase | None = None
         self._clips: ClipTracker | None = None
@@ -202,6 +208,8 @@ class QuantizationAwareTraining(Callback):
         keep_quantizers_fp32(pl_module)
         # micro-batches between two optimizer steps share their weights: fake-quantize them once
         set_weight_reuse(pl_module, trainer.accumulate_grad_batches > 1)
+        if self.retain_freed_memory and trainer.strategy.root_device.type == "cpu" and allocator.retain_freed_memory():
+            rank_zero_info("QAT: glibc's malloc keeps freed CPU memory for the next step (retain_freed_memory=False turns this off)")
         self._phase = None
         self._apply_phase(trainer, pl_module)
         self._print_summary(trainer, pl_module)
