@@ -109,8 +109,8 @@ def fake_quantize_with_mask(
 
 
 def _with_mask_ops(
-    x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, overwrite: bool = False
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, overwrite: bool = False, value: bool = True
+) -> tuple[Tensor | None, Tensor]:
     """:func:`fake_quantize_with_mask` in PyTorch ops, with ``s`` and ``z`` already guarded.
 
     The mask is where clamping the codes changed nothing (``NaN != NaN``, so a NaN is outside).
@@ -125,6 +125,8 @@ def _with_mask_ops(
         code.add_(z)
     y = code.clamp(qmin, qmax)
     inside = y == code if torch.compiler.is_compiling() else torch.eq(y, code, out=code).to(torch.bool)
+    if not value:  # the mask alone (straight_through_mask)
+        return None, inside
     if z is not None:
         y.sub_(z)
     y = _multiply_last(y, s)
@@ -153,7 +155,7 @@ def straight_through_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, q
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
         return kernels.fake_quantize_fused(x, s, z, qmin, qmax, value=False)[1]
-    return _with_mask_ops(x, s, z, qmin, qmax)[1]
+    return _with_mask_ops(x, s, z, qmin, qmax, value=False)[1]
 
 
 def pass_inside(grad: Tensor, inside: Tensor) -> Tensor:
