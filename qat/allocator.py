@@ -6,8 +6,8 @@ threshold rises with the blocks freed, up to 32 MiB) is unmapped when freed, and
 the top of the heap is trimmed. The next step's tensors then take fresh pages, which the kernel
 maps and zeroes 4 KiB at a time. A float step mostly reuses what it freed; a QAT step makes
 weight-sized temporaries (folded and fake-quantized weights, masks, their gradients), and on the
-CPU benchmark (ResNet-18, 32×32, batch 64) it took 9,000–12,000 page faults a step against none
-for float, about a fifth of its time (``benchmarks/RESULTS.md``).
+CPU benchmark (ResNet-18, 32×32, batch 64) it took 9,000–15,000 page faults a step against none
+for float, 12–16 % of its time (docs/core.md, "The cost of a QAT step").
 
 :func:`retain_freed_memory` sets two of glibc's ``mallopt`` parameters for the rest of the
 process: blocks up to 32 MiB (the largest ``M_MMAP_THRESHOLD`` glibc accepts on 64-bit) come from
