@@ -12,6 +12,9 @@ all of them alike. The figure is the median step time over all rounds, and the r
   (residual additions quantized too); ``PyTorch ops`` (CUDA): the default with :mod:`qat.kernels`
   off, each fake quantization and observer as PyTorch's elementwise kernels instead of one fused
   Triton kernel each.
+- ``float copies saved`` (CPU): the default with ``qat.set_save_codes(model, False)``, each
+  layer's quantized input and weight saved for the backward pass as float tensors instead of
+  their one-byte integer codes.
 - ``torch.ao eager``: ``torch.ao.quantization.prepare_qat`` (Conv+BN fused with
   ``fuse_modules_qat``) with fused moving-average fake-quantizers in the same bit widths.
 - ``torchao``: ``torchao.quantization.qat.QATConfig`` (Linear layers only: it has no convolution
@@ -178,13 +181,14 @@ def workload(name: str, device: str) -> Workload:
 
 
 def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False,
-          reuse: bool = False) -> Callable[[nn.Module], nn.Module]:
+          reuse: bool = False, codes: bool = True) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
         model = qat.prepare(model, {**work.recipe, "residuals": residuals}, example_inputs=example)
         qat.set_recompute(model, recompute)
         qat.set_weight_reuse(model, reuse)
+        qat.set_save_codes(model, codes)
         return model
 
     prepare.pytorch_ops = pytorch_ops  # Runner runs its steps with qat.kernels disabled
@@ -193,6 +197,8 @@ def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pyto
 
 def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Callable[[nn.Module], nn.Module]]:
     out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True)}
+    if device == "cpu":  # where saved operands are kept as integer codes: what that saves and costs
+        out["lightning-qat, float copies saved"] = _ours(work, codes=False)
     if accumulate > 1:  # what the Lightning callback does with accumulate_grad_batches > 1
         out["lightning-qat, set_weight_reuse"] = _ours(work, reuse=True)
     if work.residual_adds:

@@ -28,6 +28,7 @@ from qat.control import (
     set_fake_quant,
     set_observers,
     set_recompute,
+    set_save_codes,
     set_weight_reuse,
 )
 from qat.errors import ConfigError, QATError
@@ -77,6 +78,7 @@ __all__ = [
     "set_fake_quant",
     "set_observers",
     "set_recompute",
+    "set_save_codes",
     "set_weight_reuse",
     "strip",
     "summary",

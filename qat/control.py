@@ -66,6 +66,22 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
             module.recompute_operands = bool(enabled)
 
 
+def set_save_codes(model: nn.Module, enabled: bool = True) -> None:
+    """Save each quantized layer's fake-quantized input and weight for the backward pass as
+    one-byte integer codes, and dequantize them there, instead of saving float copies.
+
+    On by default. The backward gets the same values, bit for bit (the fake quantization's own
+    subtract, multiply and cast on the same codes), for one more pass over each operand in the
+    forward (the codes, and a sum that checks for NaN, which has no code) and one in the
+    backward. It applies in eager training on the CPU, with fixed scales, where the codes fit a
+    byte (up to 8 bits); elsewhere, and for a tensor that holds a NaN, the float copy is saved.
+    :func:`set_recompute` saves neither and takes precedence.
+    """
+    for module in model.modules():
+        if isinstance(module, QuantizedLayer):
+            module.save_codes = bool(enabled)
+
+
 def set_weight_reuse(model: nn.Module, enabled: bool = True) -> None:
     """Fake-quantize each weight once per change rather than once per forward pass: with gradient
     accumulation, the micro-batches between two optimizer steps use the same weights.

@@ -33,7 +33,8 @@ otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -69,6 +70,58 @@ def _guarded(scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> 
     return scale.float().clamp_min(MIN_SCALE), z
 
 
+class QuantizedCodes:
+    """The integer codes of one fake quantization, kept to make its value again later: one byte an
+    element where the value takes four (float32) or two, for a caller that must hold the value
+    until the backward pass (a quantized layer's saved operands,
+    :meth:`~qat.modules.base.QuantizedLayer.recomputing`).
+
+    Pass an empty one as ``codes=`` to :func:`fake_quantize`: it is filled on the PyTorch path in
+    eager mode with fixed scales, when the codes fit a byte and the value holds no NaN (a NaN has
+    no code; checked with one host read, so on the CPU only), and :attr:`filled` says whether it
+    was. :meth:`dequantize` gives the value bit for bit: the same subtract, multiply and cast on
+    the same numbers as the fake quantization's last steps.
+
+    Example:
+        >>> import torch
+        >>> from qat.fake_quant import QuantizedCodes, fake_quantize
+        >>> codes = QuantizedCodes()
+        >>> y = fake_quantize(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), None, -8, 7, codes=codes)
+        >>> codes.codes, torch.equal(codes.dequantize(), y)
+        (tensor([ 1, -2,  7], dtype=torch.int8), True)
+    """
+
+    __slots__ = ("codes", "dtype", "restore", "scale", "zero_point")
+
+    def __init__(self) -> None:
+        self.codes: Tensor | None = None
+
+    @property
+    def filled(self) -> bool:
+        return self.codes is not None
+
+    def keep(self, clamped: Tensor, s: Tensor, z: Tensor | None, dtype: torch.dtype, qmin: int, qmax: int) -> None:
+        """Keep ``clamped`` (the codes as float32, clamped, before the zero point is taken off) in a
+        byte, with the guarded ``s`` and ``z`` and the value's dtype, if it can be done exactly."""
+        code_dtype = torch.int8 if qmin >= -128 and qmax <= 127 else torch.uint8 if qmin >= 0 and qmax <= 255 else None
+        # a clamped code is finite unless it is NaN, and a sum of codes cannot overflow float32
+        if code_dtype is None or clamped.device.type != "cpu" or not math.isfinite(float(clamped.sum())):
+            return
+        self.codes, self.scale, self.zero_point, self.dtype = clamped.to(code_dtype), s, z, dtype
+        self.restore: Callable[[Tensor], Tensor] = _same
+
+    def dequantize(self) -> Tensor:
+        """The fake-quantized value, as :func:`fake_quantize` returned it: the codes (exact in
+        float32) less the zero point, times the scale, in float32, cast to the value's dtype. One
+        pass without a zero point: PyTorch computes ``int8 * float32`` in float32."""
+        y = self.codes * self.scale if self.zero_point is None else (self.codes - self.zero_point).mul_(self.scale)
+        return self.restore(y if y.dtype == self.dtype else y.to(self.dtype))
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """The forward value, with ``scale`` and ``zero_point`` already broadcastable against ``x``."""
     s, z = _guarded(scale, zero_point, qmin, qmax)
@@ -88,7 +141,8 @@ def _multiply_last(t: Tensor, s: Tensor) -> Tensor:
 
 
 def fake_quantize_with_mask(
-    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, overwrite: bool = False
+    x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, overwrite: bool = False,
+    codes: QuantizedCodes | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fake_quantize_math`'s value (equal, as values, bit for bit) and the straight-through
     mask ``qmin <= round(x / s) + z <= qmax``, in the fewest passes over ``x``.
@@ -100,16 +154,18 @@ def fake_quantize_with_mask(
     is the sign of a zero: ``-0.0`` where ``x / s`` rounds to ``-0`` without a zero point to add.
     On a GPU in eager mode one Triton kernel computes the same bits (:mod:`qat.kernels`).
     ``overwrite``: ``x`` is a float32 temporary of the caller's, which the PyTorch ops may use for
-    the codes instead of allocating them.
+    the codes instead of allocating them. ``codes``: filled with the integer codes where it can
+    be (:class:`QuantizedCodes`; the PyTorch ops only).
     """
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
         return kernels.fake_quantize_fused(x, s, z, qmin, qmax)
-    return _with_mask_ops(x, s, z, qmin, qmax, overwrite)
+    return _with_mask_ops(x, s, z, qmin, qmax, overwrite, codes=codes)
 
 
 def _with_mask_ops(
-    x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, overwrite: bool = False, value: bool = True
+    x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, overwrite: bool = False, value: bool = True,
+    codes: QuantizedCodes | None = None,
 ) -> tuple[Tensor | None, Tensor]:
     """:func:`fake_quantize_with_mask` in PyTorch ops, with ``s`` and ``z`` already guarded.
 
@@ -127,6 +183,8 @@ def _with_mask_ops(
     inside = y == code if torch.compiler.is_compiling() else torch.eq(y, code, out=code).to(torch.bool)
     if not value:  # the mask alone (straight_through_mask)
         return None, inside
+    if codes is not None:
+        codes.keep(y, s, z, x.dtype, qmin, qmax)
     if z is not None:
         y.sub_(z)
     y = _multiply_last(y, s)
@@ -195,7 +253,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, keep_input=False):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor, keep_input=False, codes=None):
         ctx.learnable = ctx.needs_input_grad[1] or (zero_point is not None and ctx.needs_input_grad[2])
         ctx.keep_input = keep_input and not ctx.learnable
         if ctx.keep_input:
@@ -204,7 +262,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
             ctx.qrange = (qmin, qmax)
             return fake_quantize_values(x, scale, zero_point, qmin, qmax)
         if not ctx.learnable:
-            y, inside = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax)
+            y, inside = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, codes=codes)
             ctx.save_for_backward(inside)
             return y
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
@@ -219,10 +277,10 @@ class FakeQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         if ctx.keep_input:
             x, scale, zero_point = ctx.saved_tensors
-            return pass_inside(grad_y, straight_through_mask(x, scale, zero_point, *ctx.qrange)), None, None, None, None, None, None
+            return pass_inside(grad_y, straight_through_mask(x, scale, zero_point, *ctx.qrange)), None, None, None, None, None, None, None
         if not ctx.learnable:
             (inside,) = ctx.saved_tensors
-            return pass_inside(grad_y, inside), None, None, None, None, None, None
+            return pass_inside(grad_y, inside), None, None, None, None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         s, z = _guarded(scale, zero_point, qmin, qmax)
@@ -237,7 +295,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             d_zero_point = torch.where(inside, 0.0, -s)
             grad_zero_point = (grad_y.float() * d_zero_point).sum_to_size(zero_point.shape) * ctx.grad_factor
-        return grad_x, grad_scale, grad_zero_point, None, None, None, None
+        return grad_x, grad_scale, grad_zero_point, None, None, None, None, None
 
 
 class FoldedFakeQuantizeFunction(torch.autograd.Function):
@@ -253,8 +311,8 @@ class FoldedFakeQuantizeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, factor, folded, scale, zero_point, qmin, qmax):
-        y, inside = fake_quantize_with_mask(folded, scale, zero_point, qmin, qmax, overwrite=True)
+    def forward(ctx, w, factor, folded, scale, zero_point, qmin, qmax, codes=None):
+        y, inside = fake_quantize_with_mask(folded, scale, zero_point, qmin, qmax, overwrite=True, codes=codes)
         ctx.save_for_backward(inside, w, factor)
         return y
 
@@ -265,7 +323,7 @@ class FoldedFakeQuantizeFunction(torch.autograd.Function):
         # the multiplication's backward: d(w * f)/df = w summed over each channel, d/dw = f
         grad_factor = (grad * w).sum_to_size(factor.shape) if ctx.needs_input_grad[1] else None
         grad_w = grad.mul_(factor) if ctx.needs_input_grad[0] else None
-        return grad_w, grad_factor, None, None, None, None, None
+        return grad_w, grad_factor, None, None, None, None, None, None
 
 
 @torch.library.custom_op("qat::fake_quantize", mutates_args=())
@@ -287,13 +345,15 @@ def _(x, scale, zero_point, qmin, qmax, axis, block_size):
 
 
 def fake_quantize_folded(
-    w: Tensor, factor: Tensor, folded: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, *, axis: int = 0
+    w: Tensor, factor: Tensor, folded: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, *, axis: int = 0,
+    codes: QuantizedCodes | None = None,
 ) -> Tensor:
     """``fake_quantize(w * factor, scale, zero_point, qmin, qmax, axis=axis)`` with fixed
     per-tensor or per-channel parameters, the same value and gradients in fewer passes.
 
     ``folded`` must be ``w * factor`` computed without a gradient (the caller's, to observe it):
     it is overwritten. For eager training; :class:`qat.quantizer.Quantizer` picks it when it may.
+    ``codes``: as :func:`fake_quantize`'s.
 
     Example:
         >>> import torch
@@ -303,7 +363,7 @@ def fake_quantize_folded(
         tensor([[ 0.5000, -2.0000]], grad_fn=<FoldedFakeQuantizeFunctionBackward>)
     """
     _, s, z, _ = _in_layout(w, scale, zero_point, axis % w.ndim if w.ndim else 0, 0)
-    return FoldedFakeQuantizeFunction.apply(w, factor, folded, s, z, qmin, qmax)
+    return FoldedFakeQuantizeFunction.apply(w, factor, folded, s, z, qmin, qmax, codes)
 
 
 IS_EXPORTING_RELIABLE = TorchVersion(torch.__version__) >= "2.14"
@@ -343,6 +403,7 @@ def fake_quantize(
     block_size: int = 0,
     grad_factor: float = 1.0,
     keep_input: bool = False,
+    codes: QuantizedCodes | None = None,
 ) -> Tensor:
     """Fake-quantize ``x`` with ONNX-layout parameters; differentiable (STE, LSQ / LSQ+).
 
@@ -358,6 +419,8 @@ def fake_quantize(
         grad_factor: multiplies the scale and zero-point gradients (LSQ gradient scaling).
         keep_input: with fixed parameters, save ``x`` for the backward pass instead of the
             straight-through mask (for a caller that keeps ``x`` alive anyway); same gradients.
+        codes: an empty :class:`QuantizedCodes`, filled with the result's integer codes where
+            they can be kept exactly (eager, fixed parameters, the PyTorch ops on the CPU).
 
     Example:
         >>> import torch
@@ -370,7 +433,10 @@ def fake_quantize(
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         return torch.ops.qat.fake_quantize(x, scale, zero_point, qmin, qmax, axis, block_size)
     x_in, s, z, restore = _in_layout(x, scale, zero_point, axis, block_size)
-    return restore(FakeQuantizeFunction.apply(x_in, s, z, qmin, qmax, grad_factor, keep_input))
+    y = restore(FakeQuantizeFunction.apply(x_in, s, z, qmin, qmax, grad_factor, keep_input, codes))
+    if codes is not None and codes.filled:
+        codes.restore = restore
+    return y
 
 
 def _in_layout(x: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int, block_size: int):

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from qat.errors import QATError
 from qat.fake_quant import (
     MIN_SCALE,
+    QuantizedCodes,
     broadcast_qparam,
     export_face,
     fake_quantize,
@@ -141,18 +142,19 @@ class Quantizer(nn.Module):
         scale, zero_point = qparams_from_range(low, high, self.spec)
         return snapshot(scale), snapshot(zero_point)
 
-    def fake_quantize(self, x: Tensor, keep_input: bool = False) -> Tensor:
+    def fake_quantize(self, x: Tensor, keep_input: bool = False, codes: QuantizedCodes | None = None) -> Tensor:
         """Fake-quantize ``x`` with the current parameters, without observing it. ``keep_input``:
-        save ``x`` for the backward pass rather than a mask (see :func:`qat.fake_quant.fake_quantize`)."""
+        save ``x`` for the backward pass rather than a mask; ``codes``: filled with the result's
+        integer codes where they can be (both: see :func:`qat.fake_quant.fake_quantize`)."""
         if self.spec.dynamic:
-            return self._fake_quantize_per_token(x)
+            return self._fake_quantize_per_token(x, codes)
         grad_factor = self.grad_factor(x) if self.spec.learnable else 1.0
         # a signed symmetric zero point is 0 by construction: None skips two passes over x
         zero_point = None if self.zero_point_is_zero and not export_face() else snapshot(self.zero_point)
         # scale / zero_point are buffers this forward may have just updated: see qat.snapshot
         return fake_quantize(
             x, snapshot(self.scale), zero_point, self.spec.qmin, self.spec.qmax,
-            axis=self.axis, block_size=self.block_size, grad_factor=grad_factor, keep_input=keep_input,
+            axis=self.axis, block_size=self.block_size, grad_factor=grad_factor, keep_input=keep_input, codes=codes,
         )
 
     def replay(self, source: Callable[[], Tensor]) -> Callable[[], Tensor]:
@@ -178,7 +180,7 @@ class Quantizer(nn.Module):
 
         return again
 
-    def _fake_quantize_per_token(self, x: Tensor) -> Tensor:
+    def _fake_quantize_per_token(self, x: Tensor, codes: QuantizedCodes | None = None) -> Tensor:
         """Per-token scales depend on ``x`` alone, so layers that read one input with the same
         spec (attention's q/k/v projections, an MLP's gate and up) share one result in eager mode:
         it is kept on ``x`` while ``x`` lives and is unchanged."""
@@ -191,7 +193,7 @@ class Quantizer(nn.Module):
         scale, zero_point = self.dynamic_qparams(x)
         if self.zero_point_is_zero and not export_face():
             zero_point = None
-        y = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1])
+        y = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1], codes=codes)
         if shared:
             x._qat_per_token = (key, y)
         return y
@@ -216,10 +218,12 @@ class Quantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
-    def forward(self, x: Tensor, keep_input: bool = False, factor: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, keep_input: bool = False, factor: Tensor | None = None, codes: QuantizedCodes | None = None) -> Tensor:
         """Observe (when on) and fake-quantize (when on) ``x``, or ``x * factor`` when a factor is
         given (a folded BatchNorm's per-channel factor): then in eager training one autograd node
-        does the product and the fake quantization (:func:`~qat.fake_quant.fake_quantize_folded`)."""
+        does the product and the fake quantization (:func:`~qat.fake_quant.fake_quantize_folded`).
+        ``codes``: filled with the result's integer codes where they can be (not for a weight
+        kept by :attr:`reuse_unchanged`, which is held anyway)."""
         if factor is None and self._reusable(x, keep_input):
             return self._fake_quantize_reusing(x)
         if factor is not None and self._folds_in_one_node(x, factor, keep_input):
@@ -228,12 +232,13 @@ class Quantizer(nn.Module):
             if self.observer_enabled:
                 self.observe(folded)
             zero_point = None if self.zero_point_is_zero else self.zero_point
-            return fake_quantize_folded(x, factor, folded, self.scale, zero_point, self.spec.qmin, self.spec.qmax, axis=self.axis)
+            return fake_quantize_folded(x, factor, folded, self.scale, zero_point, self.spec.qmin, self.spec.qmax, axis=self.axis,
+                                        codes=codes)
         if factor is not None:
             x = x * factor
         if self.observer_enabled:
             self.observe(x)
-        return self.fake_quantize(x, keep_input) if self.fake_quant_enabled else x
+        return self.fake_quantize(x, keep_input, codes) if self.fake_quant_enabled else x
 
     def _reusable(self, x: Tensor, keep_input: bool) -> bool:
         """Whether :attr:`reuse_unchanged` applies to ``x``: a parameter, fixed scales, an observer

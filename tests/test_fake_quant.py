@@ -16,6 +16,7 @@ from qat import QuantSpec
 from qat.fake_quant import (
     MIN_SCALE,
     FakeQuantizeFunction,
+    QuantizedCodes,
     broadcast_qparam,
     fake_quantize,
     fake_quantize_folded,
@@ -315,6 +316,32 @@ def test_fast_path_keeps_nan_and_puts_it_outside_the_mask(zero_point):
     assert inside.dtype == torch.bool and inside.tolist() == [False, True, False, False]
 
 
+@settings(max_examples=300)
+@given(fq_cases(), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_codes_give_the_fake_quantized_value_back_bit_for_bit(case, dtype):
+    x, scale, zero_point, qmin, qmax, axis, block = case
+    x = torch.from_numpy(x).to(dtype).requires_grad_()
+    codes = QuantizedCodes()
+    y = fake_quantize(x, torch.from_numpy(scale), torch.from_numpy(zero_point), qmin, qmax,
+                      axis=axis or 0, block_size=block, codes=codes)
+    if qmax - qmin > 255:  # 16 bits: no byte holds the codes
+        assert not codes.filled
+        return
+    assert codes.codes.dtype == (torch.int8 if qmax <= 127 else torch.uint8) and codes.codes.numel() == y.numel()
+    assert torch.equal(codes.dequantize(), y.detach())
+    assert codes.dequantize().dtype == dtype
+
+
+def test_codes_are_not_kept_for_a_nan_or_a_learnable_scale():
+    scale = torch.tensor(0.5)
+    nan_codes, learnable_codes, inf_codes = QuantizedCodes(), QuantizedCodes(), QuantizedCodes()
+    fake_quantize(torch.tensor([0.3, float("nan")]), scale, None, -8, 7, codes=nan_codes)
+    fake_quantize(torch.tensor([0.3, 1.0]), scale.clone().requires_grad_(), None, -8, 7, codes=learnable_codes)
+    y = fake_quantize(torch.tensor([0.3, float("inf"), -float("inf")]), scale, None, -8, 7, codes=inf_codes)
+    assert not nan_codes.filled and not learnable_codes.filled
+    assert torch.equal(inf_codes.dequantize(), y)  # ±inf saturates: it has a code
+
+
 def test_fixed_scale_backward_keeps_only_a_one_byte_mask():
     x = torch.randn(64, 32, requires_grad=True)
     saved = []
@@ -360,12 +387,14 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
     grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     z = None if not zero_point.any() and qmin < 0 else torch.from_numpy(zero_point)
     results = []
+    codes = QuantizedCodes()
     for folded_node in (False, True):
         w, f = torch.from_numpy(x).requires_grad_(), factor.clone().requires_grad_()
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t) or t, lambda t: t):
             if folded_node:
-                y = fake_quantize_folded(w, f, (w * f).detach(), torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0)
+                y = fake_quantize_folded(w, f, (w * f).detach(), torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0,
+                                         codes=codes)
             else:
                 y = fake_quantize(w * f, torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0)
         y.backward(grad_y)
@@ -374,3 +403,7 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
     for got, expected in ((y_one, y_two), (gw_one, gw_two), (gf_one, gf_two)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
     assert sorted(t.dtype for t in saved_one if t.dtype == torch.bool) == [torch.bool]
+    if codes.filled:  # the folded weight's codes give it back too
+        torch.testing.assert_close(codes.dequantize(), y_one, rtol=0, atol=0, equal_nan=True)
+    else:
+        assert qmax - qmin > 255 or torch.isnan(y_one).any()

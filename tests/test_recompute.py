@@ -1,4 +1,5 @@
-"""Quantized operands recomputed in backward (qat.set_recompute, qat.modules.recompute): same gradients, less memory."""
+"""Quantized operands recomputed in backward (qat.set_recompute, qat.modules.recompute), or saved as
+integer codes (qat.set_save_codes, the default): same gradients, less memory."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from tiny_models import EVERYTHING_RECIPE, TinyCNN
 from torch import nn
 
 import qat
-from qat.modules import recompute
+from qat.fake_quant import QuantizedCodes
+from qat.modules import QuantizedLayer, recompute
 
 
 def _saved_as_tensors():
@@ -47,9 +49,8 @@ class Tokens(nn.Module):
         return self.up(self.gpt2(h).reshape(x.shape[0], 1, -1, 8)).mean()
 
 
-@pytest.mark.parametrize("fake_quant", [True, False], ids=["qat", "calibration"])
-@pytest.mark.parametrize("case", ["cnn", "tokens"])
-def test_gradients_are_the_same_bit_for_bit(case, fake_quant):
+def _prepared(case: str, fake_quant: bool) -> tuple[nn.Module, torch.Tensor]:
+    """A calibrated model with frozen ranges, fake quantization on or off, in training mode."""
     torch.manual_seed(0)
     if case == "cnn":
         model, x = TinyCNN(), torch.randn(4, 3, 8, 8)
@@ -64,13 +65,35 @@ def test_gradients_are_the_same_bit_for_bit(case, fake_quant):
     qat.calibrate(model, [x], progress=False)
     qat.set_observers(model, False)
     qat.set_fake_quant(model, fake_quant)
-    qat.set_recompute(model)
-    model.train()
+    return model.train(), x
+
+
+@pytest.mark.parametrize("mode", ["recompute", "codes"])
+@pytest.mark.parametrize("fake_quant", [True, False], ids=["qat", "calibration"])
+@pytest.mark.parametrize("case", ["cnn", "tokens"])
+def test_gradients_are_the_same_bit_for_bit(case, fake_quant, mode, monkeypatch):
+    """Recomputed operands, or operands saved as integer codes (the default), against float
+    copies saved as they are (outer identity hooks turn both off)."""
+    model, x = _prepared(case, fake_quant)
+    x.requires_grad_()  # so that every layer's op saves both operands
+    if mode == "recompute":
+        qat.set_recompute(model)
     twin = copy.deepcopy(model)
-    got, expected = _grads(model, x, recomputed=True), _grads(twin, x, recomputed=False)
+    dequantized = []
+    dequantize = QuantizedCodes.dequantize
+    monkeypatch.setattr(QuantizedCodes, "dequantize", lambda self: dequantized.append(self.codes.dtype) or dequantize(self))
+    got = _grads(model, x, recomputed=True)
+    monkeypatch.undo()
+    expected = _grads(twin, x.detach().clone().requires_grad_(), recomputed=False)  # x carries its per-token result
     assert len(got) == len(expected) > 0
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
+    if mode == "codes" and fake_quant:  # every layer's weight and input, but learnable ones (LSQ), from codes
+        fixed = [q for m in model.modules() if isinstance(m, QuantizedLayer)
+                 for q in (m.weight_quantizer, m.input_quantizer) if q is not None and not q.spec.learnable]
+        assert len(dequantized) == len(fixed) > 0 and set(dequantized) <= {torch.int8, torch.uint8}
+    else:
+        assert not dequantized
 
 
 def _quantized_operands_alive(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -88,7 +111,11 @@ def test_fake_quantized_weight_is_not_kept_for_the_backward_pass():
     model = qat.prepare(TinyCNN(), {"weight": {"bits": 4}}, example_inputs=torch.randn(2, 3, 8, 8)).train()
     x = torch.randn(2, 3, 8, 8)
     out, alive = _quantized_operands_alive(model, x)
-    assert alive == 1  # off by default: autograd keeps it
+    assert alive == 0  # by default its one-byte codes are saved instead
+    out.sum().backward()
+    qat.set_save_codes(model, False)
+    out, alive = _quantized_operands_alive(model, x)
+    assert alive == 1  # autograd keeps it
     out.sum().backward()
     qat.set_recompute(model)
     out, alive = _quantized_operands_alive(model, x)
@@ -97,7 +124,8 @@ def test_fake_quantized_weight_is_not_kept_for_the_backward_pass():
     with _saved_as_tensors():
         out, alive = _quantized_operands_alive(model, x)
     assert alive == 1  # outer saved-tensor hooks (checkpointing) do their own job
-    assert not hasattr(qat.strip(model).fc1, "recompute_operands")
+    stripped = qat.strip(model).fc1
+    assert not hasattr(stripped, "recompute_operands") and not hasattr(stripped, "save_codes")
 
 
 def test_input_changed_in_place_before_backward_is_refused():

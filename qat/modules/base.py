@@ -21,6 +21,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from qat import observers
+from qat.fake_quant import QuantizedCodes, export_face
 from qat.modules import recompute
 from qat.quantizer import Quantizer
 from qat.spec import Granularity, QuantSpec
@@ -38,12 +40,19 @@ class QuantizedLayer(nn.Module):
     """Weight axis of the input features (per-group blocks run along it)."""
     takes_activation: ClassVar[bool] = True
     """False for layers whose input is not a float tensor (embeddings take indices)."""
+    saves_operands: ClassVar[bool] = True
+    """False for layers whose op saves neither its input nor its weight for the backward pass
+    (an embedding saves its indices): nothing to keep as codes."""
 
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
     recompute_operands: bool = False
     """Recompute the quantized input and weight in the backward pass instead of saving them
     (:func:`qat.set_recompute`): less memory, more elementwise work."""
+    save_codes: bool = True
+    """Save the quantized input and weight that the layer's op keeps for its backward pass as
+    one-byte integer codes instead of float copies, and make them again from the codes there
+    (:func:`qat.set_save_codes`): the same values, a quarter of the memory of float32."""
 
     @classmethod
     def from_float(cls, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None) -> QuantizedLayer:
@@ -67,7 +76,8 @@ class QuantizedLayer(nn.Module):
         quantizer's backward uses ``x`` too instead of saving a mask."""
         if self.input_quantizer is None:
             return x
-        return self.input_quantizer(x, keep_input=self.recompute_operands and recompute.active(x))
+        codes = self._codes_for(x)
+        return _attach(self.input_quantizer(x, keep_input=self.recompute_operands and recompute.active(x), codes=codes), codes)
 
     def quantize_weight(self, weight: Tensor, factor: Tensor | None = None) -> Tensor:
         """``weight`` (times ``factor``, a folded BatchNorm's, when given) through the weight
@@ -77,15 +87,35 @@ class QuantizedLayer(nn.Module):
             return weight if factor is None else weight * factor
         unfolded = factor is None and weight is self.weight
         keep_input = self.recompute_operands and unfolded and recompute.active(weight)
-        return self.weight_quantizer(weight, keep_input=keep_input, factor=factor)
+        codes = self._codes_for(weight)
+        return _attach(self.weight_quantizer(weight, keep_input=keep_input, factor=factor, codes=codes), codes)
+
+    def _codes_for(self, t: Tensor) -> QuantizedCodes | None:
+        """An empty :class:`~qat.fake_quant.QuantizedCodes` for the quantized form of ``t`` when
+        the layer's op will save it and codes can stand in for it: :attr:`save_codes` on and not
+        recomputing, eager autograd where a host read is free (the CPU: the codes' NaN check
+        reads one value) without outer saved-tensor hooks, and ``t`` not cast by autocast before
+        the op (the op would save the cast copy instead)."""
+        device = t.device.type
+        if (not self.save_codes or self.recompute_operands or not self.saves_operands or not observers.host_reads_are_free(t)
+                or not torch.is_grad_enabled() or export_face()
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+            return None
+        if torch.is_autocast_enabled(device) and t.dtype != torch.get_autocast_dtype(device):
+            return None
+        return QuantizedCodes()
 
     def recomputing(self, x: Tensor, x_q: Tensor, w_q: Tensor, weight_factor: Tensor | None = None) -> AbstractContextManager:
-        """Context for the layer's own op (conv, matmul) when :attr:`recompute_operands` is on:
+        """Context for the layer's own op (conv, matmul). When :attr:`recompute_operands` is on,
         the quantized input ``x_q`` (made from ``x``) and weight ``w_q`` (made from the layer's
         weight, times ``weight_factor`` when BatchNorm is folded) are recomputed in the backward
-        pass instead of saved (:mod:`qat.modules.recompute`)."""
-        if not self.recompute_operands or not recompute.active(x_q, w_q):
+        pass instead of saved (:mod:`qat.modules.recompute`); otherwise those kept as integer
+        codes (:attr:`save_codes`) are saved as their codes and dequantized there."""
+        if not recompute.active(x_q, w_q):
             return nullcontext()
+        if not self.recompute_operands:
+            kept = {t: t._qat_codes.dequantize for t in (x_q, w_q) if getattr(t, "_qat_codes", None) is not None}
+            return recompute.recompute_in_backward(kept) if kept else nullcontext()
         operands = {}
         if self.input_quantizer is not None and self.input_quantizer.fake_quant_enabled:
             operands[x_q] = self.input_quantizer.replay(recompute.unchanged(x))
@@ -115,7 +145,7 @@ class QuantizedLayer(nn.Module):
         activation quantization: the fake-quantized (and folded) weight baked in."""
         weight, bias = self.inference_weight_bias()
         layer = self.float_cls.__new__(self.float_cls)
-        twin_only = {*self.twin_attributes(), "recompute_operands"}
+        twin_only = {*self.twin_attributes(), "recompute_operands", "save_codes"}
         layer.__dict__.update({k: v for k, v in self.__dict__.items() if k not in twin_only})
         layer._modules = {k: v for k, v in self._modules.items() if k not in self.twin_children()}
         layer._parameters = dict(self._parameters)
@@ -132,3 +162,11 @@ class QuantizedLayer(nn.Module):
     def twin_attributes(self) -> tuple[str, ...]:
         """Plain attributes the twin adds to the float layer (dropped by :meth:`to_float`)."""
         return ()
+
+
+def _attach(y: Tensor, codes: QuantizedCodes | None) -> Tensor:
+    """``y``, carrying ``codes`` (as ``_qat_codes``) when they were filled: the layer's
+    :meth:`~QuantizedLayer.recomputing` finds them there, and they live as long as ``y``."""
+    if codes is not None and codes.filled:
+        y._qat_codes = codes
+    return y

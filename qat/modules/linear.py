@@ -25,6 +25,7 @@ class QuantEmbedding(QuantizedLayer, nn.Embedding):
 
     float_cls = nn.Embedding
     takes_activation = False
+    saves_operands = False
 
     def float_weight_bias(self) -> tuple[Tensor, None]:
         return self.weight, None
