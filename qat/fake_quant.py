@@ -70,6 +70,12 @@ def _guarded(scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> 
     return scale.float().clamp_min(MIN_SCALE), z
 
 
+def host_reads_are_free(t: Tensor) -> bool:
+    """True where reading a value of ``t`` on the host costs no synchronisation: on the CPU,
+    outside ``torch.compile`` (where a read would break the graph)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class QuantizedCodes:
     """The integer codes of one fake quantization, kept to make its value again later: one byte an
     element where the value takes four (float32) or two, for a caller that must hold the value
@@ -105,7 +111,7 @@ class QuantizedCodes:
         byte, with the guarded ``s`` and ``z`` and the value's dtype, if it can be done exactly."""
         code_dtype = torch.int8 if qmin >= -128 and qmax <= 127 else torch.uint8 if qmin >= 0 and qmax <= 255 else None
         # a clamped code is finite unless it is NaN, and a sum of codes cannot overflow float32
-        if code_dtype is None or clamped.device.type != "cpu" or not math.isfinite(float(clamped.sum())):
+        if code_dtype is None or not host_reads_are_free(clamped) or not math.isfinite(float(clamped.sum())):
             return
         self.codes, self.scale, self.zero_point, self.dtype = clamped.to(code_dtype), s, z, dtype
         self.restore: Callable[[Tensor], Tensor] = _same

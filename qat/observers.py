@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat import kernels
-from qat.fake_quant import fake_quantize_math
+from qat.fake_quant import fake_quantize_math, host_reads_are_free
 from qat.qparams import qparams_from_range
 from qat.spec import Granularity, ObserverKind, QuantSpec
 
@@ -68,12 +68,6 @@ def reduce_groups(x: Tensor, spec: QuantSpec, axis: int, reduce: Callable[[Tenso
         rows, restore = x, lambda t: t.unsqueeze(-1)
     out = reduce(rows)
     return tuple(map(restore, out)) if isinstance(out, tuple) else restore(out)
-
-
-def host_reads_are_free(t: Tensor) -> bool:
-    """True where reading a value of ``t`` on the host costs no synchronisation: on the CPU,
-    outside ``torch.compile`` (where a read would break the graph)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:

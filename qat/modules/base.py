@@ -93,13 +93,13 @@ class QuantizedLayer(nn.Module):
     def _codes_for(self, t: Tensor) -> QuantizedCodes | None:
         """An empty :class:`~qat.fake_quant.QuantizedCodes` for the quantized form of ``t`` when
         the layer's op will save it and codes can stand in for it: :attr:`save_codes` on and not
-        recomputing, eager autograd where a host read is free (the CPU: the codes' NaN check
-        reads one value) without outer saved-tensor hooks, and ``t`` not cast by autocast before
-        the op (the op would save the cast copy instead)."""
+        recomputing, where the layer's op saves operands for a backward pass that
+        :meth:`recomputing` may replace (:func:`~qat.modules.recompute.active` for ``t`` and the
+        weight), where a host read is free (the CPU: the codes' NaN check reads one value), and
+        ``t`` not cast by autocast before the op (the op would save the cast copy instead)."""
         device = t.device.type
-        if (not self.save_codes or self.recompute_operands or not self.saves_operands or not observers.host_reads_are_free(t)
-                or not torch.is_grad_enabled() or export_face()
-                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None):
+        if (not self.save_codes or self.recompute_operands or not self.saves_operands or export_face()
+                or not observers.host_reads_are_free(t) or not recompute.active(t, self.weight)):
             return None
         if torch.is_autocast_enabled(device) and t.dtype != torch.get_autocast_dtype(device):
             return None
