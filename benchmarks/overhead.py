@@ -348,8 +348,10 @@ def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: in
         if only is not None and label != "float" and label not in only:
             continue
         try:
+            start = time.perf_counter()
             runner = Runner(work, prepare, device, bf16, compiled, accumulate)
             runner.timed_steps(max(warmup, 1))  # compilation, allocator warm-up, observers' first ranges
+            print(f"{name}, {label}: ready after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             lost = runner.parameters_without_gradient()
             if lost:  # faster than float by skipping work is no result (compiled QAT on torch 2.11 did)
                 failed[label] = f"no gradient for {len(lost)} parameters, e.g. {lost[0]}"
