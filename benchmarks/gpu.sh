@@ -3,8 +3,9 @@
 # Sections: lightning (callback, compile parity, ONNXExport after GPU training; about 6 min on an H200),
 # kernels (qat.kernels' Triton kernels against the PyTorch ops, bit for bit, on the GPU; about 2 min)
 # overhead (issue 6's GPU rows; at most 8 min) and compiled (issue 6's compiled rows alone, with room for the
-# compilation: until DEADLINE, 585 s after the start by default); default `lightning kernels overhead`, which is more than one device call's
-# 10 minutes: pass `kernels overhead`, `compiled` or `lightning` per call. Each overhead step has its own time limit and
+# compilation: until DEADLINE, 585 s after the start by default), profile (where the compiled float and QAT steps'
+# time goes, by kernel: about 5 min on an H200); default `lightning kernels overhead`, which is more than one device
+# call's 10 minutes: pass `kernels overhead`, `compiled`, `profile` or `lightning` per call. Each overhead step has its own time limit and
 # log under $OUT, so a step that fails or runs long costs its own figures only.
 # (the GPU machine has torch, lightning, onnx, onnxruntime, timm and transformers preinstalled, no internet)
 set -uo pipefail
@@ -80,4 +81,10 @@ if [[ " $SECTIONS " == *" compiled "* ]]; then
   step compile-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py --device cuda --compile regional \
     --models resnet50 --variants lightning-qat --write
   grep -h -E "^\||^Command|Error|ready after" "$OUT"/compile-*.log
+fi
+if [[ " $SECTIONS " == *" profile "* ]]; then
+  # the kernels of a compiled float and QAT step, by kind, and the time the GPU waits for the host (H200,
+  # 2026-11-27: ResNet-50 ready after 60 s and 126 s, the Llama after 16 s and 48 s)
+  step profile 400 python benchmarks/step_profile.py --device cuda --compile regional --models resnet50 llama-large --top 14
+  grep -v -E "Warning|warn|USDT" "$OUT/profile.log"
 fi

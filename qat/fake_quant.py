@@ -88,16 +88,23 @@ class QuantizedCodes:
     was. :meth:`dequantize` gives the value bit for bit: the same subtract, multiply and cast on
     the same numbers as the fake quantization's last steps.
 
+    Where one code beyond each end of the range still fits in ``int8`` (ranges of up to 7 bits,
+    such as int4 weights), the codes are kept clamped to ``[qmin - 1, qmax + 1]`` instead: they
+    then carry the straight-through mask too (:func:`mask_from_codes`), and the fake quantization
+    saves them instead of a mask of its own, one byte an element less.
+
     Example:
         >>> import torch
-        >>> from qat.fake_quant import QuantizedCodes, fake_quantize
+        >>> from qat.fake_quant import QuantizedCodes, fake_quantize, mask_from_codes
         >>> codes = QuantizedCodes()
         >>> y = fake_quantize(torch.tensor([0.26, -1.0, 9.0]), torch.tensor(0.5), None, -8, 7, codes=codes)
-        >>> codes.codes, torch.equal(codes.dequantize(), y)
-        (tensor([ 1, -2,  7], dtype=torch.int8), True)
+        >>> codes.codes, torch.equal(codes.dequantize(), y)  # int4: 9.0 / 0.5 saturates, kept as 8
+        (tensor([ 1, -2,  8], dtype=torch.int8), True)
+        >>> mask_from_codes(codes.codes, -8, 7)
+        tensor([ True,  True, False])
     """
 
-    __slots__ = ("codes", "dtype", "restore", "scale", "zero_point")
+    __slots__ = ("codes", "dtype", "qrange", "restore", "scale", "wide", "zero_point")
 
     def __init__(self) -> None:
         self.codes: Tensor | None = None
@@ -106,21 +113,30 @@ class QuantizedCodes:
     def filled(self) -> bool:
         return self.codes is not None
 
+    @staticmethod
+    def carries_mask(qmin: int, qmax: int) -> bool:
+        """Whether codes of ``[qmin, qmax]`` are kept one step wider, carrying the mask."""
+        return qmin - 1 >= -128 and qmax + 1 <= 127
+
     def keep(self, clamped: Tensor, s: Tensor, z: Tensor | None, dtype: torch.dtype, qmin: int, qmax: int) -> None:
-        """Keep ``clamped`` (the codes as float32, clamped, before the zero point is taken off) in a
-        byte, with the guarded ``s`` and ``z`` and the value's dtype, if it can be done exactly."""
+        """Keep ``clamped`` (the codes as float32 before the zero point is taken off, clamped to
+        ``[qmin, qmax]``, or one step wider where :meth:`carries_mask`) in a byte, with the guarded
+        ``s`` and ``z`` and the value's dtype, if it can be done exactly."""
         code_dtype = torch.int8 if qmin >= -128 and qmax <= 127 else torch.uint8 if qmin >= 0 and qmax <= 255 else None
         # a clamped code is finite unless it is NaN, and a sum of codes cannot overflow float32
         if code_dtype is None or not host_reads_are_free(clamped) or not math.isfinite(float(clamped.sum())):
             return
         self.codes, self.scale, self.zero_point, self.dtype = clamped.to(code_dtype), s, z, dtype
+        self.qrange, self.wide = (qmin, qmax), self.carries_mask(qmin, qmax)
         self.restore: Callable[[Tensor], Tensor] = _same
 
     def dequantize(self) -> Tensor:
         """The fake-quantized value, as :func:`fake_quantize` returned it: the codes (exact in
-        float32) less the zero point, times the scale, in float32, cast to the value's dtype. One
-        pass without a zero point: PyTorch computes ``int8 * float32`` in float32."""
-        y = self.codes * self.scale if self.zero_point is None else (self.codes - self.zero_point).mul_(self.scale)
+        float32; clamped back into the range where they are kept wider) less the zero point, times
+        the scale, in float32, cast to the value's dtype. One pass without a zero point: PyTorch
+        computes ``int8 * float32`` in float32."""
+        codes = self.codes.clamp(*self.qrange) if self.wide else self.codes
+        y = codes * self.scale if self.zero_point is None else (codes - self.zero_point).mul_(self.scale)
         return self.restore(y if y.dtype == self.dtype else y.to(self.dtype))
 
 
@@ -149,7 +165,7 @@ def _multiply_last(t: Tensor, s: Tensor) -> Tensor:
 def fake_quantize_with_mask(
     x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, overwrite: bool = False,
     codes: QuantizedCodes | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor | None]:
     """:func:`fake_quantize_math`'s value (equal, as values, bit for bit) and the straight-through
     mask ``qmin <= round(x / s) + z <= qmax``, in the fewest passes over ``x``.
 
@@ -161,7 +177,8 @@ def fake_quantize_with_mask(
     On a GPU in eager mode one Triton kernel computes the same bits (:mod:`qat.kernels`).
     ``overwrite``: ``x`` is a float32 temporary of the caller's, which the PyTorch ops may use for
     the codes instead of allocating them. ``codes``: filled with the integer codes where it can
-    be (:class:`QuantizedCodes`; the PyTorch ops only).
+    be (:class:`QuantizedCodes`; the PyTorch ops only). The mask is None where the filled codes
+    carry it (:func:`mask_from_codes`): then it was not computed.
     """
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
@@ -172,7 +189,7 @@ def fake_quantize_with_mask(
 def _with_mask_ops(
     x: Tensor, s: Tensor, z: Tensor | None, qmin: int, qmax: int, overwrite: bool = False, value: bool = True,
     codes: QuantizedCodes | None = None,
-) -> tuple[Tensor | None, Tensor]:
+) -> tuple[Tensor | None, Tensor | None]:
     """:func:`fake_quantize_with_mask` in PyTorch ops, with ``s`` and ``z`` already guarded.
 
     The mask is where clamping the codes changed nothing (``NaN != NaN``, so a NaN is outside).
@@ -186,10 +203,18 @@ def _with_mask_ops(
     if z is not None:
         code.add_(z)
     y = code.clamp(qmin, qmax)
-    inside = y == code if torch.compiler.is_compiling() else torch.eq(y, code, out=code).to(torch.bool)
+    wide = value and codes is not None and QuantizedCodes.carries_mask(qmin, qmax)
+    if wide:  # one step beyond each end: a code outside the range still differs from y below, NaN too
+        codes.keep(code.clamp_(qmin - 1, qmax + 1), s, z, x.dtype, qmin, qmax)
+    if wide and codes.filled:  # the codes carry the mask: none to make
+        inside = None
+    elif torch.compiler.is_compiling():
+        inside = y == code
+    else:
+        inside = torch.eq(y, code, out=code).to(torch.bool)
     if not value:  # the mask alone (straight_through_mask)
         return None, inside
-    if codes is not None:
+    if codes is not None and not wide:
         codes.keep(y, s, z, x.dtype, qmin, qmax)
     if z is not None:
         y.sub_(z)
@@ -232,6 +257,28 @@ def pass_inside(grad: Tensor, inside: Tensor) -> Tensor:
     return grad * inside.view(torch.uint8)
 
 
+def _save_mask(ctx, inside: Tensor | None, codes: QuantizedCodes | None, *others: Tensor) -> None:
+    """Save the straight-through mask (and ``others``) for the backward pass: ``inside``, or, where
+    :func:`fake_quantize_with_mask` left it to the codes (None), the codes themselves, which the
+    layer saves for its own backward anyway."""
+    ctx.qrange = None if inside is not None else codes.qrange
+    ctx.save_for_backward(inside if inside is not None else codes.codes, *others)
+
+
+def _saved_mask(ctx) -> Tensor:
+    """The mask :func:`_save_mask` saved, made from the codes where it saved them."""
+    saved = ctx.saved_tensors[0]
+    return saved if ctx.qrange is None else mask_from_codes(saved, *ctx.qrange)
+
+
+def mask_from_codes(codes: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The straight-through mask of codes kept one step wider than ``[qmin, qmax]``
+    (:meth:`QuantizedCodes.carries_mask`): where clamping them into the range changes nothing.
+    Compared in ``int8``, which PyTorch's CPU kernels write as ``bool`` quickly (0.07 ms for a
+    512×512×3×3 weight, where a float comparison into ``bool`` takes 0.4 ms)."""
+    return codes.clamp(qmin, qmax) == codes
+
+
 class FakeQuantizeFunction(torch.autograd.Function):
     """Training face: forward = :func:`fake_quantize_math`; backward = STE + LSQ / LSQ+.
 
@@ -248,7 +295,8 @@ class FakeQuantizeFunction(torch.autograd.Function):
 
     - fixed scale and zero point (observed ranges, the common case): only the straight-through
       mask, one byte an element, computed with the value in one pass
-      (:func:`fake_quantize_with_mask`); the backward is one multiply;
+      (:func:`fake_quantize_with_mask`); the backward is one multiply. Where ``codes`` are kept
+      one step wider than the range (:class:`QuantizedCodes`), those instead: they carry the mask;
     - the same with ``keep_input``: ``x`` and copies of the parameters, from which the backward
       remakes the mask. For a caller that keeps ``x`` alive anyway (a layer that recomputes its
       quantized input in backward, :func:`qat.set_recompute`): then the mask is the only new
@@ -269,7 +317,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
             return fake_quantize_values(x, scale, zero_point, qmin, qmax)
         if not ctx.learnable:
             y, inside = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax, codes=codes)
-            ctx.save_for_backward(inside)
+            _save_mask(ctx, inside, codes)
             return y
         zero_point = torch.zeros_like(scale) if zero_point is None else zero_point
         # copies: an observer may update the scale in place before this backward runs (a layer
@@ -285,8 +333,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
             x, scale, zero_point = ctx.saved_tensors
             return pass_inside(grad_y, straight_through_mask(x, scale, zero_point, *ctx.qrange)), None, None, None, None, None, None, None
         if not ctx.learnable:
-            (inside,) = ctx.saved_tensors
-            return pass_inside(grad_y, inside), None, None, None, None, None, None, None
+            return pass_inside(grad_y, _saved_mask(ctx)), None, None, None, None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         s, z = _guarded(scale, zero_point, qmin, qmax)
@@ -319,13 +366,13 @@ class FoldedFakeQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, factor, folded, scale, zero_point, qmin, qmax, codes=None):
         y, inside = fake_quantize_with_mask(folded, scale, zero_point, qmin, qmax, overwrite=True, codes=codes)
-        ctx.save_for_backward(inside, w, factor)
+        _save_mask(ctx, inside, codes, w, factor)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        inside, w, factor = ctx.saved_tensors
-        grad = pass_inside(grad_y, inside)  # a new tensor of this node's: scaled in place below
+        _, w, factor = ctx.saved_tensors
+        grad = pass_inside(grad_y, _saved_mask(ctx))  # a new tensor of this node's: scaled in place below
         # the multiplication's backward: d(w * f)/df = w summed over each channel, d/dw = f
         grad_factor = (grad * w).sum_to_size(factor.shape) if ctx.needs_input_grad[1] else None
         grad_w = grad.mul_(factor) if ctx.needs_input_grad[0] else None

@@ -330,6 +330,13 @@ def test_codes_give_the_fake_quantized_value_back_bit_for_bit(case, dtype):
     assert codes.codes.dtype == (torch.int8 if qmax <= 127 else torch.uint8) and codes.codes.numel() == y.numel()
     assert torch.equal(codes.dequantize(), y.detach())
     assert codes.dequantize().dtype == dtype
+    # where the codes carry the straight-through mask, the gradient is the one a saved mask gives
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    y.backward(grad_y)
+    x_mask = x.detach().clone().requires_grad_()
+    fake_quantize(x_mask, torch.from_numpy(scale), torch.from_numpy(zero_point), qmin, qmax,
+                  axis=axis or 0, block_size=block).backward(grad_y)
+    assert torch.equal(x.grad, x_mask.grad)
 
 
 def test_codes_are_not_kept_for_a_nan_or_a_learnable_scale():
@@ -378,8 +385,8 @@ def test_keep_input_saves_the_input_and_gives_the_same_value_and_gradient(case):
 @given(fq_cases(), st.lists(st.floats(-4.0, 4.0, width=32), min_size=5, max_size=5))
 def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, factors):
     """BatchNorm folding's one node (``fake_quantize_folded``) against ``fake_quantize(w * f)``:
-    the value and the gradients of ``w`` and ``f``, bit for bit, with only the mask saved besides
-    ``w`` and ``f``."""
+    the value and the gradients of ``w`` and ``f``, bit for bit, with only the mask (or the codes
+    that carry it) saved besides ``w`` and ``f``."""
     x, scale, zero_point, qmin, qmax, axis, block = case
     assume(block == 0)
     factor_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -402,7 +409,11 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
     (y_two, gw_two, gf_two, _), (y_one, gw_one, gf_one, saved_one) = results
     for got, expected in ((y_one, y_two), (gw_one, gw_two), (gf_one, gf_two)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
-    assert sorted(t.dtype for t in saved_one if t.dtype == torch.bool) == [torch.bool]
+    masks = [t for t in saved_one if t.dtype == torch.bool]
+    if codes.filled and QuantizedCodes.carries_mask(qmin, qmax):  # the codes are saved in the mask's place
+        assert not masks and any(t is codes.codes for t in saved_one)
+    else:
+        assert len(masks) == 1
     if codes.filled:  # the folded weight's codes give it back too
         torch.testing.assert_close(codes.dequantize(), y_one, rtol=0, atol=0, equal_nan=True)
     else:

@@ -193,9 +193,14 @@ def test_recomputing_layers_keep_no_straight_through_masks(model_name):
     model = TinyCNN() if model_name == "cnn" else nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     model = qat.prepare(model, {"weight": {"bits": 4}}, example_inputs=x).train()
     model(x)
-    masks = sum(d == torch.bool for d in _fake_quant_saved_dtypes(model(x.requires_grad_())))
+    saved_codes = _fake_quant_saved_dtypes(model(x.requires_grad_()))
+    qat.set_save_codes(model, False)
+    masks = sum(d == torch.bool for d in _fake_quant_saved_dtypes(model(x)))
     qat.set_recompute(model)
     masks_recomputing = sum(d == torch.bool for d in _fake_quant_saved_dtypes(model(x)))
     folded = 2 if model_name == "cnn" else 0  # conv1 and dw fold their BatchNorms
     quantized_tensors = 8 if model_name == "cnn" else 4  # each layer's weight and input
     assert masks == quantized_tensors and masks_recomputing == folded
+    # by default the int4 weights' one-byte codes, which the layers save anyway, carry their masks
+    one_byte = sorted((d for d in saved_codes if d.itemsize == 1), key=str)
+    assert one_byte == [torch.bool] * (quantized_tensors // 2) + [torch.int8] * (quantized_tensors // 2)
