@@ -357,10 +357,10 @@ class FoldedFakeQuantizeFunction(torch.autograd.Function):
     fewer weight-sized allocations (BatchNorm folding, where ``factor`` is per output channel).
 
     ``folded`` is ``w * factor`` without a gradient, which the caller computed to observe it and
-    hands over: the forward overwrites it with the result. The backward makes ``dy * mask`` once
-    and scales it by ``factor`` in place, where the multiplication's own backward would allocate
-    another weight-sized tensor. ``w`` is saved for ``factor``'s gradient; a parameter, it is
-    alive anyway.
+    hands over: the forward overwrites it with the result. The backward makes ``dy * mask`` and
+    scales it by ``factor`` in place, where the multiplication's own backward would allocate
+    another weight-sized tensor, and frees the product it sums for ``factor``'s gradient before.
+    ``w`` is saved for ``factor``'s gradient; a parameter, it is alive anyway.
     """
 
     @staticmethod
@@ -372,10 +372,13 @@ class FoldedFakeQuantizeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         _, w, factor = ctx.saved_tensors
-        grad = pass_inside(grad_y, _saved_mask(ctx))  # a new tensor of this node's: scaled in place below
-        # the multiplication's backward: d(w * f)/df = w summed over each channel, d/dw = f
-        grad_factor = (grad * w).sum_to_size(factor.shape) if ctx.needs_input_grad[1] else None
-        grad_w = grad.mul_(factor) if ctx.needs_input_grad[0] else None
+        inside = _saved_mask(ctx).view(torch.uint8)  # read as uint8: see pass_inside
+        # the multiplication's backward: d(w * f)/df = w summed over each channel, d/dw = f. The
+        # factor's product is masked in place after it is made (the same elements: a mask entry
+        # is 0 or 1), so that it is freed before the weight's gradient is made: one weight-sized
+        # temporary at a time, where a backward's memory peaks
+        grad_factor = (grad_y * w).mul_(inside).sum_to_size(factor.shape) if ctx.needs_input_grad[1] else None
+        grad_w = (grad_y * inside).mul_(factor) if ctx.needs_input_grad[0] else None
         return grad_w, grad_factor, None, None, None, None, None, None
 
 
