@@ -261,14 +261,14 @@ def _save_mask(ctx, inside: Tensor | None, codes: QuantizedCodes | None, *others
     """Save the straight-through mask (and ``others``) for the backward pass: ``inside``, or, where
     :func:`fake_quantize_with_mask` left it to the codes (None), the codes themselves, which the
     layer saves for its own backward anyway."""
-    ctx.qrange = None if inside is not None else codes.qrange
+    ctx.codes_range = None if inside is not None else codes.qrange
     ctx.save_for_backward(inside if inside is not None else codes.codes, *others)
 
 
 def _saved_mask(ctx) -> Tensor:
     """The mask :func:`_save_mask` saved, made from the codes where it saved them."""
     saved = ctx.saved_tensors[0]
-    return saved if ctx.qrange is None else mask_from_codes(saved, *ctx.qrange)
+    return saved if ctx.codes_range is None else mask_from_codes(saved, *ctx.codes_range)
 
 
 def mask_from_codes(codes: Tensor, qmin: int, qmax: int) -> Tensor:
