@@ -4,8 +4,10 @@
 # kernels (qat.kernels' Triton kernels against the PyTorch ops, bit for bit, on the GPU; about 2 min)
 # overhead (issue 6's GPU rows; at most 8 min) and compiled (issue 6's compiled rows alone, with room for the
 # compilation: until DEADLINE, 585 s after the start by default), profile (where the compiled float and QAT steps'
-# time goes, by kernel: about 5 min on an H200); default `lightning kernels overhead`, which is more than one device
-# call's 10 minutes: pass `kernels overhead`, `compiled`, `profile` or `lightning` per call. Each overhead step has its own time limit and
+# time goes, by kernel: about 5 min on an H200), cudagraphs (the compiled rows again with the blocks run as CUDA
+# graphs, which takes the host's launch work out of the step: untried, give it a call of its own); default
+# `lightning kernels overhead`, which is more than one device call's 10 minutes: pass `kernels overhead`,
+# `compiled`, `profile`, `cudagraphs` or `lightning` per call. Each overhead step has its own time limit and
 # log under $OUT, so a step that fails or runs long costs its own figures only.
 # (the GPU machine has torch, lightning, onnx, onnxruntime, timm and transformers preinstalled, no internet)
 set -uo pipefail
@@ -87,4 +89,15 @@ if [[ " $SECTIONS " == *" profile "* ]]; then
   # 2026-11-27: ResNet-50 ready after 60 s and 126 s, the Llama after 16 s and 48 s)
   step profile 400 python benchmarks/step_profile.py --device cuda --compile regional --models resnet50 llama-large --top 14
   grep -v -E "Warning|warn|USDT" "$OUT/profile.log"
+fi
+if [[ " $SECTIONS " == *" cudagraphs "* ]]; then
+  # issue 6's compiled rows with torch.compile's reduce-overhead mode: is the host what keeps the compiled QAT
+  # step from 1.10x? (profile, H200 2026-11-27: QAT added 12 ms of kernels and 39 ms of wall time to ResNet-50)
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  export RESULTS_MD="$OUT/RESULTS.md"
+  step cudagraphs-llama 240 python benchmarks/overhead.py --device cuda --compile regional --compile-mode reduce-overhead \
+    --models llama-large --variants lightning-qat --write
+  step cudagraphs-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py --device cuda --compile regional \
+    --compile-mode reduce-overhead --models resnet50 --variants lightning-qat --write
+  grep -h -E "^\||^Command|Error|ready after" "$OUT"/cudagraphs-*.log
 fi

@@ -31,7 +31,9 @@ Models and formats (issue 6):
   sequence 1024, batch 8), in bf16 autocast; ``--compile`` wraps each variant's step in
   ``torch.compile``; ``--compile regional`` compiles each repeated block instead (a decoder layer,
   a ResNet block: PyTorch's regional compilation), which compiles one graph per kind of block
-  rather than the whole network, minutes less on a GPU machine.
+  rather than the whole network, minutes less on a GPU machine; ``--compile-mode reduce-overhead``
+  runs the compiled graphs as CUDA graphs (on a GPU), which takes the host's launch work out of
+  the step.
 - ``--accumulate K``: gradient accumulation, K forward and backward passes per optimizer step,
   with one more variant, ``set_weight_reuse`` (each weight fake-quantized once per optimizer
   step; the Lightning callback turns it on when ``accumulate_grad_batches > 1``).
@@ -235,15 +237,17 @@ class Runner:
     """One variant: its model, optimizer and (optionally compiled) training step."""
 
     def __init__(self, work: Workload, prepare: Callable[[nn.Module], nn.Module], device: str, bf16: bool, compiled: str | None,
-                 accumulate: int = 1) -> None:
+                 accumulate: int = 1, compile_mode: str | None = None) -> None:
         self.model = prepare(copy.deepcopy(work.model)).to(device).train()
         self.optimizer = work.optimizer(list(self.model.parameters()))
         self.batch = tuple(t.to(device) for t in work.batch)
         self.loss, self.device, self.bf16, self.accumulate = work.loss, device, bf16, accumulate
         self.kernels = qat.kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
-        self.forward = torch.compile(self._forward_backward) if compiled == "step" else self._forward_backward
+        self.forward = torch.compile(self._forward_backward, mode=compile_mode) if compiled == "step" else self._forward_backward
         if compiled == "regional":
-            compile_blocks(self.model)
+            compile_blocks(self.model, mode=compile_mode)
+        # CUDA graphs: each step is a new generation, whose graphs may overwrite the last step's outputs
+        self.cuda_graphs = compiled is not None and compile_mode == "reduce-overhead"
 
     def _forward_backward(self) -> torch.Tensor:
         with self.kernels():
@@ -256,6 +260,8 @@ class Runner:
         """One optimizer step, after :attr:`accumulate` forward and backward passes (micro-batches)."""
         self.optimizer.zero_grad(set_to_none=True)
         for _ in range(self.accumulate):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             self.forward()
         self.optimizer.step()
 
@@ -338,7 +344,7 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: int, steps: int, warmup: int,
-            only: list[str] | None = None, accumulate: int = 1) -> tuple[str, list[dict]]:
+            only: list[str] | None = None, accumulate: int = 1, compile_mode: str | None = None) -> tuple[str, list[dict]]:
     """Rows for one model (``only``: these variants and float). A peer that cannot run the
     configuration (torch.ao's fake-quant under bf16 autocast) gets a row saying how it failed
     instead of figures."""
@@ -349,7 +355,7 @@ def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: in
             continue
         try:
             start = time.perf_counter()
-            runner = Runner(work, prepare, device, bf16, compiled, accumulate)
+            runner = Runner(work, prepare, device, bf16, compiled, accumulate, compile_mode)
             runner.timed_steps(max(warmup, 1))  # compilation, allocator warm-up, observers' first ranges
             print(f"{name}, {label}: ready after {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
             lost = runner.parameters_without_gradient()
@@ -392,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=None, help="default: resnet18 llama (CPU), resnet50 llama-large (CUDA)")
     parser.add_argument("--compile", nargs="?", const="step", choices=["step", "regional"], default=None,
                         help="torch.compile every variant's step, or (regional) each of its repeated blocks")
+    parser.add_argument("--compile-mode", default=None, choices=["reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode; reduce-overhead runs the compiled graphs as CUDA graphs (GPU)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--steps", type=int, default=1)
@@ -412,7 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
     compiled, compiled_key = {None: ("eager", "eager"), "step": ("torch.compile", "compile"),
                               "regional": ("torch.compile per block", "compile-regional")}[args.compile]
-    mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {compiled}"
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
+    mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {compiled}" + (f", mode {args.compile_mode}" if args.compile_mode else "")
     if args.device == "cpu" and not args.default_malloc:
         qat.retain_freed_memory()  # what the Lightning callback does on the CPU, for every variant alike
     malloc = "glibc malloc defaults" if args.default_malloc else "qat.retain_freed_memory"
@@ -420,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
              "|---|---|---|---|---|---|---|"]
     for name in models:
         description, rows = measure(name, args.device, bf16, args.compile, args.rounds, args.steps, args.warmup, args.variants,
-                                    args.accumulate)
+                                    args.accumulate, args.compile_mode)
         for row in rows:
             if "failed" in row:
                 line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | | |"
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{datetime.date.today():%Y-%m-%d}.")
     print(footer)
     if args.write:
-        key = f"{args.device}-{compiled_key}-{'bf16' if bf16 else 'fp32'}"
+        key = f"{args.device}-{compiled_key}{'-' + args.compile_mode if args.compile_mode else ''}-{'bf16' if bf16 else 'fp32'}"
         if models != default_models:  # a run of other models has its own block beside the default run's
             key += "-" + "-".join(args.models)
         if args.accumulate > 1:
