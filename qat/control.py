@@ -58,8 +58,8 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
     :func:`set_save_codes`); while recomputing, the straight-through masks of the inputs and of
     unfolded weights are remade in the backward too. On the benchmarks (benchmarks/RESULTS.md)
     recomputing took the peak memory over float from +68 % to +1 % (ResNet-50, H100, bf16, for
-    32 % more step time), and on the CPU from the codes' +14 % to +9 % (ResNet-18, 1.58× the
-    float step against 1.53×); the small Llama's codes (+1 %) beat it (+7 %). Turn it on where
+    32 % more step time), and on the CPU from the codes' +7 % to +3 % (ResNet-18, 1.53–1.68× the
+    float step against 1.49–1.64×); the small Llama's codes (−1 %) beat it (+7 %). Turn it on where
     the forward's saved tensors set the peak: large batches, long sequences, GPUs.
     """
     for module in model.modules():
@@ -76,11 +76,12 @@ def set_save_codes(model: nn.Module, enabled: bool = True) -> None:
     forward (the codes, and a sum that checks for NaN, which has no code) and one in the
     backward. It applies in eager training on the CPU, with fixed scales, where the codes fit a
     byte (up to 8 bits); elsewhere, and for a tensor that holds a NaN, the float copy is saved.
-    :func:`set_recompute` saves neither and takes precedence.
+    :func:`set_recompute` saves neither and takes precedence. For ranges of up to 7 bits (int4
+    weights) the codes carry the straight-through mask too, which is then not saved.
 
     On the CPU benchmark (benchmarks/RESULTS.md, against float copies): the small Llama's peak
-    memory from +21 % to +1 % over float, for 1.16× the float step instead of 1.11×; ResNet-18's
-    from +30 % to +14 % (its weights' straight-through masks remain), for 1.53× instead of 1.43×.
+    memory from +21 % to −1 % over float, for 1.15× the float step instead of 1.11×; ResNet-18's
+    from +24 % to +7 %, for 1.49–1.64× instead of 1.40–1.50×.
     ``set_save_codes(model, False)`` saves float copies: faster where memory is not short.
     """
     for module in model.modules():

@@ -104,7 +104,7 @@ class QuantizedCodes:
         tensor([ True,  True, False])
     """
 
-    __slots__ = ("codes", "dtype", "qrange", "restore", "scale", "wide", "zero_point")
+    __slots__ = ("codes", "dtype", "qrange", "restore", "scale", "zero_point")
 
     def __init__(self) -> None:
         self.codes: Tensor | None = None
@@ -127,7 +127,7 @@ class QuantizedCodes:
         if code_dtype is None or not host_reads_are_free(clamped) or not math.isfinite(float(clamped.sum())):
             return
         self.codes, self.scale, self.zero_point, self.dtype = clamped.to(code_dtype), s, z, dtype
-        self.qrange, self.wide = (qmin, qmax), self.carries_mask(qmin, qmax)
+        self.qrange = (qmin, qmax)
         self.restore: Callable[[Tensor], Tensor] = _same
 
     def dequantize(self) -> Tensor:
@@ -135,7 +135,7 @@ class QuantizedCodes:
         float32; clamped back into the range where they are kept wider) less the zero point, times
         the scale, in float32, cast to the value's dtype. One pass without a zero point: PyTorch
         computes ``int8 * float32`` in float32."""
-        codes = self.codes.clamp(*self.qrange) if self.wide else self.codes
+        codes = self.codes.clamp(*self.qrange) if self.carries_mask(*self.qrange) else self.codes
         y = codes * self.scale if self.zero_point is None else (codes - self.zero_point).mul_(self.scale)
         return self.restore(y if y.dtype == self.dtype else y.to(self.dtype))
 

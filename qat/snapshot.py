@@ -21,21 +21,20 @@ its input.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from qat.fake_quant import export_face
 
-_lowered = False
 
-
+@functools.cache
 def _lower_in_inductor() -> None:
     """Register Inductor's lowering of ``aten.clone`` for ``qat::snapshot``, once, when a compiler first
     traces a snapshot (so that importing ``qat`` does not import Inductor, 1.7 s). Without it Inductor
     calls the op's Python implementation at every step. ``torch._inductor.lowering`` is internal:
     where it is missing or different, the op stays a call, which is correct, only slower."""
-    global _lowered
-    _lowered = True
     try:
         from torch._inductor.lowering import clone, lowerings, register_lowering
 
@@ -52,8 +51,7 @@ def _snapshot_op(t: Tensor) -> Tensor:
 
 @_snapshot_op.register_fake
 def _(t):
-    if not _lowered:  # the fake kernel runs as Python while Dynamo and AOTAutograd trace, before Inductor lowers
-        _lower_in_inductor()
+    _lower_in_inductor()  # the fake kernel runs as Python while Dynamo and AOTAutograd trace, before Inductor lowers
     return torch.empty_like(t)
 
 

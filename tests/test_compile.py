@@ -126,10 +126,13 @@ def forbid_host_reads(monkeypatch):
 
 
 def test_training_step_never_reads_tensor_values_on_the_host(forbid_host_reads, monkeypatch):
-    """On an accelerator; on the CPU, where reads are free, finite_range reads one flag on purpose."""
+    """On an accelerator; on the CPU, where reads are free, finite_range reads one flag and the
+    integer codes' NaN check one sum on purpose."""
+    import qat.modules.base
     import qat.observers
 
-    monkeypatch.setattr(qat.observers, "host_reads_are_free", lambda t: False)
+    for module in (qat.fake_quant, qat.observers, qat.modules.base):  # every module that reads the flag
+        monkeypatch.setattr(module, "host_reads_are_free", lambda t: False)
     model, x = _prepared()
     with pytest.raises(_HostReadError):
         bool(torch.tensor(True))  # the fixture is active

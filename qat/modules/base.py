@@ -21,8 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from qat import observers
-from qat.fake_quant import QuantizedCodes, export_face
+from qat.fake_quant import QuantizedCodes, export_face, host_reads_are_free
 from qat.modules import recompute
 from qat.quantizer import Quantizer
 from qat.spec import Granularity, QuantSpec
@@ -99,7 +98,7 @@ class QuantizedLayer(nn.Module):
         ``t`` not cast by autocast before the op (the op would save the cast copy instead)."""
         device = t.device.type
         if (not self.save_codes or self.recompute_operands or not self.saves_operands or export_face()
-                or not observers.host_reads_are_free(t) or not recompute.active(t, self.weight)):
+                or not host_reads_are_free(t) or not recompute.active(t, self.weight)):
             return None
         if torch.is_autocast_enabled(device) and t.dtype != torch.get_autocast_dtype(device):
             return None
