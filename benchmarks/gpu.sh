@@ -3,16 +3,21 @@
 # Sections: lightning (callback, compile parity, ONNXExport after GPU training; about 6 min on an H200),
 # kernels (qat.kernels' Triton kernels against the PyTorch ops, bit for bit, on the GPU; about 2 min)
 # overhead (issue 6's GPU rows; at most 8 min) and compiled (issue 6's compiled rows alone, with room for the
-# compilation: until DEADLINE, 585 s after the start by default), profile (where the compiled float and QAT steps'
-# time goes, by kernel: about 5 min on an H200), cudagraphs (the compiled rows again with the blocks run as CUDA
-# graphs, which takes the host's launch work out of the step: untried, give it a call of its own); default
-# `lightning kernels overhead`, which is more than one device call's 10 minutes: pass `kernels overhead`,
-# `compiled`, `profile`, `cudagraphs` or `lightning` per call. Each overhead step has its own time limit and
+# compilation: until DEADLINE, 585 s after the start by default; H200: the Llama 111 s, ResNet-50 210 s),
+# profile (where the compiled float and QAT steps' time goes, by kernel: about 5 min on an H200), cudagraphs
+# (the compiled rows again with the blocks run as CUDA graphs, which takes the host's launch work out of the
+# step; H200: the Llama 111 s, ResNet-50 143 s); default `lightning kernels overhead`, which is more than one
+# device call's 10 minutes: pass `kernels overhead`, `compiled`, `profile`, `cudagraphs` or `lightning` per call,
+# or pick models with MODELS, e.g. `MODELS=llama-large LLAMA_PEERS= bash benchmarks/gpu.sh compiled cudagraphs`
+# (the Llama's compiled rows without torchao, in about 4 min). Each overhead step has its own time limit and
 # log under $OUT, so a step that fails or runs long costs its own figures only.
 # (the GPU machine has torch, lightning, onnx, onnxruntime, timm and transformers preinstalled, no internet)
 set -uo pipefail
 OUT=${OUT:-.}
 SECTIONS=${*:-lightning kernels overhead}
+# compiled and cudagraphs time the models in MODELS (default both), compiled the peers in LLAMA_PEERS beside the Llama
+MODELS=" ${MODELS:-llama-large resnet50} "
+LLAMA_PEERS=${LLAMA_PEERS-torchao}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # no internet there, so no build backend for `pip install -e .`: run from the checkout
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -30,6 +35,11 @@ step() {
   echo "== $name (limit ${limit}s)"; local start=$SECONDS
   timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
   echo "== $name: exit $rc after $((SECONDS - start))s"
+}
+# the benchmarks write their blocks into one copy of RESULTS.md under $OUT, shared by every section of the call
+results_copy() {
+  [[ -f "$OUT/RESULTS.md" ]] || cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  export RESULTS_MD="$OUT/RESULTS.md"
 }
 if [[ " $SECTIONS " == *" lightning "* ]]; then
   python benchmarks/gpu_lightning.py --out "$OUT/gpu_lightning.json" 2>&1 | quiet
@@ -63,8 +73,7 @@ if [[ " $SECTIONS " == *" overhead "* ]]; then
   # its block of benchmarks/RESULTS.md into $OUT/RESULTS.md. torch.ao's fake-quant fails under bf16
   # autocast (eager row). Compiling whole steps took over 3 min per model on an H100 (2026-11-27), so the
   # compiled runs compile each repeated block (regional compilation) and time the default variant only.
-  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-  export RESULTS_MD="$OUT/RESULTS.md"
+  results_copy
   step eager 150 python benchmarks/overhead.py --device cuda --write
   step compile-llama 180 python benchmarks/overhead.py --device cuda --compile regional --models llama-large \
     --variants lightning-qat torchao --write
@@ -75,13 +84,12 @@ fi
 if [[ " $SECTIONS " == *" compiled "* ]]; then
   # the compiled rows alone, which `overhead` gave too little time so far: ResNet-50's regional compile did
   # not finish in 100 s on an H100 (2026-11-27), the Llama's took 163 s
-  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-  export RESULTS_MD="$OUT/RESULTS.md"
-  step compile-llama 220 python benchmarks/overhead.py --device cuda --compile regional --models llama-large \
-    --variants lightning-qat torchao --write
+  results_copy
+  [[ "$MODELS" == *" llama-large "* ]] && step compile-llama 220 python benchmarks/overhead.py --device cuda --compile regional \
+    --models llama-large --variants lightning-qat $LLAMA_PEERS --write
   # ResNet-50 gets whatever is left of a 10-minute call (DEADLINE seconds after the script began)
-  step compile-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py --device cuda --compile regional \
-    --models resnet50 --variants lightning-qat --write
+  [[ "$MODELS" == *" resnet50 "* ]] && step compile-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py \
+    --device cuda --compile regional --models resnet50 --variants lightning-qat --write
   grep -h -E "^\||^Command|Error|ready after" "$OUT"/compile-*.log
 fi
 if [[ " $SECTIONS " == *" profile "* ]]; then
@@ -92,12 +100,11 @@ if [[ " $SECTIONS " == *" profile "* ]]; then
 fi
 if [[ " $SECTIONS " == *" cudagraphs "* ]]; then
   # issue 6's compiled rows with torch.compile's reduce-overhead mode: is the host what keeps the compiled QAT
-  # step from 1.10x? (profile, H200 2026-11-27: QAT added 12 ms of kernels and 39 ms of wall time to ResNet-50)
-  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
-  export RESULTS_MD="$OUT/RESULTS.md"
-  step cudagraphs-llama 240 python benchmarks/overhead.py --device cuda --compile regional --compile-mode reduce-overhead \
-    --models llama-large --variants lightning-qat --write
-  step cudagraphs-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py --device cuda --compile regional \
-    --compile-mode reduce-overhead --models resnet50 --variants lightning-qat --write
+  # step from 1.10x? (H200 2026-11-27: ResNet-50 1.59x compiled, 1.35x as CUDA graphs; the Llama 1.12x both)
+  results_copy
+  [[ "$MODELS" == *" llama-large "* ]] && step cudagraphs-llama 240 python benchmarks/overhead.py --device cuda --compile regional \
+    --compile-mode reduce-overhead --models llama-large --variants lightning-qat --write
+  [[ "$MODELS" == *" resnet50 "* ]] && step cudagraphs-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py \
+    --device cuda --compile regional --compile-mode reduce-overhead --models resnet50 --variants lightning-qat --write
   grep -h -E "^\||^Command|Error|ready after" "$OUT"/cudagraphs-*.log
 fi

@@ -247,7 +247,7 @@ class Runner:
         if compiled == "regional":
             compile_blocks(self.model, mode=compile_mode)
         # CUDA graphs: each step is a new generation, whose graphs may overwrite the last step's outputs
-        self.cuda_graphs = compiled is not None and compile_mode == "reduce-overhead"
+        self.cuda_graphs = device == "cuda" and compiled is not None and compile_mode == "reduce-overhead"
 
     def _forward_backward(self) -> torch.Tensor:
         with self.kernels():
@@ -283,12 +283,15 @@ class Runner:
         return [name for name, p in self.model.named_parameters()
                 if p.requires_grad and (p.grad is None or not bool(p.grad.any()))]
 
-    def peak_bytes(self) -> int:
+    def peak_bytes(self) -> int | None:
         """Peak memory of one step, this variant's alone: the tensors that exist before it
         (parameters, buffers, optimizer state) plus the peak of what the step adds. On CUDA the
         step's peak is ``torch.cuda.max_memory_allocated`` less what was allocated before it (the
         other variants' models live on the same card); on the CPU, whose allocator keeps no
-        statistics, the peak of :class:`LiveTensorBytes`."""
+        statistics, the peak of :class:`LiveTensorBytes`. None under CUDA graphs: a replay reuses
+        the memory its capture took, without the allocator, so no statistic sees the step's peak."""
+        if self.cuda_graphs:
+            return None
         self.optimizer.zero_grad(set_to_none=True)
         if any(q.reuse_unchanged for _, q in qat.quantizers(self.model)):
             # the weights the last step kept are stale now and made again inside this step, where they count
@@ -378,8 +381,10 @@ def measure(name: str, device: str, bf16: bool, compiled: str | None, rounds: in
     rows = []
     for label in times:
         median = statistics.median(t for t, _ in times[label])
+        measured = memory[label] is not None
         rows.append({"variant": label, "ms": 1000 * median, "ratio": median / base_time,
-                     "memory_mb": memory[label] / 2**20, "memory_ratio": memory[label] / base_memory,
+                     "memory_mb": memory[label] / 2**20 if measured else None,
+                     "memory_ratio": memory[label] / base_memory if measured else None,
                      "faults": statistics.median(f for _, f in times[label])})
     rows += [{"variant": label, "failed": reason} for label, reason in failed.items()]
     description = work.description + (f"; {accumulate} micro-batches per optimizer step" if accumulate > 1 else "")
@@ -435,8 +440,10 @@ def main(argv: list[str] | None = None) -> None:
             if "failed" in row:
                 line = f"| {description} | {row['variant']} | fails: {row['failed']} | | | | |"
             else:
+                memory = ("— | —" if row["memory_mb"] is None  # not measurable under CUDA graphs (peak_bytes)
+                          else f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}×")
                 line = (f"| {description} | {row['variant']} | {row['ms']:.1f} | {row['ratio']:.2f}× | "
-                        f"{row['memory_mb']:.0f} | {row['memory_ratio']:.2f}× | {row['faults']:.0f} |")
+                        f"{memory} | {row['faults']:.0f} |")
             lines.append(line)
             print(line, flush=True)
     footer = (f"Command: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
