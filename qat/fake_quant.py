@@ -104,10 +104,13 @@ class QuantizedCodes:
         tensor([ True,  True, False])
     """
 
-    __slots__ = ("codes", "dtype", "qrange", "restore", "scale", "zero_point")
+    __slots__ = ("codes", "dtype", "input_finite", "qrange", "restore", "scale", "zero_point")
 
     def __init__(self) -> None:
         self.codes: Tensor | None = None
+        # set by a caller that knows the input holds no NaN or infinity (an observer has just seen
+        # it, :attr:`qat.observers.Observer.all_finite`): the codes then need no NaN check
+        self.input_finite = False
 
     @property
     def filled(self) -> bool:
@@ -123,8 +126,11 @@ class QuantizedCodes:
         ``[qmin, qmax]``, or one step wider where :meth:`carries_mask`) in a byte, with the guarded
         ``s`` and ``z`` and the value's dtype, if it can be done exactly."""
         code_dtype = torch.int8 if qmin >= -128 and qmax <= 127 else torch.uint8 if qmin >= 0 and qmax <= 255 else None
-        # a clamped code is finite unless it is NaN, and a sum of codes cannot overflow float32
-        if code_dtype is None or not host_reads_are_free(clamped) or not math.isfinite(float(clamped.sum())):
+        if code_dtype is None or not host_reads_are_free(clamped):
+            return
+        # a clamped code is finite unless it is NaN, and a sum of codes cannot overflow float32; a
+        # finite input (over a scale of at least MIN_SCALE) gives no NaN, so then no check is needed
+        if not self.input_finite and not math.isfinite(float(clamped.sum())):
             return
         self.codes, self.scale, self.zero_point, self.dtype = clamped.to(code_dtype), s, z, dtype
         self.qrange = (qmin, qmax)

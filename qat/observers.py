@@ -73,8 +73,15 @@ def reduce_groups(x: Tensor, spec: QuantSpec, axis: int, reduce: Callable[[Tenso
 def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Min and max of each row over its finite values (``+inf, -inf`` when there are none), in
     float32 for rows of any float dtype. One Triton kernel on a GPU in eager mode (:mod:`qat.kernels`)."""
+    low, high, _ = finite_range_checked(rows)
+    return low, high
+
+
+def finite_range_checked(rows: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """:func:`finite_range`, and whether every value of ``rows`` is finite: True where that was
+    seen on the way (on the CPU, from the one flag read below), False where it is not known."""
     if kernels.can_fuse_rows(rows):
-        return kernels.finite_range_fused(rows)
+        return *kernels.finite_range_fused(rows), False
     rows = rows.float()
     if host_reads_are_free(rows):
         # on the CPU a host read costs nothing: when every row's plain min and max are finite (no
@@ -83,9 +90,9 @@ def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
         # finite when the spreads' sum is: three small ops rather than isfinite's ten (an overflow
         # of the sum only sends finite rows down the masked path, which gives the same answer)
         if math.isfinite((high - low).sum().item()):
-            return low, high
+            return low, high, True
     finite = torch.isfinite(rows)
-    return rows.masked_fill(~finite, float("inf")).amin(-1), rows.masked_fill(~finite, float("-inf")).amax(-1)
+    return rows.masked_fill(~finite, float("inf")).amin(-1), rows.masked_fill(~finite, float("-inf")).amax(-1), False
 
 
 def both_finite(a: Tensor, b: Tensor) -> Tensor:
@@ -139,10 +146,16 @@ class Observer(nn.Module):
         qshape = spec.qparam_shape(shape, axis)
         self.register_buffer("min_val", torch.full(qshape, float("inf")))
         self.register_buffer("max_val", torch.full(qshape, float("-inf")))
+        # whether the last tensor observed was seen to hold only finite values (False: not known);
+        # set on the CPU by the min/max observers, whose range check reads it anyway. It lets
+        # combine() skip its per-group checks, and a caller about to fake-quantize the same tensor
+        # skip a NaN check of its own (qat.fake_quant.QuantizedCodes.input_finite)
+        self.all_finite = False
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> None:
         """Fold ``x`` into the range."""
+        self.all_finite = False
         low, high = self.batch_range(x.detach())
         if self.sync:
             low, high = self.all_reduce(low, high)
@@ -154,7 +167,11 @@ class Observer(nn.Module):
         """This batch's range per group, float32 (``+inf, -inf`` / NaN where a group has no finite
         value), from ``x`` in its own dtype: the min and max of bf16 values are exact in float32,
         so no float32 copy of ``x`` is made."""
-        return reduce_groups(x, self.spec, self.axis, finite_range)
+        return reduce_groups(x, self.spec, self.axis, self._checked_range)
+
+    def _checked_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        low, high, self.all_finite = finite_range_checked(rows)
+        return low, high
 
     def all_reduce(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
         """Make every rank's batch range the same: the union of the ranks' ranges."""
@@ -166,6 +183,8 @@ class Observer(nn.Module):
         """The new range from the old one and this batch's."""
         if self.accumulate:
             return torch.minimum(self.min_val, low), torch.maximum(self.max_val, high)
+        if self.all_finite:  # every group has a finite range: `seen` would be all True
+            return low, high
         seen = both_finite(low, high)
         return torch.where(seen, low, self.min_val), torch.where(seen, high, self.max_val)
 
@@ -191,10 +210,12 @@ class MovingAverageMinMaxObserver(Observer):
 
     def combine(self, low: Tensor, high: Tensor) -> tuple[Tensor, Tensor]:
         c = self.spec.averaging_constant
-        seen = both_finite(low, high)
         first = torch.isinf(self.min_val) | torch.isinf(self.max_val)
         new_low = torch.where(first, low, self.min_val + c * (low - self.min_val))
         new_high = torch.where(first, high, self.max_val + c * (high - self.max_val))
+        if self.all_finite:  # every group has a finite range: `seen` would be all True
+            return new_low, new_high
+        seen = both_finite(low, high)
         return torch.where(seen, new_low, self.min_val), torch.where(seen, new_high, self.max_val)
 
 

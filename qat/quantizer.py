@@ -231,6 +231,7 @@ class Quantizer(nn.Module):
                 folded = x * factor
             if self.observer_enabled:
                 self.observe(folded)
+                self._pass_finiteness(codes)
             zero_point = None if self.zero_point_is_zero else self.zero_point
             return fake_quantize_folded(x, factor, folded, self.scale, zero_point, self.spec.qmin, self.spec.qmax, axis=self.axis,
                                         codes=codes)
@@ -238,7 +239,14 @@ class Quantizer(nn.Module):
             x = x * factor
         if self.observer_enabled:
             self.observe(x)
+            self._pass_finiteness(codes)
         return self.fake_quantize(x, keep_input, codes) if self.fake_quant_enabled else x
+
+    def _pass_finiteness(self, codes: QuantizedCodes | None) -> None:
+        """Tell ``codes`` what the observer saw of the tensor it observed, the one about to be
+        fake-quantized: whether it is all finite, which spares the codes a NaN check (a pass)."""
+        if codes is not None:
+            codes.input_finite = self.observer.all_finite
 
     def _reusable(self, x: Tensor, keep_input: bool) -> bool:
         """Whether :attr:`reuse_unchanged` applies to ``x``: a parameter, fixed scales, an observer

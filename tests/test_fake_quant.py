@@ -12,6 +12,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx_oracle import onnx_fake_quant
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qat.fake_quant
 from qat import QuantSpec
@@ -27,6 +28,7 @@ from qat.fake_quant import (
     fake_quantize_values,
     fake_quantize_with_mask,
 )
+from qat.quantizer import Quantizer
 
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 SPECIAL_SCALES = [0.0, 1e-38, 1e-30, 1e-10, float(MIN_SCALE), float(MIN_SCALE) / 2, 2.0**-20, 2.0**-7, 0.5, 1.0, 3.0, 1e6]
@@ -349,6 +351,31 @@ def test_codes_are_not_kept_for_a_nan_or_a_learnable_scale():
     y = fake_quantize(torch.tensor([0.3, float("inf"), -float("inf")]), scale, None, -8, 7, codes=inf_codes)
     assert not nan_codes.filled and not learnable_codes.filled
     assert torch.equal(inf_codes.dequantize(), y)  # ±inf saturates: it has a code
+
+
+def test_codes_of_an_input_an_observer_saw_all_finite_skip_the_nan_check():
+    """The weight quantizer tells the codes what its observer saw of the tensor; finite, they
+    skip their NaN check (a sum over the codes), with a NaN they check and are not kept."""
+    quantizer = Quantizer(QuantSpec(bits=4, granularity="per_channel"), (8, 16), "weight")
+    sums = []
+
+    class CountSums(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.sum.default:
+                sums.append(args[0].shape)
+            return func(*args, **(kwargs or {}))
+
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    for value, finite in ((0.3, True), (math.nan, False)):
+        w_in = w.detach().clone()
+        w_in[1, 2] = value
+        codes, sums[:] = QuantizedCodes(), []
+        with CountSums():
+            y = quantizer(w_in.requires_grad_(), codes=codes)
+        assert codes.input_finite is finite and codes.filled is finite
+        assert (torch.Size([8, 16]) in sums) is not finite
+        if finite:
+            assert torch.equal(codes.dequantize(), y.detach())
 
 
 def test_fixed_scale_backward_keeps_only_a_one_byte_mask():

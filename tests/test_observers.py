@@ -13,7 +13,7 @@ import torch.ao.quantization.observer as ao
 
 from qat import QuantSpec
 from qat.fake_quant import fake_quantize
-from qat.observers import MSE_MIN_RATIO, MSE_STEPS, both_finite, make_observer
+from qat.observers import MSE_MIN_RATIO, MSE_STEPS, both_finite, finite_range_checked, make_observer
 from qat.qparams import qparams_from_range
 
 AO_CASES = [
@@ -226,3 +226,31 @@ def test_both_finite_is_isfinite_of_both():
     values = torch.tensor([0.0, -0.0, 1.0, -3e38, 3.4e38, 1e-45, float("inf"), float("-inf"), float("nan")])
     a, b = torch.meshgrid(values, values, indexing="ij")
     assert torch.equal(both_finite(a, b), torch.isfinite(a) & torch.isfinite(b))
+
+
+@pytest.mark.parametrize(("kind", "accumulate"), [("minmax", False), ("moving_average_minmax", True)])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_a_batch_seen_all_finite_skips_the_checks_with_the_same_range(kind, accumulate, granularity):
+    """On the CPU the min/max observers learn on the way whether a batch is all finite
+    (``all_finite``); their shortcut past the per-group checks must give the checked path's
+    ranges bit for bit, and say False for a batch with a NaN or an infinity."""
+    spec = QuantSpec(granularity=granularity, observer=kind)
+    fast, checked = (make_observer(spec, shape=(4, 6), axis=0, accumulate=accumulate) for _ in range(2))
+
+    def unknown(rows):  # the checked path: finiteness never known
+        low, high, _ = finite_range_checked(rows)
+        return low, high
+
+    checked._checked_range = unknown
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 6, generator=generator) * scale for scale in (1.0, 3.0, 0.5)]
+    batches[1][2, 3] = math.nan
+    batches.insert(2, torch.full((4, 6), math.inf))
+    seen = []
+    for batch in batches:
+        fast(batch)
+        checked(batch)
+        seen.append(fast.all_finite)
+        assert torch.equal(fast.min_val, checked.min_val) and torch.equal(fast.max_val, checked.max_val)
+        assert not checked.all_finite
+    assert seen == [True, False, False, True]
