@@ -6,7 +6,7 @@
 # compilation: until DEADLINE, 585 s after the start by default; H200: the Llama 111 s, ResNet-50 210 s),
 # profile (where the compiled float and QAT steps' time goes, by kernel: about 5 min on an H200), cudagraphs
 # (the compiled rows again with the blocks run as CUDA graphs, which takes the host's launch work out of the
-# step; H200: the Llama 111 s, ResNet-50 143 s); default `lightning kernels overhead`, which is more than one
+# step; H200: the Llama 111 s, ResNet-50 143 s before its unfolded variant was added); default `lightning kernels overhead`, which is more than one
 # device call's 10 minutes: pass `kernels overhead`, `compiled`, `profile`, `cudagraphs` or `lightning` per call,
 # or pick models with MODELS, e.g. `MODELS=llama-large LLAMA_PEERS= bash benchmarks/gpu.sh compiled cudagraphs`
 # (the Llama's compiled rows without torchao, in about 4 min). Each overhead step has its own time limit and
@@ -104,7 +104,9 @@ if [[ " $SECTIONS " == *" cudagraphs "* ]]; then
   results_copy
   [[ "$MODELS" == *" llama-large "* ]] && step cudagraphs-llama 240 python benchmarks/overhead.py --device cuda --compile regional \
     --compile-mode reduce-overhead --models llama-large --variants lightning-qat --write
+  # with the fold left out beside it: how much of ResNet-50's kernel time is the BatchNorm fold (CPU: 10 of 35 ms)
   [[ "$MODELS" == *" resnet50 "* ]] && step cudagraphs-resnet50 $(( ${DEADLINE:-585} - SECONDS )) python benchmarks/overhead.py \
-    --device cuda --compile regional --compile-mode reduce-overhead --models resnet50 --variants lightning-qat --write
+    --device cuda --compile regional --compile-mode reduce-overhead --models resnet50 \
+    --variants lightning-qat "lightning-qat, BatchNorm not folded" --write
   grep -h -E "^\||^Command|Error|ready after" "$OUT"/cudagraphs-*.log
 fi

@@ -11,7 +11,9 @@ all of them alike. The figure is the median step time over all rounds, and the r
   ``residuals`` (ResNets): the recipe's ``residuals: true``, as in the shipped ResNet recipe
   (residual additions quantized too); ``PyTorch ops`` (CUDA): the default with :mod:`qat.kernels`
   off, each fake quantization and observer as PyTorch's elementwise kernels instead of one fused
-  Triton kernel each.
+  Triton kernel each; ``BatchNorm not folded`` (ResNets, a diagnostic of what folding costs): the
+  default with each BatchNorm left after its convolution, whose weight is then quantized as it
+  is, not as the deployed model holds it.
 - ``float copies saved`` (CPU): the default with ``qat.set_save_codes(model, False)``, each
   layer's quantized input and weight saved for the backward pass as float tensors instead of
   their one-byte integer codes.
@@ -183,11 +185,11 @@ def workload(name: str, device: str) -> Workload:
 
 
 def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False,
-          reuse: bool = False, codes: bool = True) -> Callable[[nn.Module], nn.Module]:
+          reuse: bool = False, codes: bool = True, fold: bool = True) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
-        model = qat.prepare(model, {**work.recipe, "residuals": residuals}, example_inputs=example)
+        model = qat.prepare(model, {**work.recipe, "residuals": residuals, "fold_bn": fold}, example_inputs=example)
         qat.set_recompute(model, recompute)
         qat.set_weight_reuse(model, reuse)
         qat.set_save_codes(model, codes)
@@ -205,6 +207,8 @@ def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Call
         out["lightning-qat, set_weight_reuse"] = _ours(work, reuse=True)
     if work.residual_adds:
         out["lightning-qat, residuals"] = _ours(work, residuals=True)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.model.modules()):
+        out["lightning-qat, BatchNorm not folded"] = _ours(work, fold=False)
     if device == "cuda" and qat.kernels.triton is not None:  # what the Triton kernels save
         out["lightning-qat, PyTorch ops"] = _ours(work, pytorch_ops=True)
     out["torch.ao eager"] = work.torch_ao
