@@ -6,11 +6,12 @@
 # compilation: until DEADLINE, 585 s after the start by default; H200: the Llama 111 s, ResNet-50 210 s),
 # profile (where the compiled float and QAT steps' time goes, by kernel: about 5 min on an H200), cudagraphs
 # (the compiled rows again with the blocks run as CUDA graphs, which takes the host's launch work out of the
-# step; H200: the Llama 111 s, ResNet-50 143 s before its unfolded variant was added); default `lightning kernels overhead`, which is more than one
-# device call's 10 minutes: pass `kernels overhead`, `compiled`, `profile`, `cudagraphs` or `lightning` per call,
-# or pick models with MODELS, e.g. `MODELS=llama-large LLAMA_PEERS= bash benchmarks/gpu.sh compiled cudagraphs`
-# (the Llama's compiled rows without torchao, in about 4 min). Each overhead step has its own time limit and
-# log under $OUT, so a step that fails or runs long costs its own figures only.
+# step; H200: the Llama 111 s, ResNet-50 143 s before its unfolded variant was added). The default,
+# `lightning kernels overhead`, is more than one device call's 10 minutes: pass `kernels overhead`,
+# `compiled`, `profile`, `cudagraphs` or `lightning` per call, or pick models with MODELS, e.g.
+# `MODELS=llama-large LLAMA_PEERS= bash benchmarks/gpu.sh compiled cudagraphs` (the Llama's compiled rows
+# without torchao, in about 4 min). Each overhead step has its own time limit and log under $OUT, so a step
+# that fails or runs long costs its own figures only.
 # (the GPU machine has torch, lightning, onnx, onnxruntime, timm and transformers preinstalled, no internet)
 set -uo pipefail
 OUT=${OUT:-.}
