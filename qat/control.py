@@ -58,8 +58,8 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
     :func:`set_save_codes`); while recomputing, the straight-through masks of the inputs and of
     unfolded weights are remade in the backward too. On the benchmarks (benchmarks/RESULTS.md)
     recomputing took the peak memory over float from +68 % to +1 % (ResNet-50, H100, bf16, for
-    32 % more step time), and on the CPU from the codes' +7 % to +3 % (ResNet-18, 1.53–1.68× the
-    float step against 1.49–1.64×); the small Llama's codes (−1 %) beat it (+7 %). Turn it on where
+    32 % more step time), and on the CPU from the codes' +7 % to +3 % (ResNet-18, 1.63–1.65× the
+    float step against 1.55–1.56×); the small Llama's codes (−1 %) beat it (+7 %). Turn it on where
     the forward's saved tensors set the peak: large batches, long sequences, GPUs.
     """
     for module in model.modules():
@@ -73,15 +73,16 @@ def set_save_codes(model: nn.Module, enabled: bool = True) -> None:
 
     On by default. The backward gets the same values, bit for bit (the fake quantization's own
     subtract, multiply and cast on the same codes), for one more pass over each operand in the
-    forward (the codes, and a sum that checks for NaN, which has no code) and one in the
-    backward. It applies in eager training on the CPU, with fixed scales, where the codes fit a
-    byte (up to 8 bits); elsewhere, and for a tensor that holds a NaN, the float copy is saved.
-    :func:`set_recompute` saves neither and takes precedence. For ranges of up to 7 bits (int4
-    weights) the codes carry the straight-through mask too, which is then not saved.
+    forward (the codes, and a sum that checks for NaN, which has no code, unless the layer's
+    observer has just seen the tensor all finite) and one in the backward. It applies in eager
+    training on the CPU, with fixed scales, where the codes fit a byte (up to 8 bits); elsewhere,
+    and for a tensor that holds a NaN, the float copy is saved. :func:`set_recompute` saves
+    neither and takes precedence. For ranges of up to 7 bits (int4 weights) the codes carry the
+    straight-through mask too, which is then not saved.
 
     On the CPU benchmark (benchmarks/RESULTS.md, against float copies): the small Llama's peak
-    memory from +21 % to −1 % over float, for 1.15× the float step instead of 1.11×; ResNet-18's
-    from +24 % to +7 %, for 1.49–1.64× instead of 1.40–1.50×.
+    memory from +21 % to −1 % over float, for 1.11–1.13× the float step instead of 1.09–1.12×;
+    ResNet-18's from +24 % to +7 %, for 1.55–1.56× instead of 1.48–1.50×.
     ``set_save_codes(model, False)`` saves float copies: faster where memory is not short.
     """
     for module in model.modules():
