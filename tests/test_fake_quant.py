@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -411,31 +412,33 @@ def test_keep_input_saves_the_input_and_gives_the_same_value_and_gradient(case):
 
 
 @pytest.mark.parametrize("codes", [False, True])
-def test_folded_backward_holds_one_weight_sized_temporary_at_a_time(codes):
-    """The fold's backward frees the product it sums for the factor's gradient before it makes the
-    weight's gradient: the backward's peak is one float32 weight (and a one-byte mask, made from
-    the codes), not two, which is where ResNet-18's QAT step peaked (benchmarks/RESULTS.md)."""
+def test_folded_backward_holds_one_weight_sized_temporary_at_a_time(codes, monkeypatch):
+    """The fold's backward sums the factor's product a few channels at a time beside the weight's
+    gradient: its peak is one float32 weight (and a one-byte clamp of the codes the mask comes
+    from), not two, which is where ResNet-18's QAT step peaked (benchmarks/RESULTS.md)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from overhead import LiveTensorBytes
 
+    monkeypatch.setattr(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", 2 * 32 * 3 * 3)  # 2 of the 64 channels at a time
     w = torch.randn(64, 32, 3, 3, requires_grad=True)
     f = (torch.rand(64, 1, 1, 1) + 0.5).requires_grad_()
     kept = QuantizedCodes() if codes else None
     y = fake_quantize_folded(w, f, (w * f).detach(), torch.full((64,), 0.05), None, -8, 7, codes=kept)
     assert codes == (kept is not None and kept.filled)
     grad_y = torch.randn_like(y)
-    with LiveTensorBytes([grad_y]) as live:
+    with LiveTensorBytes([grad_y, w]) as live:
         y.backward(grad_y)
     weight_bytes = w.numel() * w.element_size()
     assert weight_bytes <= live.peak <= weight_bytes + w.numel() + 4096
 
 
 @settings(max_examples=300)
-@given(fq_cases(), st.lists(st.floats(-4.0, 4.0, width=32), min_size=5, max_size=5))
-def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, factors):
+@given(fq_cases(), st.lists(st.floats(-4.0, 4.0, width=32), min_size=5, max_size=5), st.sampled_from([1, 1 << 18]))
+def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, factors, summed_at_a_time):
     """BatchNorm folding's one node (``fake_quantize_folded``) against ``fake_quantize(w * f)``:
     the value and the gradients of ``w`` and ``f``, bit for bit, with only the mask (or the codes
-    that carry it) saved besides ``w`` and ``f``."""
+    that carry it) saved besides ``w`` and ``f``; the factor's gradient summed two channels at a
+    time too (``SUMMED_PRODUCT_ELEMENTS`` 1), as a large weight's is."""
     x, scale, zero_point, qmin, qmax, axis, block = case
     assume(block == 0)
     factor_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
@@ -453,7 +456,8 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
                                          codes=codes)
             else:
                 y = fake_quantize(w * f, torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0)
-        y.backward(grad_y)
+        with mock.patch.object(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", summed_at_a_time):
+            y.backward(grad_y)
         results.append((y.detach(), w.grad, f.grad, saved))
     (y_two, gw_two, gf_two, _), (y_one, gw_one, gf_one, saved_one) = results
     for got, expected in ((y_one, y_two), (gw_one, gw_two), (gf_one, gf_two)):
@@ -467,3 +471,27 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
         torch.testing.assert_close(codes.dequantize(), y_one, rtol=0, atol=0, equal_nan=True)
     else:
         assert qmax - qmin > 255 or torch.isnan(y_one).any()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (7, 5), (3, 1000), (130, 17, 1, 1)])
+def test_summed_product_a_few_channels_at_a_time_is_the_plain_sum_bit_for_bit(shape, threads, monkeypatch):
+    """``_summed_product`` against ``(a * b).sum_to_size``: the same bits whether the channels are
+    summed 2, 3 or all at a time, with any number of threads; the plain sum where the sum keeps
+    more than the first axis or an operand is not contiguous."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape, generator=generator) * 1e3, torch.randn(shape, generator=generator)
+    per_channel = (shape[0],) + (1,) * (len(shape) - 1)
+    row = a[0].numel()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 3, shape[0]):  # 1: two channels at a time, the fewest
+            monkeypatch.setattr(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", rows * row)
+            for target in (per_channel, (1,) * len(shape)):
+                assert torch.equal(qat.fake_quant._summed_product(a, b, torch.Size(target)), (a * b).sum_to_size(target))
+            transposed = a.transpose(0, -1).contiguous().transpose(0, -1)
+            expected = (transposed * b).sum_to_size(per_channel)
+            assert torch.equal(qat.fake_quant._summed_product(transposed, b, torch.Size(per_channel)), expected)
+    finally:
+        torch.set_num_threads(before)
