@@ -417,13 +417,11 @@ def _summed_product(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     rows = max(2, SUMMED_PRODUCT_ELEMENTS // max(1, row))
     if not per_channel or rows >= channels or not (a.is_contiguous() and b.is_contiguous() and a.shape == b.shape):
         return (a * b).sum_to_size(shape)
-    a_rows, b_rows = a.view(channels, row), b.view(channels, row)
-    out = a.new_empty(shape)
-    out_rows, buffer = out.view(channels, 1), a.new_empty(rows * row)
-    for start in range(0, channels, rows):
-        end = min(channels, start + rows)
-        product = torch.mul(a_rows[start:end], b_rows[start:end], out=buffer[: (end - start) * row].view(end - start, row))
-        torch.sum(product, dim=1, keepdim=True, out=out_rows[start:end])
+    out, buffer = a.new_empty(shape), a.new_empty(rows, row)
+    blocks = zip(a.view(channels, row).split(rows), b.view(channels, row).split(rows), out.view(channels, 1).split(rows))
+    for a_block, b_block, out_block in blocks:  # split: one op for all the blocks, where slicing is one op each
+        product = torch.mul(a_block, b_block, out=buffer if len(a_block) == rows else buffer[: len(a_block)])
+        torch.sum(product, dim=1, keepdim=True, out=out_block)
     return out
 
 
