@@ -204,7 +204,8 @@ def _with_mask_ops(
 
     The mask is where clamping the codes changed nothing (``NaN != NaN``, so a NaN is outside).
     In eager mode the comparison writes 1.0 / 0.0 over the unclamped codes, which are not needed
-    after it, and converts them to bool: PyTorch's CPU comparisons write a bool output through a
+    after it, and converts them to bool to be kept (``value`` False: the mask alone, to be used at
+    once, stays 1.0 / 0.0): PyTorch's CPU comparisons write a bool output through a
     loop about four times slower than a float one, and float → bool is one vectorized pass (a
     512×512×3×3 weight: 0.29 ms for the clamp and the mask against 0.88 ms for two bool
     comparisons and an in-place clamp, 2-core AVX-512 EPYC, torch 2.14)."""
@@ -219,8 +220,10 @@ def _with_mask_ops(
         y, inside = code.clamp_(qmin, qmax), None
     else:
         y = code.clamp(qmin, qmax)
-        inside = (y == code) if torch.compiler.is_compiling() else torch.eq(y, code, out=code).to(torch.bool)
-    if not value:  # the mask alone (straight_through_mask)
+        inside = (y == code) if torch.compiler.is_compiling() else torch.eq(y, code, out=code)
+        if value and inside.dtype != torch.bool:  # kept for the backward pass: one byte an element
+            inside = inside.to(torch.bool)
+    if not value:  # the mask alone (straight_through_grad), used at once: 1.0 / 0.0 in eager mode
         return None, inside
     if codes is not None and not wide:
         codes.keep(y, s, z, x.dtype, qmin, qmax)
@@ -247,12 +250,16 @@ def fake_quantize_values(x: Tensor, scale: Tensor, zero_point: Tensor | None, qm
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def straight_through_mask(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
-    """:func:`fake_quantize_with_mask`'s mask alone (a backward pass that did not save it)."""
+def straight_through_grad(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """``grad`` times :func:`fake_quantize_with_mask`'s mask, the mask made again from ``x`` (a
+    backward pass that did not save it). In eager mode on the PyTorch ops the comparison's 1.0 /
+    0.0 is multiplied by ``grad`` in place, as :func:`_masked_grad` does: no bool mask, no
+    mixed-dtype product, the same bits."""
     s, z = _guarded(scale, zero_point, qmin, qmax)
     if kernels.can_fuse(x, s):
-        return kernels.fake_quantize_fused(x, s, z, qmin, qmax, value=False)[1]
-    return _with_mask_ops(x, s, z, qmin, qmax, value=False)[1]
+        return pass_inside(grad, kernels.fake_quantize_fused(x, s, z, qmin, qmax, value=False)[1])
+    inside = _with_mask_ops(x, s, z, qmin, qmax, value=False)[1]
+    return pass_inside(grad, inside) if inside.dtype == torch.bool else inside.to(grad.dtype).mul_(grad)
 
 
 def pass_inside(grad: Tensor, inside: Tensor) -> Tensor:
@@ -349,7 +356,7 @@ class FakeQuantizeFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         if ctx.keep_input:
             x, scale, zero_point = ctx.saved_tensors
-            return pass_inside(grad_y, straight_through_mask(x, scale, zero_point, *ctx.qrange)), None, None, None, None, None, None, None
+            return straight_through_grad(grad_y, x, scale, zero_point, *ctx.qrange), None, None, None, None, None, None, None
         if not ctx.learnable:
             return _masked_grad(ctx, grad_y), None, None, None, None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
