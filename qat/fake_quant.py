@@ -384,8 +384,8 @@ class FoldedFakeQuantizeFunction(torch.autograd.Function):
     ``folded`` is ``w * factor`` without a gradient, which the caller computed to observe it and
     hands over: the forward overwrites it with the result. The backward makes ``dy * mask`` and
     scales it by ``factor`` in place, where the multiplication's own backward would allocate
-    another weight-sized tensor, and sums the product for ``factor``'s gradient a few channels
-    at a time beside it (:func:`_summed_product`). ``w`` is saved for ``factor``'s gradient; a
+    another weight-sized tensor, and on the CPU sums the product for ``factor``'s gradient a few
+    channels at a time beside it (:func:`_summed_product`). ``w`` is saved for ``factor``'s gradient; a
     parameter, it is alive anyway.
     """
 
@@ -415,14 +415,16 @@ def _summed_product(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     (a per-channel factor's gradient): the product is made a block of channels at a time, in one
     buffer of at most :data:`SUMMED_PRODUCT_ELEMENTS`, rather than all at once. In a folded
     weight's backward that spares the one weight-sized temporary beside the straight-through
-    gradient, where a backward's memory peaks. Each channel's sum is the same: PyTorch reduces
-    each row of a reduction with more than one output in one thread, in an order set by the
-    row alone (checked with 1 to 4 threads). Elsewhere, the plain product and sum."""
+    gradient, where a backward's memory peaks. Each channel's sum is the same: PyTorch's CPU
+    kernels reduce each row of a reduction with more than one output in one thread, in an order
+    set by the row alone (checked with 1 to 4 threads). Elsewhere, and on other devices (whose
+    reductions may split a row differently for fewer rows), the plain product and sum."""
     channels = a.shape[0] if a.ndim else 1
     per_channel = tuple(shape) == (channels,) + (1,) * (a.ndim - 1)
     row = a.numel() // max(1, channels)
     rows = max(2, SUMMED_PRODUCT_ELEMENTS // max(1, row))
-    if not per_channel or rows >= channels or not (a.is_contiguous() and b.is_contiguous() and a.shape == b.shape):
+    blockwise = a.device.type == "cpu" and per_channel and rows < channels
+    if not (blockwise and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape):
         return (a * b).sum_to_size(shape)
     out, buffer = a.new_empty(shape), a.new_empty(rows, row)
     blocks = zip(a.view(channels, row).split(rows), b.view(channels, row).split(rows), out.view(channels, 1).split(rows))

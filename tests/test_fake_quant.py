@@ -256,6 +256,22 @@ def test_forward_and_backward_in_each_dtype(dtype):
     assert torch.isfinite(x.grad.float()).all() and torch.isfinite(s.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("keep_input", [False, True])
+def test_fixed_scale_gradient_in_each_dtype_is_the_masked_gradient(dtype, keep_input):
+    """With fixed parameters, saved mask or mask made again from the input alike: the gradient
+    has the input's dtype and is ``grad * mask`` exactly, a NaN gradient kept NaN in the mask too."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(16, 32, generator=generator) * 2).to(dtype).requires_grad_()
+    grad = torch.randn(16, 32, generator=generator).to(dtype)
+    grad[0, :4] = float("nan")
+    y = fake_quantize(x, torch.tensor(0.1), None, -8, 7, keep_input=keep_input)
+    y.backward(grad)
+    code = torch.round(x.detach().float() / 0.1)
+    assert x.grad.dtype == dtype
+    torch.testing.assert_close(x.grad, grad * ((code >= -8) & (code <= 7)), rtol=0, atol=0, equal_nan=True)
+
+
 def test_fake_quant_under_bf16_autocast():
     """torch.ao's FakeQuantize fails under bf16 autocast; ours keeps the autocast dtype."""
     lin = torch.nn.Linear(32, 16)
