@@ -58,8 +58,8 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
     :func:`set_save_codes`); while recomputing, the straight-through masks of the inputs and of
     unfolded weights are remade in the backward too. On the benchmarks (benchmarks/RESULTS.md)
     recomputing took the peak memory over float from +68 % to +1 % (ResNet-50, H100, bf16, for
-    32 % more step time), and on the CPU from the codes' +7 % to +3 % (ResNet-18, 1.63–1.65× the
-    float step against 1.55–1.56×); the small Llama's codes (−1 %) beat it (+7 %). Turn it on where
+    32 % more step time), and on the CPU from the codes' +7 % to +3 % (ResNet-18, 1.56–1.61× the
+    float step against 1.47–1.49×); the small Llama's codes (−1 %) beat it (+7 %). Turn it on where
     the forward's saved tensors set the peak: large batches, long sequences, GPUs.
     """
     for module in model.modules():
@@ -81,8 +81,8 @@ def set_save_codes(model: nn.Module, enabled: bool = True) -> None:
     straight-through mask too, which is then not saved.
 
     On the CPU benchmark (benchmarks/RESULTS.md, against float copies): the small Llama's peak
-    memory from +21 % to −1 % over float, for 1.11–1.13× the float step instead of 1.09–1.12×;
-    ResNet-18's from +24 % to +7 %, for 1.55–1.56× instead of 1.48–1.50×.
+    memory from +21 % to −1 % over float, for 1.12–1.14× the float step instead of 1.08–1.11×;
+    ResNet-18's from +24 % to +7 %, for 1.47–1.49× instead of 1.42–1.48×.
     ``set_save_codes(model, False)`` saves float copies: faster where memory is not short.
     """
     for module in model.modules():
