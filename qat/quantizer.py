@@ -46,7 +46,7 @@ from qat.fake_quant import (
     fake_quantize_values,
     reuse_fake_quantized,
 )
-from qat.observers import MinMaxObserver, MSEObserver, finite_range, make_observer, reduce_groups
+from qat.observers import MinMaxObserver, MSEObserver, finite_range_checked, make_observer, reduce_groups
 from qat.qparams import qparams_from_range
 from qat.snapshot import snapshot
 from qat.spec import Granularity, QuantSpec, Role
@@ -69,6 +69,9 @@ class Quantizer(nn.Module):
     """Keep a weight's fake-quantized value and mask, and use them again while the weight and the
     scale are unchanged (:func:`qat.set_weight_reuse`)."""
     _kept: tuple | None = None
+    tokens_finite: bool = False
+    """Per-token quantizers: whether the last tensor whose scales were computed was seen all
+    finite (False: not known), as :attr:`qat.observers.Observer.all_finite`."""
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int] | None = None, role: Role = "activation", default_axis: int = 0) -> None:
         super().__init__()
@@ -138,9 +141,15 @@ class Quantizer(nn.Module):
         Snapshotted so a compiled backward reuses them: recomputed there with other arithmetic,
         a row's maximum — which sits exactly on the tie ``(qmax - qmin) / 2`` — can round the
         other way and flip its straight-through mask."""
-        low, high = reduce_groups(x.detach(), self.spec, x.ndim - 1, finite_range)
+        low, high = reduce_groups(x.detach(), self.spec, x.ndim - 1, self._checked_token_range)
         scale, zero_point = qparams_from_range(low, high, self.spec)
         return snapshot(scale), snapshot(zero_point)
+
+    def _checked_token_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`~qat.observers.finite_range` of the tokens, keeping in :attr:`tokens_finite`
+        whether they were seen all finite (on the CPU), as an observer's ``all_finite``."""
+        low, high, self.tokens_finite = finite_range_checked(rows)
+        return low, high
 
     def fake_quantize(self, x: Tensor, keep_input: bool = False, codes: QuantizedCodes | None = None) -> Tensor:
         """Fake-quantize ``x`` with the current parameters, without observing it. ``keep_input``:
@@ -191,6 +200,8 @@ class Quantizer(nn.Module):
         if cached is not None and cached[0] == key:
             return cached[1]
         scale, zero_point = self.dynamic_qparams(x)
+        if codes is not None:  # the tokens' range check has seen whether x is all finite: see _pass_finiteness
+            codes.input_finite = self.tokens_finite
         if self.zero_point_is_zero and not export_face():
             zero_point = None
         y = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1], codes=codes)

@@ -370,10 +370,15 @@ def test_codes_are_not_kept_for_a_nan_or_a_learnable_scale():
     assert torch.equal(inf_codes.dequantize(), y)  # ±inf saturates: it has a code
 
 
-def test_codes_of_an_input_an_observer_saw_all_finite_skip_the_nan_check():
-    """The weight quantizer tells the codes what its observer saw of the tensor; finite, they
-    skip their NaN check (a sum over the codes), with a NaN they check and are not kept."""
-    quantizer = Quantizer(QuantSpec(bits=4, granularity="per_channel"), (8, 16), "weight")
+@pytest.mark.parametrize("per_token", [False, True])
+def test_codes_of_an_input_an_observer_saw_all_finite_skip_the_nan_check(per_token):
+    """The weight quantizer tells the codes what its observer saw of the tensor, a per-token one
+    what its tokens' range check saw; finite, they skip their NaN check (a sum over the codes),
+    with a NaN they check and are not kept."""
+    if per_token:
+        quantizer = Quantizer(QuantSpec(bits=8, granularity="per_token"), None, "activation")
+    else:
+        quantizer = Quantizer(QuantSpec(bits=4, granularity="per_channel"), (8, 16), "weight")
     sums = []
 
     class CountSums(TorchDispatchMode):
