@@ -494,6 +494,37 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
         assert qmax - qmin > 255 or torch.isnan(y_one).any()
 
 
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded"])
+@pytest.mark.parametrize("folded", [False, True])
+def test_gradients_from_codes_are_laid_out_as_from_a_saved_mask(grad_layout, folded):
+    """A channels-last weight whose codes carry its mask: the gradients (and the fold factor's,
+    a sum whose order follows the layout) equal those of a saved mask bit for bit, laid out the
+    same, whatever the incoming gradient's layout; with the two-op graph's for the folded node."""
+    generator = torch.Generator().manual_seed(0)
+    w0 = torch.randn(16, 8, 3, 3, generator=generator).to(memory_format=torch.channels_last)
+    f0 = torch.rand(16, 1, 1, 1, generator=generator) + 0.5
+    grad = torch.randn(16, 8, 3, 3, generator=generator)
+    grad = {"contiguous": grad, "channels_last": grad.to(memory_format=torch.channels_last),
+            "expanded": grad[:1].expand(16, 8, 3, 3)}[grad_layout]
+    scale = (w0 * f0).abs().amax((1, 2, 3)) / 7.5
+    results = []
+    for use_codes in (True, False):
+        w, f = w0.clone().requires_grad_(), f0.clone().requires_grad_()
+        codes = QuantizedCodes() if use_codes else None
+        if folded and use_codes:
+            y = fake_quantize_folded(w, f, (w * f).detach(), scale, None, -8, 7, codes=codes)
+        elif folded:
+            y = fake_quantize(w * f, scale, None, -8, 7)
+        else:
+            y = fake_quantize(w * f.detach(), scale, None, -8, 7, codes=codes)
+        assert use_codes is (codes is not None and codes.filled)
+        y.backward(grad)
+        results.append((w.grad, f.grad))
+    (w_codes, f_codes), (w_mask, f_mask) = results
+    assert torch.equal(w_codes, w_mask) and w_codes.stride() == w_mask.stride()
+    if folded:
+        assert torch.equal(f_codes, f_mask)
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(64, 32, 3, 3), (7, 5), (3, 1000), (130, 17, 1, 1)])
 def test_summed_product_a_few_channels_at_a_time_is_the_plain_sum_bit_for_bit(shape, threads, monkeypatch):
