@@ -54,7 +54,7 @@ def _prepared(case: str, fake_quant: bool) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if case.startswith("cnn"):
         model, x = TinyCNN(), torch.randn(4, 3, 8, 8)
-        if case == "cnn-channels-last":  # the layout a later reduction's order follows (the fold factor's gradient)
+        if case == "cnn-channels-last":  # dense but not contiguous operands; the layout a later reduction follows
             model, x = model.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
         model = qat.prepare(model, EVERYTHING_RECIPE, example_inputs=x)
     else:
@@ -90,11 +90,7 @@ def test_gradients_are_the_same_bit_for_bit(case, fake_quant, mode, monkeypatch)
     assert len(got) == len(expected) > 0
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
-    if mode == "codes" and fake_quant and case == "cnn-channels-last":
-        # channels last: some convolutions save a copy of an operand in another layout, which the
-        # codes cannot stand in for (the copy is saved as a float); the linear layers' still are
-        assert dequantized and set(dequantized) <= {torch.int8, torch.uint8}
-    elif mode == "codes" and fake_quant:  # every layer's weight and input, but learnable ones (LSQ), from codes
+    if mode == "codes" and fake_quant:  # every layer's weight and input, but learnable ones (LSQ), from codes
         fixed = [q for m in model.modules() if isinstance(m, QuantizedLayer)
                  for q in (m.weight_quantizer, m.input_quantizer) if q is not None and not q.spec.learnable]
         assert len(dequantized) == len(fixed) > 0 and set(dequantized) <= {torch.int8, torch.uint8}
@@ -132,6 +128,31 @@ def test_fake_quantized_weight_is_not_kept_for_the_backward_pass():
     assert alive == 1  # outer saved-tensor hooks (checkpointing) do their own job
     stripped = qat.strip(model).fc1
     assert not hasattr(stripped, "recompute_operands") and not hasattr(stripped, "save_codes")
+
+
+@pytest.mark.parametrize("remade_layout", [torch.channels_last, torch.contiguous_format])
+def test_a_channels_last_operand_is_remade_in_its_own_layout(remade_layout):
+    """A dense, channels-last operand is recomputed rather than saved, and the backward gets it
+    laid out as it was even when its function returns another layout (a copy then)."""
+    from qat.modules.recompute import recompute_in_backward
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=generator).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 3, 3, generator=generator).requires_grad_()
+    w_half = (w * 0.5).to(memory_format=torch.channels_last)
+    remade = []
+
+    def remake() -> torch.Tensor:
+        remade.append(True)
+        return (w.detach() * 0.5).contiguous(memory_format=remade_layout)
+
+    with recompute_in_backward({w_half: remake}):
+        y = nn.functional.conv2d(x.requires_grad_(), w_half)
+    y.square().sum().backward()
+    assert remade == [True]
+    expected_x = x.detach().clone().requires_grad_()
+    nn.functional.conv2d(expected_x, (w.detach() * 0.5).to(memory_format=torch.channels_last)).square().sum().backward()
+    assert torch.equal(x.grad, expected_x.grad)
 
 
 def test_input_changed_in_place_before_backward_is_refused():

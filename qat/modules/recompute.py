@@ -23,16 +23,21 @@ from torch import Tensor
 
 
 class _Recomputed:
-    """A saved operand: how to make it again, shared by every view of it that an op saves."""
+    """A saved operand: how to make it again, shared by every view of it that an op saves, and
+    the strides it had, which the views are taken with: a remade tensor laid out otherwise is
+    copied into them (elementwise ops lay a result out as their input, so this is rare)."""
 
-    __slots__ = ("make", "value")
+    __slots__ = ("make", "stride", "value")
 
-    def __init__(self, make: Callable[[], Tensor]) -> None:
-        self.make, self.value = make, None
+    def __init__(self, make: Callable[[], Tensor], stride: tuple[int, ...]) -> None:
+        self.make, self.stride, self.value = make, stride, None
 
     def get(self) -> Tensor:
         if self.value is None:
-            self.value = self.make()
+            value = self.make()
+            if value.stride() != self.stride:
+                value = torch.empty_strided(value.shape, self.stride, dtype=value.dtype, device=value.device).copy_(value)
+            self.value = value
         return self.value
 
 
@@ -44,6 +49,15 @@ class _SavedView:
 
     def unpack(self) -> Tensor:
         return self.source.get().as_strided(self.size, self.stride, self.offset)
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t`` fills its storage from offset 0 without gaps, in one of the layouts PyTorch
+    makes (contiguous, channels last): a saved view of it is then a view of any tensor of the
+    same size and strides."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    dense = t.is_contiguous() or (t.ndim in formats and t.is_contiguous(memory_format=formats[t.ndim]))
+    return dense and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
 
 def active(*tensors: Tensor | None) -> bool:
@@ -77,7 +91,8 @@ def unchanged(t: Tensor) -> Callable[[], Tensor]:
 def recompute_in_backward(operands: dict[Tensor, Callable[[], Tensor]]) -> Iterator[None]:
     """While the block runs, tensors saved for backward that are (views of) a key of
     ``operands`` are saved as its function instead; the backward calls it once to get the
-    tensor back. Each key must be contiguous, and its function must return an equal tensor.
+    tensor back. Each key must be dense (contiguous or channels last; others are saved as they
+    are), and its function must return an equal tensor.
 
     Example:
         >>> import torch
@@ -90,7 +105,7 @@ def recompute_in_backward(operands: dict[Tensor, Callable[[], Tensor]]) -> Itera
         >>> torch.allclose(w.grad, x.sum(0).expand(4, 3) * 0.5)
         True
     """
-    by_storage = {t.untyped_storage().data_ptr(): _Recomputed(make) for t, make in operands.items() if t.is_contiguous()}
+    by_storage = {t.untyped_storage().data_ptr(): _Recomputed(make, t.stride()) for t, make in operands.items() if _dense(t)}
 
     def pack(t: Tensor):
         source = by_storage.get(t.untyped_storage().data_ptr())
