@@ -427,17 +427,22 @@ def _summed_product(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     weight's backward that spares the one weight-sized temporary beside the straight-through
     gradient, where a backward's memory peaks. Each channel's sum is the same: PyTorch's CPU
     kernels reduce each row of a reduction with more than one output in one thread, in an order
-    set by the row alone (checked with 1 to 4 threads). Elsewhere, and on other devices (whose
-    reductions may split a row differently for fewer rows), the plain product and sum."""
+    set by the row alone, the memory order (checked with 1 to 4 threads, contiguous and channels
+    last). Elsewhere, and on other devices (whose reductions may split a row differently for
+    fewer rows), the plain product and sum."""
     channels = a.shape[0] if a.ndim else 1
     per_channel = tuple(shape) == (channels,) + (1,) * (a.ndim - 1)
     row = a.numel() // max(1, channels)
     rows = max(2, SUMMED_PRODUCT_ELEMENTS // max(1, row))
-    blockwise = a.device.type == "cpu" and per_channel and rows < channels
-    if not (blockwise and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape):
+    if not (a.device.type == "cpu" and per_channel and rows < channels and a.shape == b.shape and a.stride() == b.stride()):
+        return (a * b).sum_to_size(shape)
+    # each channel's elements as one row in memory order (a channels-last weight too), if dense
+    order = [0, *sorted(range(1, a.ndim), key=lambda dim: -a.stride(dim))]
+    a_rows, b_rows = a.permute(order), b.permute(order)
+    if not (a_rows.is_contiguous() and b_rows.is_contiguous()):
         return (a * b).sum_to_size(shape)
     out, buffer = a.new_empty(shape), a.new_empty(rows, row)
-    blocks = zip(a.view(channels, row).split(rows), b.view(channels, row).split(rows), out.view(channels, 1).split(rows))
+    blocks = zip(a_rows.view(channels, row).split(rows), b_rows.view(channels, row).split(rows), out.view(channels, 1).split(rows))
     for a_block, b_block, out_block in blocks:  # split: one op for all the blocks, where slicing is one op each
         product = torch.mul(a_block, b_block, out=buffer if len(a_block) == rows else buffer[: len(a_block)])
         torch.sum(product, dim=1, keepdim=True, out=out_block)

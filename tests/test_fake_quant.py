@@ -496,10 +496,12 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
 
 @pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last", "expanded"])
 @pytest.mark.parametrize("folded", [False, True])
-def test_gradients_from_codes_are_laid_out_as_from_a_saved_mask(grad_layout, folded):
+def test_gradients_from_codes_are_laid_out_as_from_a_saved_mask(grad_layout, folded, monkeypatch):
     """A channels-last weight whose codes carry its mask: the gradients (and the fold factor's,
-    a sum whose order follows the layout) equal those of a saved mask bit for bit, laid out the
-    same, whatever the incoming gradient's layout; with the two-op graph's for the folded node."""
+    a sum whose order follows the layout, here two channels at a time) equal those of a saved
+    mask bit for bit, laid out the same, whatever the incoming gradient's layout; with the two-op
+    graph's for the folded node."""
+    monkeypatch.setattr(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(0)
     w0 = torch.randn(16, 8, 3, 3, generator=generator).to(memory_format=torch.channels_last)
     f0 = torch.rand(16, 1, 1, 1, generator=generator) + 0.5
@@ -526,13 +528,18 @@ def test_gradients_from_codes_are_laid_out_as_from_a_saved_mask(grad_layout, fol
         assert torch.equal(f_codes, f_mask)
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (7, 5), (3, 1000), (130, 17, 1, 1)])
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (7, 5), (3, 1000), (130, 17, 1, 1), (64, 32, 3, 3, "channels_last"),
+                                   (33, 7, 5, 2, "channels_last"), (130, 17, 1, 1, "channels_last")])
 def test_summed_product_a_few_channels_at_a_time_is_the_plain_sum_bit_for_bit(shape, threads, monkeypatch):
     """``_summed_product`` against ``(a * b).sum_to_size``: the same bits whether the channels are
-    summed 2, 3 or all at a time, with any number of threads; the plain sum where the sum keeps
-    more than the first axis or an operand is not contiguous."""
+    summed 2, 3 or all at a time, with any number of threads, for contiguous and channels-last
+    operands; the plain sum where the sum keeps more than the first axis or the operands are
+    laid out apart."""
+    *shape, layout = shape if shape[-1] == "channels_last" else (*shape, torch.contiguous_format)
+    layout = torch.channels_last if layout == "channels_last" else layout
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(shape, generator=generator) * 1e3, torch.randn(shape, generator=generator)
+    a = (torch.randn(shape, generator=generator) * 1e3).contiguous(memory_format=layout)
+    b = torch.randn(shape, generator=generator).contiguous(memory_format=layout)
     per_channel = (shape[0],) + (1,) * (len(shape) - 1)
     row = a[0].numel()
     before = torch.get_num_threads()
