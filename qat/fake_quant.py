@@ -434,15 +434,15 @@ def _summed_product(a: Tensor, b: Tensor, shape: torch.Size) -> Tensor:
     per_channel = tuple(shape) == (channels,) + (1,) * (a.ndim - 1)
     row = a.numel() // max(1, channels)
     rows = max(2, SUMMED_PRODUCT_ELEMENTS // max(1, row))
-    if not (a.device.type == "cpu" and per_channel and rows < channels and a.shape == b.shape and a.stride() == b.stride()):
-        return (a * b).sum_to_size(shape)
-    # each channel's elements as one row in memory order (a channels-last weight too), if dense
+    # each channel's elements as one row in memory order (a channels-last weight too), where
+    # that is dense; b, laid out as a, is then too
     order = [0, *sorted(range(1, a.ndim), key=lambda dim: -a.stride(dim))]
-    a_rows, b_rows = a.permute(order), b.permute(order)
-    if not (a_rows.is_contiguous() and b_rows.is_contiguous()):
+    if not (a.device.type == "cpu" and per_channel and rows < channels and a.shape == b.shape and a.stride() == b.stride()
+            and a.permute(order).is_contiguous()):
         return (a * b).sum_to_size(shape)
     out, buffer = a.new_empty(shape), a.new_empty(rows, row)
-    blocks = zip(a_rows.view(channels, row).split(rows), b_rows.view(channels, row).split(rows), out.view(channels, 1).split(rows))
+    a_rows, b_rows = a.permute(order).view(channels, row), b.permute(order).view(channels, row)
+    blocks = zip(a_rows.split(rows), b_rows.split(rows), out.view(channels, 1).split(rows))
     for a_block, b_block, out_block in blocks:  # split: one op for all the blocks, where slicing is one op each
         product = torch.mul(a_block, b_block, out=buffer if len(a_block) == rows else buffer[: len(a_block)])
         torch.sum(product, dim=1, keepdim=True, out=out_block)
