@@ -94,6 +94,21 @@ class LitClassifier(pl.LightningModule):
         return DataLoader(image_data(16, seed=2), batch_size=self.batch_size)
 
 
+class DigitsClassifier(LitClassifier):
+    """TinyCNN over the 10 classes of ``qat.data.DigitsDataModule(channels=3)`` (8×8), trained like
+    ``qat.tasks.ImageClassifier``: a cosine over ``trainer.estimated_stepping_batches``, which makes
+    Lightning build the training loader before it restores a checkpoint's loop state."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__(lr)
+        self.model = TinyCNN(classes=10)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
 class LitLlama(pl.LightningModule):
     def __init__(self, lr: float = 3e-3, batch_size: int = 8) -> None:
         super().__init__()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import pickle
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -59,6 +61,45 @@ def test_training_order_is_seeded():
     assert {k: len(v) for k, v in digits.splits.items()} == {"train": 1438, "val": 180, "test": 179}
 
 
+def _epochs(data, epochs: int, state: dict | None = None) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The training batches of ``epochs`` epochs of a fresh loader (after ``load_state_dict(state)``), drawn
+    with the global generator seeded differently each time: a resumed process's is not the killed one's."""
+    if state is not None:
+        data.load_state_dict(state)
+    torch.manual_seed(len(state or {}) + epochs)
+    loader = data.train_dataloader()
+    return [[(x, y) for x, y in loader] for _ in range(epochs)]
+
+
+def _same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, u) and torch.equal(y, v) for (x, y), (u, v) in zip(a, b, strict=True))
+
+
+def test_training_order_changes_every_epoch_and_resumes_mid_epoch():
+    pytest.importorskip("sklearn")
+    make = functools.partial(DigitsDataModule, batch_size=100, seed=2)
+    first, second, third = _epochs(make(), 3)
+    assert not _same(first, second) and len(first) == 15 and len(first[-1][1]) == 38  # 1,438 = 14 × 100 + 38
+    assert _same(_epochs(make(), 2, {"train_epoch": 1, "train_batches": 4})[0], second[4:])
+    resumed = _epochs(make(), 2, {"train_epoch": 1, "train_batches": 14})  # in the last batch: it comes next
+    assert _same(resumed[0], second[14:]) and _same(resumed[1], third)
+    assert _same(_epochs(make(), 1, {"train_epoch": 2, "train_batches": 0})[0], third)
+
+
+def test_every_loader_built_for_the_resuming_trainer_starts_at_the_checkpoint():
+    """A callback peeking at a batch builds a loader too; a later fit by another Trainer starts afresh."""
+    pytest.importorskip("sklearn")
+    first, second, third = _epochs(DigitsDataModule(batch_size=100, seed=2), 3)
+    data, trainer = DigitsDataModule(batch_size=100, seed=2), SimpleNamespace(current_epoch=0)
+    data.trainer = trainer
+    data.load_state_dict({"train_epoch": 1, "train_batches": 4})
+    assert _same(_epochs(data, 1)[0], second[4:]) and _same(_epochs(data, 1)[0], second[4:])
+    trainer.current_epoch = 2  # past the resumed epoch: a loader per epoch (reload_dataloaders_every_n_epochs)
+    assert _same(_epochs(data, 1)[0], third)
+    data.trainer = SimpleNamespace(current_epoch=0)
+    assert _same(_epochs(data, 1)[0], first)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [({"batch_size": 0}, "batch_size"), ({"channels": 2}, "channels"),
                                                  ({"image_size": 2}, "image_size")])
 def test_bad_arguments_name_the_key(kwargs, message):
@@ -95,6 +136,20 @@ def test_batch_transform_augments_by_reflect_padded_crops_and_flips():
         assert matches, "an augmented image is not a crop (or its mirror) of the padded image"
         drawn.update(matches)
     assert {flip for *_, flip in drawn} == {False, True} and len({(i, j) for i, j, _ in drawn}) > 3
+
+
+def test_batch_transform_draws_from_its_seed_and_the_sample_indices():
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+
+    def augment(indices, seed=1, global_seed=0):
+        torch.manual_seed(global_seed)
+        collate = BatchTransform(size=16, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, augment=True, seed=seed)
+        return collate([(image, 0, i) for image, i in zip(images, indices, strict=True)])[0]
+
+    indices = list(range(8))
+    assert torch.equal(augment(indices), augment(indices, global_seed=1))  # the global generator plays no part
+    assert not torch.equal(augment(indices), augment([i + 8 for i in indices]))
+    assert not torch.equal(augment(indices), augment(indices, seed=2))
 
 
 # --- ImageFolderDataModule: a generated folder of PNGs ------------------------------------------------
@@ -245,6 +300,14 @@ def test_cifar10_resized_gray_and_augmented(fake_cifar):
     data = CIFAR10DataModule(fake_cifar, batch_size=8, image_size=48, channels=1, augment=True)
     x, _ = next(iter(data.train_dataloader()))
     assert x.shape == (8, 1, 48, 48) and len(data.normalization["mean"]) == 1
+
+
+def test_augmented_batches_are_the_same_after_a_resume(fake_cifar):
+    """Crops and flips are drawn from the seed and the batch's sample indices, not from the global
+    generator, which a resumed process does not restore."""
+    make = functools.partial(CIFAR10DataModule, fake_cifar, batch_size=8, augment=True, seed=4)
+    _, uninterrupted = _epochs(make(), 2)
+    assert _same(_epochs(make(), 1, {"train_epoch": 1, "train_batches": 3})[0], uninterrupted[3:])
 
 
 @pytest.mark.parametrize(("layout", "message"), [

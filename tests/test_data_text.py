@@ -87,6 +87,20 @@ def test_bpe_trains_on_train_text_caches_and_round_trips(tmp_path, monkeypatch):
     assert torch.equal(from_file.splits["val"].tensors["input_ids"], data.splits["val"].tensors["input_ids"])
 
 
+def test_training_blocks_reshuffle_every_epoch_and_resume_mid_epoch(tmp_path):
+    def epochs(count, state=None):
+        data = TextDataModule(max_chars=SMALL, seq_len=64, batch_size=8, seed=1, cache_dir=tmp_path)
+        if state is not None:
+            data.load_state_dict(state)
+        loader = data.train_dataloader()
+        return [[batch["input_ids"] for batch in loader] for _ in range(count)]
+
+    first, second = epochs(2)
+    assert len(first) > 5 and not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    (resumed,) = epochs(1, {"train_epoch": 1, "train_batches": 5})
+    assert len(resumed) == len(second) - 5 and all(torch.equal(a, b) for a, b in zip(resumed, second[5:], strict=True))
+
+
 def test_batches_are_causal_lm_dicts_and_only_training_shuffles_and_drops(tmp_path):
     data = TextDataModule(max_chars=SMALL, seq_len=64, batch_size=4, seed=1, cache_dir=tmp_path)
     assert data.vocab_size == 256  # known before setup, without building the corpus

@@ -5,12 +5,16 @@
 - :class:`CIFAR10DataModule`, :class:`ImageFolderDataModule`: your own images on disk (CIFAR-10 in
   torchvision's format, or ``root/<class>/<image>`` folders), read with torchvision;
 - :func:`stratified_split`: the deterministic splits both use;
+- :class:`ResumableDataModule`: what they all share, a training shuffle that a run resumed from any
+  checkpoint, mid-epoch too, continues where it stopped (:mod:`qat.data.resume`); subclass it to
+  give your own data the same;
 - :class:`TextDataModule`: causal-LM blocks of the Python standard library's sources (or your text
   files), with a byte or BPE tokenizer; :class:`SentenceDataModule`: docstring sentences padded for
   a MiniLM (:mod:`qat.data.corpus`, :mod:`qat.data.tokenizer`).
 """
 
 from qat.data.corpus import TextCorpus, load_corpus, stdlib_corpus
+from qat.data.resume import ResumableDataModule, ResumableShuffle
 from qat.data.splits import stratified_split
 from qat.data.text import SentenceDataModule, TextDataModule
 from qat.data.tokenizer import ByteTokenizer, FastTokenizer, get_tokenizer
@@ -30,6 +34,8 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "MNIST5kDataModule",
+    "ResumableDataModule",
+    "ResumableShuffle",
     "SentenceDataModule",
     "TextCorpus",
     "TextDataModule",

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -39,6 +38,7 @@ from qat.data.corpus import (
     sha256,
     source_paths,
 )
+from qat.data.resume import ResumableDataModule
 from qat.data.tokenizer import MIN_BPE_VOCAB, ByteTokenizer, FastTokenizer, check_tokenizer_path, get_tokenizer
 from qat.errors import QATError
 
@@ -71,34 +71,30 @@ def _check_positive(name: str, value: object, minimum: int = 1, optional: bool =
         raise QATError(f"{name} must be an integer ≥ {minimum}{' or null' if optional else ''}; got `{value!r}`")
 
 
-def _loader(dataset: Dataset, batch_size: int, train: bool, seed: int, num_workers: int) -> DataLoader:
-    """Training shuffles with a seeded generator and drops the last incomplete batch (constant
-    shapes for compiled / quantized steps); evaluation keeps order and every example."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train,
-                      generator=torch.Generator().manual_seed(seed) if train else None,
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
-
-
-class _SplitDataModule(pl.LightningDataModule):
-    """Train / val / test loaders over ``self.splits`` (filled by ``setup``): the training one
-    shuffles with a seeded generator."""
+class _SplitDataModule(ResumableDataModule):
+    """Train / val / test loaders over ``self.splits`` (filled by ``setup``). Training shuffles
+    (:meth:`train_sampler`: resumable mid-epoch), draws the workers' seeds from a seeded generator and
+    drops the last incomplete batch (constant shapes for compiled / quantized steps); evaluation keeps
+    order and every example."""
 
     splits: dict[str, Dataset]
-    batch_size: int
-    seed: int
     num_workers: int
 
-    def train_dataloader(self) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
-        return _loader(self.splits["train"], self.batch_size, True, self.seed, self.num_workers)
+        dataset = self.splits[split]
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=self.train_sampler(dataset) if train else None,
+                          drop_last=train, generator=torch.Generator().manual_seed(self.seed) if train else None,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["val"], self.batch_size, False, self.seed, self.num_workers)
+        return self._loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        self.setup()
-        return _loader(self.splits["test"], self.batch_size, False, self.seed, self.num_workers)
+        return self._loader("test", train=False)
 
 
 class TextDataModule(_SplitDataModule):
@@ -123,7 +119,7 @@ class TextDataModule(_SplitDataModule):
             (whole documents); None keeps everything. 2 M characters of the standard library
             tokenize in seconds and make ~1,700 training batches of bytes.
         fractions: train / val / test shares of the documents.
-        seed: seed of the split and of the training shuffle.
+        seed: seed of the split and of the training shuffle (its order is a function of the seed and the epoch).
         num_workers: DataLoader workers (0: the blocks are already in memory).
         cache_dir: where the corpus, the BPE and the token ids are cached (default ``$QAT_CACHE``,
             else ``~/.cache/lightning-qat``).

@@ -29,6 +29,7 @@ for the export's metadata.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import os
 import tarfile
@@ -36,20 +37,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from qat.data.resume import ResumableDataModule, seeded_generator
 from qat.data.splits import stratified_split
 from qat.errors import QATError
 
 SPLITS = ("train", "val", "test")
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(ResumableDataModule):
     """Labelled images split into train / val / test, with the loaders every image DataModule shares.
 
     In memory by default: a subclass implements :meth:`load` returning ``(images (N, H, W) in
@@ -61,7 +62,8 @@ class ImageDataModule(pl.LightningDataModule):
         image_size: resize the square images to this many pixels (bilinear); None keeps them.
         channels: 1, or 3 to repeat the gray channel for models built for RGB.
         fractions: train / val / test shares (stratified per class).
-        seed: seed of the split and of the training shuffle.
+        seed: seed of the split and of the training shuffle (a new order every epoch, a function of
+            the seed and the epoch: a run resumed from any checkpoint, mid-epoch too, sees the same batches).
         num_workers: DataLoader workers (0: the data is already in memory).
     """
 
@@ -118,11 +120,16 @@ class ImageDataModule(pl.LightningDataModule):
         return None
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        """Training shuffles (:meth:`train_sampler`: resumable mid-epoch) and draws the workers' seeds
+        from a seeded generator; evaluation keeps order, in batches twice as large."""
         self.setup()
-        generator = torch.Generator().manual_seed(self.seed)
-        size = self.batch_size if shuffle else 2 * self.batch_size
-        return DataLoader(self.splits[split], batch_size=size, shuffle=shuffle, generator=generator if shuffle else None,
-                          collate_fn=self._collate(train=shuffle), num_workers=self.num_workers,
+        dataset, collate = self.splits[split], self._collate(train=shuffle)
+        if isinstance(collate, BatchTransform) and collate.augment:
+            dataset = _Indexed(dataset)  # the batch's crops and flips are drawn from the seed and its sample indices
+        return DataLoader(dataset, batch_size=self.batch_size if shuffle else 2 * self.batch_size,
+                          sampler=self.train_sampler(dataset) if shuffle else None,
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+                          collate_fn=collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
@@ -210,8 +217,13 @@ class BatchTransform:
     In order: scale to [0, 1]; gray by :data:`LUMA` when ``channels`` is 1; resize to ``size``
     (bilinear, antialiased when shrinking) unless the images already have it; with ``augment``,
     a random crop of each image from its ``size // 8`` reflect-padded copy and a random
-    horizontal flip; ``(x − mean) / std`` per channel. Random draws use torch's global generator
-    (seeded per worker by the DataLoader).
+    horizontal flip; ``(x − mean) / std`` per channel.
+
+    The random draws: when the items are ``(image, label, index)`` triples (as the DataModules'
+    augmented training loaders make them), from a generator seeded by ``seed`` and the batch's
+    sample indices — the same batch gets the same crops in every run, with any number of workers
+    and after a resume, and the reshuffled batches of the next epoch get new ones; from pairs, from
+    torch's global generator (seeded per worker by the DataLoader).
 
     Example:
         >>> collate = BatchTransform(size=4, channels=1, mean=(0.5,), std=(0.5,))
@@ -220,32 +232,51 @@ class BatchTransform:
         (torch.Size([1, 1, 4, 4]), [7], 1.0)
     """
 
-    def __init__(self, size: int | None, channels: int, mean: Sequence[float], std: Sequence[float], augment: bool = False) -> None:
-        self.size, self.channels, self.augment = size, channels, augment
+    def __init__(self, size: int | None, channels: int, mean: Sequence[float], std: Sequence[float], augment: bool = False,
+                 seed: int = 0) -> None:
+        self.size, self.channels, self.augment, self.seed = size, channels, augment, seed
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __call__(self, items: Sequence[tuple[Tensor, int | Tensor]]) -> tuple[Tensor, Tensor]:
-        x = torch.stack([image for image, _ in items]).float().div_(255)  # (B, 3, H, W)
-        labels = torch.tensor([int(label) for _, label in items], dtype=torch.int64)
+    def __call__(self, items: Sequence[tuple[Tensor, int | Tensor] | tuple[Tensor, int | Tensor, int]]) -> tuple[Tensor, Tensor]:
+        x = torch.stack([item[0] for item in items]).float().div_(255)  # (B, 3, H, W)
+        labels = torch.tensor([int(item[1]) for item in items], dtype=torch.int64)
         if self.channels == 1:
             x = torch.einsum("bchw,c->bhw", x, torch.tensor(LUMA)).unsqueeze(1)  # (B, 1, H, W)
         if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
             shrinking = self.size < min(x.shape[-2:])  # enlarging, antialiasing gives the same values (1e-7) slower
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=shrinking)
         if self.augment:
-            x = self._crop_and_flip(x)
+            indexed = all(len(item) == 3 for item in items)
+            x = self._crop_and_flip(x, self._generator([int(item[2]) for item in items]) if indexed else None)
         return (x - self.mean) / self.std, labels
 
+    def _generator(self, indices: list[int]) -> torch.Generator:
+        digest = hashlib.blake2b(np.asarray(indices, dtype=np.int64).tobytes(), digest_size=8).digest()  # one short hash of them all
+        return seeded_generator(self.seed, int.from_bytes(digest, "little"))
+
     @staticmethod
-    def _crop_and_flip(x: Tensor) -> Tensor:
+    def _crop_and_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
         height, width = x.shape[-2:]
         pad = max(1, min(height, width) // 8)
         padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, H + 2p, W + 2p)
-        dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x))).tolist()
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, len(x)), generator=generator).tolist()
         x = torch.stack([p[:, i:i + height, j:j + width] for p, i, j in zip(padded, dy, dx, strict=True)])
-        flip = torch.rand(len(x)) < 0.5
+        flip = torch.rand(len(x), generator=generator) < 0.5
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+class _Indexed(Dataset):
+    """``dataset``'s items with their index appended: ``(image, label, index)``, for :class:`BatchTransform`."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        return (*self.dataset[i], i)
 
 
 class _Decoded(Dataset):
@@ -287,7 +318,7 @@ class CIFAR10DataModule(ImageDataModule):
         channels: 3, or 1 for gray (:data:`LUMA` weights).
         val_fraction: share of the training images held out for validation.
         augment: random crop (size / 8 reflect padding) and horizontal flip on the training split.
-        seed: seed of the split and the shuffle.
+        seed: seed of the split, the shuffle and the augmentation.
         num_workers: DataLoader worker processes.
 
     Example::
@@ -350,7 +381,8 @@ class CIFAR10DataModule(ImageDataModule):
                 "test": TensorDataset(*test_tensors)}
 
     def _collate(self, train: bool) -> BatchTransform:
-        return BatchTransform(self.image_size, self.channels, self.mean, self.std, augment=self.augment and train)
+        return BatchTransform(self.image_size, self.channels, self.mean, self.std, augment=self.augment and train,
+                              seed=self.seed)
 
 
 class ImageFolderDataModule(ImageDataModule):
@@ -374,7 +406,7 @@ class ImageFolderDataModule(ImageDataModule):
         mean: per-channel mean of the pixels in [0, 1]; default ImageNet's (luma-weighted for 1 channel).
         std: per-channel standard deviation; default ImageNet's.
         augment: random crop (size / 8 reflect padding) and horizontal flip on the training split.
-        seed: seed of the split and the shuffle.
+        seed: seed of the split, the shuffle and the augmentation.
         num_workers: DataLoader worker processes.
 
     Example::
@@ -417,4 +449,5 @@ class ImageFolderDataModule(ImageDataModule):
         return {name: _Decoded(source, part, decode) for name, part in zip(SPLITS, parts, strict=True)}
 
     def _collate(self, train: bool) -> BatchTransform:
-        return BatchTransform(self.image_size, self.channels, self.mean, self.std, augment=self.augment and train)
+        return BatchTransform(self.image_size, self.channels, self.mean, self.std, augment=self.augment and train,
+                              seed=self.seed)
