@@ -16,8 +16,9 @@
   positional example inputs instead (a dict of tensors for a language model:
   ``{"input_ids": …, "attention_mask": …}``).
 - ``qat recipes``: the shipped recipes, one line each (the first comment line of each file).
-- ``qat verify net.onnx [net.ort.onnx …]``: re-check model + metadata pairs
-  (:func:`qat.export.verify.verify_artifact`); exit status 1 when a pair is inconsistent.
+- ``qat verify net.onnx [net.ort.onnx …] [--model pkg.module:Class --checkpoint last.ckpt]``: re-check
+  model + metadata pairs (:func:`qat.export.verify.verify_artifact`), and with a checkpoint compare
+  ONNX Runtime with the PyTorch model; exit status 1 when a pair is inconsistent.
 
 Bad input prints one line naming the file, key or layer at fault and exits with status 2.
 """
@@ -72,14 +73,39 @@ def _build_model(target: str, init_args: str | None) -> Any:
     return factory(**kwargs)
 
 
+MAX_EXAMPLE_ELEMENTS = 2**28
+"""The most elements of one ``--input-shape`` (1 GiB of float32): a typo there must not fill the memory."""
+
+
+def _read_inputs(path: str) -> Any:
+    """The tensors of ``--inputs``, loaded with ``weights_only=True``: a tensor, a tuple (a list
+    is taken as one) or a dict of named tensors."""
+    import torch
+
+    from qat.lightning.checkpoint import read_torch_file
+
+    inputs = read_torch_file(path, "--inputs")
+    inputs = tuple(inputs) if isinstance(inputs, list) else inputs
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    if isinstance(inputs, tuple | dict) and inputs:
+        pairs = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+        wrong = next(((key, value) for key, value in pairs if not isinstance(value, torch.Tensor)), None)
+        if wrong is None:
+            return inputs
+        held = f"a {type(inputs).__name__} with `{wrong[0]}` of type {type(wrong[1]).__name__}"
+    else:
+        held = f"an empty {type(inputs).__name__}" if isinstance(inputs, tuple | dict) else f"a {type(inputs).__name__}"
+    raise QATError(f"--inputs `{path}` must hold a tensor, a tuple or list of tensors, or a dict of named tensors; it holds {held}")
+
+
 def _example_inputs(args: argparse.Namespace) -> Any:
+    import math
+
     import torch
 
     if args.inputs:
-        try:
-            return torch.load(args.inputs, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise QATError(f"--inputs `{args.inputs}` does not exist") from None
+        return _read_inputs(args.inputs)
     if not args.input_shape:
         raise QATError("give the example input: --input-shape 1,3,32,32 (repeatable) or --inputs file.pt")
     generator = torch.Generator().manual_seed(0)
@@ -89,19 +115,65 @@ def _example_inputs(args: argparse.Namespace) -> Any:
             shapes.append([int(d) for d in text.split(",")])
         except ValueError:
             raise QATError(f"--input-shape `{text}` must be comma-separated integers, e.g. 1,3,32,32") from None
+        if min(shapes[-1]) < 1:
+            raise QATError(f"--input-shape `{text}` must be positive integers, e.g. 1,3,32,32")
+        if math.prod(shapes[-1]) > MAX_EXAMPLE_ELEMENTS:
+            raise QATError(f"--input-shape `{text}` has {math.prod(shapes[-1])} elements; an example input holds at most "
+                           f"{MAX_EXAMPLE_ELEMENTS}")
     tensors = [torch.randn(shape, generator=generator) for shape in shapes]
     return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
+def _check_example(model: Any, example: Any, args: argparse.Namespace) -> None:
+    """One forward of the float model on the example inputs, before the checkpoint is read and the
+    model traced: inputs it does not take are one line naming the option, not a trace from the export."""
+    import torch
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    from qat.batches import call_model
+
+    def failure(inputs: Any) -> str | None:
+        try:
+            with torch.no_grad():
+                call_model(model, inputs)
+        except Exception as error:  # whatever the model's own code raises on inputs it does not take
+            return (str(error).strip() or type(error).__name__).splitlines()[0]
+        return None
+
+    def retyped(dtype: torch.dtype) -> Any:
+        return tree_map(lambda t: torch.zeros_like(t, dtype=dtype) if isinstance(t, torch.Tensor) else t, example)
+
+    training = model.training
+    model.eval()
+    try:
+        problem = failure(example)
+        if problem is None:
+            return
+        given = f"--inputs `{args.inputs}`" if args.inputs else " ".join(f"--input-shape {s}" for s in args.input_shape)
+        name = type(model).__name__
+        integers = [t.dtype for t in tree_leaves(example) if isinstance(t, torch.Tensor) and not t.is_floating_point()]
+        if integers and failure(retyped(torch.float32)) is None:
+            raise QATError(f"{given} holds integer tensors ({integers[0]}), but {name} takes float inputs: save float tensors, "
+                           "or give --input-shape for random float inputs")
+        if not integers and failure(retyped(torch.long)) is None:
+            raise QATError(f"{given} gives float tensors, but {name} takes integer inputs (token ids?): save example inputs "
+                           "with torch.save and give --inputs")
+        raise QATError(f"{given} does not fit {name}: {problem}")
+    finally:
+        model.train(training)
+
+
 def _export(args: argparse.Namespace) -> int:
-    from qat.export.onnx_export import export_onnx
+    from qat.export.onnx_export import check_write_target, export_onnx
     from qat.lightning import load_checkpoint
 
+    check_write_target(args.output, args.artifacts)  # before the model is built and the checkpoint read
     model = _build_model(args.model, args.init_args)
     example = _example_inputs(args)
+    _check_example(model, example, args)
     load_checkpoint(model, args.checkpoint, example_inputs=example if not isinstance(example, dict) else None)
     export_onnx(model, example, args.output, artifacts=args.artifacts, dynamic_batch=args.dynamic_batch, rtol=args.rtol,
-                verbose=True)
+                min_top1=args.min_top1, verbose=True)
     return 0
 
 
@@ -109,12 +181,15 @@ def _verify(args: argparse.Namespace) -> int:
     from qat.export.kernels import float_fallback
     from qat.export.verify import verify_artifact
 
+    model = _verify_model(args) if args.model or args.checkpoint else None
     failed = 0
     for path in args.models:
-        report = verify_artifact(path)
+        report = verify_artifact(path, model)
         check = report.qparams["verification"]
         print(f"{path}: {len(report.qparams['tensors'])} quantized tensors, {len(report.kernels)} layers; at export "
               f"max |ORT − PyTorch| {check['max_abs_diff']:.3g} of {check['output_scale']:.3g}")
+        if report.parity is not None:
+            print(f"  against the checkpoint: max |ORT − PyTorch| {report.parity.max_abs_diff:.3g} of {report.parity.output_scale:.3g}")
         fallback = float_fallback(report.kernels)
         if fallback:
             print(f"  runs in float in ONNX Runtime: {', '.join(fallback)}")
@@ -123,6 +198,24 @@ def _verify(args: argparse.Namespace) -> int:
         print("  ok" if report.ok else "  FAILED")
         failed += not report.ok
     return 1 if failed else 0
+
+
+def _verify_model(args: argparse.Namespace) -> Any:
+    """The QAT model of ``--model`` + ``--checkpoint``, prepared as ``qat export`` prepares it."""
+    import torch
+
+    from qat.export.sidecar import read_qparams, sidecar_path
+    from qat.lightning import load_checkpoint
+
+    if not (args.model and args.checkpoint):
+        raise QATError("--model and --checkpoint go together: the model class to rebuild and the checkpoint to load into it")
+    model = _build_model(args.model, args.init_args)
+    inputs = read_qparams(sidecar_path(args.models[0]))["inputs"]
+    generator = torch.Generator().manual_seed(0)
+    example = [torch.randn([d if isinstance(d, int) else 1 for d in meta["shape"]], generator=generator) for meta in inputs]
+    floats = all(meta["dtype"].startswith("float") for meta in inputs)  # as qat export: named (LLM) inputs need none
+    load_checkpoint(model, args.checkpoint, example_inputs=(example[0] if len(example) == 1 else tuple(example)) if floats else None)
+    return model
 
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -170,11 +263,12 @@ def lightning_cli(argv: list[str] | None) -> int:
     """Run a LightningCLI subcommand; model and data are given by ``class_path`` in the config.
 
     ``argv`` None reads the command line. A bad value that our own classes reject (a recipe key,
-    a model name, a data argument) is printed as one line, like jsonargparse's own errors."""
-    from lightning.pytorch.cli import LightningCLI
+    a model name, a data argument) is printed as one line, like jsonargparse's own errors; a recipe
+    error names the config file and the full key (:class:`qat.lightning.cli.QATLightningCLI`)."""
+    from qat.lightning.cli import QATLightningCLI
 
     try:
-        LightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
+        QATLightningCLI(args=argv, subclass_mode_model=True, subclass_mode_data=True, save_config_kwargs={"overwrite": True})
     except Exception as error:
         cause = _qat_error(error)
         if cause is None:
@@ -207,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--artifacts", nargs="+", default=["device", "ort"], choices=["device", "ort"])
     export.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free")
     export.add_argument("--rtol", type=float, default=0.05, help="allowed ORT vs PyTorch difference (share of the largest output)")
+    export.add_argument("--min-top1", type=float, help="least ORT = PyTorch top-1 agreement for a classifier (default 1 − 2·rtol)")
     export.set_defaults(run=_export)
 
     run = commands.add_parser("run", allow_abbrev=False, help="a recipe's whole job: float → PTQ → QAT → export → verify → results table",
@@ -235,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     recipes = commands.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(run=_recipes)
 
-    verify = commands.add_parser("verify", help="re-check exported models against their .qparams.json")
+    verify = commands.add_parser("verify", help="re-check exported models against their .qparams.json (and a checkpoint)")
     verify.add_argument("models", nargs="+", help=".onnx files written by qat export")
+    verify.add_argument("--model", help="also compare with the PyTorch model: package.module:ClassOrFactory (with --checkpoint)")
+    verify.add_argument("--init-args", help="JSON keyword arguments for the model's constructor")
+    verify.add_argument("--checkpoint", help="the Lightning checkpoint the files were exported from")
     verify.set_defaults(run=_verify)
 
     args, unknown = parser.parse_known_args(argv)

@@ -21,6 +21,7 @@ Example (a CI step)::
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +68,8 @@ RESULTS_SCHEMA = {
 
 @dataclass(frozen=True)
 class Limits:
-    """How much worse a run may be than its baseline before ``qat compare`` fails it."""
+    """How much worse a run may be than its baseline before ``qat compare`` fails it; each limit is
+    a finite number ≥ 0."""
 
     max_metric_drop: float = 1.0
     """percent of the baseline's metric value"""
@@ -77,6 +79,12 @@ class Limits:
     """percent of the baseline artifact's bytes"""
     max_latency_increase: float = 25.0
     """percent of the baseline artifact's ONNX Runtime latency"""
+
+    def __post_init__(self) -> None:
+        # nan would fail every check (nan ≤ x is False) and a negative limit every unchanged run
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise QATError(f"--{name.replace('_', '-')} must be a finite number ≥ 0; got `{value}`")
 
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:

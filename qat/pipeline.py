@@ -58,7 +58,7 @@ from qat.atomic import write_atomic
 from qat.batches import model_inputs
 from qat.calibrate import calibrate
 from qat.compare import RESULTS_VERSION, format_metric
-from qat.errors import QATError
+from qat.errors import ConfigError, QATError
 from qat.export.kernels import float_fallback
 from qat.export.latency import median_latency_ms
 from qat.export.onnx_export import FloatFallbackWarning, load_session
@@ -66,6 +66,7 @@ from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining
 from qat.lightning.checkpoint import read_torch_file
 from qat.prepare import prepare
+from qat.recipe import read_recipe_text
 from qat.version import __version__
 
 
@@ -109,13 +110,14 @@ class RunSettings:
 
 
 def _lightning_cli(recipe: Path, overrides: Sequence[str]) -> Any:
-    """The recipe's model, datamodule and trainer, instantiated by Lightning's own CLI."""
-    from lightning.pytorch.cli import LightningCLI
+    """The recipe's model, datamodule and trainer, instantiated by Lightning's own CLI (with the checks of
+    :class:`~qat.lightning.cli.QATLightningCLI`)."""
+    from qat.lightning.cli import QATLightningCLI
 
     # LightningCLI warns when it is given args while sys.argv holds others (qat run's own)
     with mock.patch.object(sys, "argv", sys.argv[:1]):
-        return LightningCLI(args=["--config", str(recipe), *overrides], run=False, subclass_mode_model=True,
-                            subclass_mode_data=True, save_config_callback=None)
+        return QATLightningCLI(args=["--config", str(recipe), *overrides], run=False, subclass_mode_model=True,
+                               subclass_mode_data=True, save_config_callback=None)
 
 
 def _split_callbacks(trainer: pl.Trainer, recipe: Path) -> tuple[QuantizationAwareTraining, ONNXExport | None]:
@@ -248,8 +250,9 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
         size, verification, ONNX Runtime agreement with PyTorch, latency and kernels.
     """
     recipe = Path(recipe)
-    if not recipe.is_file():
+    if not recipe.exists():
         raise QATError(f"recipe `{recipe}` does not exist")
+    read_recipe_text(recipe)  # a folder, or not UTF-8: one line, before the output folder is made
     settings = settings or RunSettings()
     console = console or Console()
     out = Path(settings.output_dir or Path("runs") / recipe.stem)
@@ -280,7 +283,10 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
     console.rule("post-training quantization")
     clock = time.perf_counter()
     example = quantizing.example_inputs if quantizing.example_inputs is not None else model_inputs(next(iter(data.train_dataloader())))
-    ptq = prepare(copy.deepcopy(module), quantizing.recipe, example)
+    try:
+        ptq = prepare(copy.deepcopy(module), quantizing.recipe, example)
+    except ConfigError as error:  # a rule or skip pattern that matches no layer: named as in the recipe file
+        raise quantizing.recipe_error(error) from None
     seen = calibrate(ptq, data.train_dataloader(), settings.calibration_batches, progress=console.is_terminal)
     stages["ptq"] = {"metric": _test(trainer, ptq, data)[metric], "seconds": time.perf_counter() - clock,
                      "calibration_batches": seen}

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from qat.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
-from qat.errors import QATError
+from qat.errors import ConfigError, QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
 from qat.quantizer import Quantizer
 from qat.recipe import QuantRecipe
@@ -181,6 +181,7 @@ def prepare(
     twins: dict[int, QuantizedLayer] = {}
     twin_names: dict[str, QuantizedLayer] = {}
     matched_rules: set[int] = set()
+    matched_skips: set[int] = set()
     for name, layer in _walk(model):
         twin_cls = twin_for(layer)
         if twin_cls is None:
@@ -191,6 +192,7 @@ def prepare(
             twin_names[name] = twins[id(layer)]
             continue
         skip = recipe.skip_reason(name)
+        matched_skips.update(recipe.skipped_by(name))
         weight, activation, matched = recipe.specs_for(name, layer)
         matched_rules.update(matched)
         if not twin_cls.takes_activation:
@@ -200,11 +202,14 @@ def prepare(
             continue
         twins[id(layer)] = twin_names[name] = twin_cls.from_float(layer, weight, activation)
 
-    for i, rule in enumerate(recipe.rules):
-        if i not in matched_rules:
-            names = list(twin_names) + list(float_layers)
-            raise QATError(f"recipe rules[{i}] ({rule.describe()}) matches no layer of {type(model).__name__}; "
-                           f"layer names look like: {', '.join(names[:6])}")
+    names = list(twin_names) + list(float_layers)
+    # a rule or skip pattern that matches nothing is a typo: an error keyed like the recipe's own (a
+    # Lightning config puts its place in front: trainer.callbacks[0].init_args.recipe.skip[0])
+    unmatched = [(f"rules[{i}]", rule.describe()) for i, rule in enumerate(recipe.rules) if i not in matched_rules]
+    unmatched += [(f"skip[{i}]", repr(pattern)) for i, pattern in enumerate(recipe.skip) if i not in matched_skips]
+    if unmatched:
+        key, what = unmatched[0]
+        raise ConfigError(key, f"{what} matches no layer of {type(model).__name__}; layer names look like: {', '.join(names[:6])}")
     if not twins:
         raise QATError(f"the recipe quantizes no layer of {type(model).__name__}: no Linear, Conv, ConvTranspose2d or "
                        f"Embedding layer is selected (left float: {', '.join(list(float_layers)[:6]) or 'none'})")

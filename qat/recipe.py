@@ -4,7 +4,8 @@ A recipe holds the default weight and activation specs, an ordered list of rules
 them for some layers (matched by layer type and/or a regular expression on the layer's
 fully-qualified name), and a skip list. Every rule that matches a layer applies, in order; a
 rule's ``weight`` / ``activation`` is a partial override (``{bits: 8}``), ``null`` to turn that
-quantizer off, or absent to leave it alone. Names match with ``re.fullmatch``.
+quantizer off, or absent to leave it alone. Names match with ``re.fullmatch``. A rule or a skip
+pattern that matches no layer is an error (:func:`qat.prepare`): a typo must not go unnoticed.
 
 In YAML::
 
@@ -47,6 +48,22 @@ DEFAULT_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, observer=O
 """uint8, affine, one scale per tensor (the zero point lands on 0 after a ReLU: ORT's fast path)."""
 
 SpecOverride = Mapping[str, Any] | None
+
+
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text; a missing file, a folder or bytes that are not UTF-8 are one line naming the file."""
+    if path.is_dir():
+        raise QATError(f"`{path}` is a folder, not a recipe file")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise QATError(f"cannot read recipe file `{path}`: {err.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise QATError(f"cannot read recipe file `{path}`: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                       "save it as UTF-8") from None
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -178,7 +195,7 @@ class QuantRecipe:
             changes fields of :data:`DEFAULT_ACTIVATION`.
         rules: ordered :class:`LayerRule` overrides.
         skip: regular expressions (``re.fullmatch`` on the fully-qualified name) of layers to
-            leave float.
+            leave float; each must match a layer that would otherwise be quantized.
         fold_bn: fold BatchNorm layers that directly follow a convolution (needs example inputs
             to find the pairs).
         residuals: also quantize both operands and the result of every addition of two
@@ -233,12 +250,14 @@ class QuantRecipe:
 
     # -- resolution -----------------------------------------------------------------------------
 
+    def skipped_by(self, name: str) -> list[int]:
+        """The indices of the skip patterns that match ``name``."""
+        return [i for i, pattern in enumerate(self._skip_patterns) if pattern.fullmatch(name)]
+
     def skip_reason(self, name: str) -> str | None:
         """Why ``name`` is skipped (``skip[0] 'fc'``), or None."""
-        for i, pattern in enumerate(self._skip_patterns):
-            if pattern.fullmatch(name):
-                return f"skipped by recipe skip[{i}] {pattern.pattern!r}"
-        return None
+        matched = self.skipped_by(name)
+        return f"skipped by recipe skip[{matched[0]}] {self.skip[matched[0]]!r}" if matched else None
 
     def specs_for(self, name: str, layer: nn.Module) -> tuple[QuantSpec | None, QuantSpec | None, list[int]]:
         """Weight spec, input spec and the indices of the rules that matched ``layer``."""
@@ -270,10 +289,7 @@ class QuantRecipe:
     def from_yaml(cls, path: str | os.PathLike[str]) -> QuantRecipe:
         """Load a recipe file; a missing file or a YAML syntax error names the file and line."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as err:
-            raise QATError(f"cannot read recipe file `{path}`: {err.strerror}") from None
+        text = read_recipe_text(path)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:

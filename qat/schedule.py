@@ -41,6 +41,8 @@ from qat.recipe import _check_keys
 
 Unit = Literal["steps", "epochs"]
 UNITS = ("steps", "epochs")
+MAX_POSITION = 2**31 - 1
+"""The latest phase start: a larger step or epoch is never reached (and a typo like ``1e26``)."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,8 @@ class QATSchedule:
             value = getattr(self, f.name)
             if value is None and f.default is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                allowed = "an integer ≥ 0" + (" or null" if f.default is None else "")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_POSITION:
+                allowed = f"an integer ≥ 0 and ≤ {MAX_POSITION}" + (" or null" if f.default is None else "")
                 raise ConfigError(f.name, f"`{value!r}` is not {allowed} ({self.unit})")
         self._check_order("fake_quant_from", "calibrate_from", "calibration ends after it starts")
         self._check_order("activation_fake_quant_from", "fake_quant_from", "activations are fake-quantized after weights")

@@ -78,7 +78,19 @@ def _require_bool(key: str, value: object) -> None:
 
 
 def _is_int(value: object) -> bool:
+    """A real integer: not a bool, and not a float even when whole (YAML reads ``1e26`` as a float or a string)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+MAX_GROUP_SIZE = 2**20
+"""The largest ``group_size``: larger blocks are per-channel scales in all but name, and a huge
+value would only fail later, inside the kernels."""
+MAX_RANK = 8
+"""``axis`` lies in [-MAX_RANK, MAX_RANK): no layer has a tensor of higher rank."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +105,8 @@ class QuantSpec:
         narrow_range: drop the lowest code (int8 [-127, 127]), keeping the grid symmetric.
         granularity: ``per_tensor`` | ``per_channel`` | ``per_group`` | ``per_token``.
         axis: channel axis (``per_channel``) or the axis blocks run along (``per_group``);
-            ``None`` lets the layer choose (output channels / input features).
-        group_size: elements per block for ``per_group``.
+            ``None`` lets the layer choose (output channels / input features); -8 to 7.
+        group_size: elements per block for ``per_group``, 1 to 2^20.
         observer: ``minmax`` | ``moving_average_minmax`` | ``percentile`` (activations) |
             ``mse`` (weights).
         averaging_constant: weight of the newest batch in ``moving_average_minmax`` and
@@ -127,8 +139,8 @@ class QuantSpec:
             _require_bool(name, getattr(self, name))
         grouped = self.granularity is Granularity.PER_GROUP
         if self.axis is not None:
-            if not _is_int(self.axis):
-                raise ConfigError("axis", f"must be an integer or null; got `{self.axis!r}`")
+            if not _is_int(self.axis) or not -MAX_RANK <= self.axis < MAX_RANK:
+                raise ConfigError("axis", f"must be an integer from {-MAX_RANK} to {MAX_RANK - 1} or null; got `{self.axis!r}`")
             if self.granularity not in (Granularity.PER_CHANNEL, Granularity.PER_GROUP):
                 raise ConfigError("axis", f"is only used with granularity `per_channel` or `per_group`, not `{self.granularity.value}`")
         if grouped and self.group_size is None:
@@ -136,14 +148,14 @@ class QuantSpec:
         if self.group_size is not None:
             if not grouped:
                 raise ConfigError("group_size", f"is only used with granularity `per_group`, not `{self.granularity.value}`")
-            if not _is_int(self.group_size) or self.group_size < 1:
-                raise ConfigError("group_size", f"must be a positive integer; got `{self.group_size!r}`")
+            if not _is_int(self.group_size) or not 1 <= self.group_size <= MAX_GROUP_SIZE:
+                raise ConfigError("group_size", f"must be an integer from 1 to {MAX_GROUP_SIZE} (2^20); got `{self.group_size!r}`")
         if self.granularity is Granularity.PER_TOKEN and self.learnable:
             raise ConfigError("learnable", "per_token scales are computed from each input; they cannot be learned")
-        if not isinstance(self.averaging_constant, (int, float)) or not 0 < self.averaging_constant <= 1:
-            raise ConfigError("averaging_constant", f"must be in (0, 1]; got `{self.averaging_constant!r}`")
-        if not isinstance(self.percentile, (int, float)) or not 50 < self.percentile <= 100:
-            raise ConfigError("percentile", f"must be in (50, 100]; got `{self.percentile!r}`")
+        if not _is_number(self.averaging_constant) or not 0 < self.averaging_constant <= 1:
+            raise ConfigError("averaging_constant", f"must be a number in (0, 1]; got `{self.averaging_constant!r}`")
+        if not _is_number(self.percentile) or not 50 < self.percentile <= 100:
+            raise ConfigError("percentile", f"must be a number in (50, 100]; got `{self.percentile!r}`")
 
     # -- derived numbers -------------------------------------------------------------------------
 

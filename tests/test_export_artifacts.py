@@ -20,7 +20,7 @@ import qat
 from qat.cli import main
 from qat.export import dialects
 from qat.export.onnx_export import FloatFallbackWarning, load_session
-from qat.export.sidecar import read_qparams, schema, sidecar_path, validate
+from qat.export.sidecar import read_qparams, read_resolved, schema, sidecar_path, validate
 from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining
 
@@ -145,7 +145,7 @@ def test_a_failed_artifact_leaves_no_file_at_all(tmp_path):
 
 
 def test_dialect_writers_take_a_real_sidecar(cnn, tmp_path):
-    qparams = read_qparams(sidecar_path(cnn.path))
+    qparams = read_resolved(cnn.path)
     encodings = dialects.aimet_encodings(qparams)
     params = {e["name"]: e for e in encodings["param_encodings"]}
     assert params["conv1.weight"]["bw"] == 4 and params["conv1.weight"]["enc_type"] == "PER_CHANNEL"
@@ -216,3 +216,6 @@ def test_cli_exports_a_language_model_from_named_inputs(tmp_path, capsys):
     assert [i["name"] for i in qparams["inputs"]] == ["input_ids", "attention_mask"]
     assert qparams["verification"]["kernels"]["MatMulNBits"] == 15 and qparams["verification"]["perplexity"] is not None
     assert main(["verify", str(out), str(tmp_path / "llm.ort.onnx")]) == 0
+    # against the checkpoint: the model is called with the graph's named inputs, as at export
+    assert main(["verify", str(out), str(tmp_path / "llm.ort.onnx"), "--model", "lightning_models:LitLlama", "--checkpoint",
+                 str(next(tmp_path.rglob("*.ckpt")))]) == 0

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import re
 import struct
 
 import pytest
@@ -166,6 +167,16 @@ def test_malformed_sidecars_are_rejected_clearly(qparams):
         aimet_encodings(qparams)
 
 
+def test_numbers_stored_by_reference_must_be_resolved_first(qparams):
+    qparams["tensors"]["fc1.weight_quantized"] |= {"scale": {"initializer": "fc1.weight_scale", "count": 4},
+                                                   "zero_point": {"initializer": "fc1.weight_zero_point", "count": 4}}
+    message = ("tensor `fc1.weight_quantized`: the scales are stored in the model (`fc1.weight_scale`); read the sidecar with "
+               "qat.export.sidecar.read_resolved(onnx_path) or resolve_numbers(qparams, onnx_path) first")
+    with pytest.raises(QATError, match=f"^{re.escape(message)}$"):
+        aimet_encodings(qparams)
+    assert tensorrt_calibration_cache(qparams).count("\n") == 2  # TensorRT leaves weights out: nothing to resolve
+
+
 # -- TensorRT calibration cache -----------------------------------------------------------------------
 
 
@@ -190,6 +201,12 @@ def test_tensorrt_cache_header_and_scales(qparams):
 
 def test_tensorrt_exact_bytes_for_a_known_value(qparams):
     qparams["tensors"]["conv1.input_quantized"] |= {"observed_min": [-63.5], "observed_max": [1.0]}
+    assert tensorrt_calibration_cache(qparams).splitlines()[1] == "x: 3f000000"  # 63.5 / 127 = 0.5
+
+
+def test_tensorrt_takes_the_ends_of_a_summarised_observed_range(qparams):
+    qparams["tensors"]["conv1.input_quantized"] |= {"observed_min": {"min": -63.5, "max": -1.0, "count": 2048},
+                                                    "observed_max": {"min": 0.5, "max": 1.0, "count": 2048}}
     assert tensorrt_calibration_cache(qparams).splitlines()[1] == "x: 3f000000"  # 63.5 / 127 = 0.5
 
 

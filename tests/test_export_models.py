@@ -11,7 +11,7 @@ import torch
 from test_architectures import FIRST_LAYERS, LLM_RECIPE, _language, _vision
 
 import qat
-from qat.export.sidecar import read_qparams, sidecar_path
+from qat.export.sidecar import read_qparams, read_resolved, sidecar_path
 from qat.export.verify import verify_artifact
 from qat.modules import QuantizedLayer
 
@@ -77,7 +77,7 @@ def test_llama_ort_artifact_runs_matmulnbits(tmp_path):
     result = qat.export_onnx(model.eval(), {"input_ids": ids, "attention_mask": mask}, tmp_path / "llama.onnx",
                              output_names=["logits"])
     check_artifacts(result, model)
-    qparams = read_qparams(sidecar_path(result.ort.path))
+    qparams = read_resolved(result.ort.path)
     assert [i["name"] for i in qparams["inputs"]] == ["input_ids", "attention_mask"]
     assert qparams["inputs"][0]["shape"] == [2, 16] and qparams["outputs"][0]["name"] == "logits"
     linears = {layer for layer, entry in qparams["layers"].items() if entry["type"] == "Linear"}
@@ -91,7 +91,7 @@ def test_llama_ort_artifact_runs_matmulnbits(tmp_path):
     # blocked int4 weight, [K, N] for MatMulNBits in the ort artifact, [N, K] as trained in the device one
     entry = qparams["tensors"]["model.layers.0.mlp.down_proj.weight_quantized"]
     assert (entry["dtype"], entry["block_size"], entry["axis"], entry["shape"]) == ("int4", 16, 0, [64, 32])
-    device_entry = read_qparams(sidecar_path(result.device.path))["tensors"]["model.layers.0.mlp.down_proj.weight_quantized"]
+    device_entry = read_resolved(result.device.path)["tensors"]["model.layers.0.mlp.down_proj.weight_quantized"]
     assert (device_entry["axis"], device_entry["shape"]) == (1, [32, 64])
     np.testing.assert_array_equal(np.reshape(entry["scale"], (4, 32)), np.reshape(device_entry["scale"], (32, 4)).T)
     # the embedding: rows dequantized as they are gathered in the ort artifact, the whole table in the device one

@@ -54,3 +54,27 @@ def test_a_decode_step_has_no_perplexity_and_no_warning():
     assert judged.perplexity is None and judged.max_abs_diff == 0.0
     two = np.concatenate([logits, logits], axis=1)
     assert parity.compare([[two]], [[two]], [{"input_ids": np.array([[3, 5]])}], "logits").perplexity["delta"] == 0.0
+
+
+def test_padding_positions_may_hold_nan_on_either_side():
+    """A fully masked query has no defined output: NaN there is left out, as its difference is."""
+    logits = np.random.default_rng(0).standard_normal((1, 4, 8)).astype(np.float32)
+    onnx, reference = logits.copy(), logits.copy()
+    onnx[0, 2:], reference[0, 3] = np.nan, np.inf
+    judged = parity.compare([[onnx]], [[reference]], [{"attention_mask": np.array([[1, 1, 0, 0]])}])
+    assert judged.max_abs_diff == 0.0 and judged.within(0.0)
+
+
+def test_a_nan_figure_never_passes():
+    judged = parity.Parity(samples=1, max_abs_diff=float("nan"), output_scale=1.0, top1_agreement=None, perplexity=None)
+    assert not judged.within(1e9)
+    assert judged.failure(0.05) == "the largest difference is nan (largest output 1), allowed 5%"
+
+
+def test_the_top1_threshold_follows_rtol_and_is_recorded_for_classifiers_only():
+    assert [parity.min_top1_for(r) for r in (0.0, 0.05, 0.3, 0.5, 10.0)] == pytest.approx([1.0, 0.9, 0.4, 0.0, 0.0])
+    classifier = parity.Parity(samples=1, max_abs_diff=0.0, output_scale=1.0, top1_agreement=0.85, perplexity=None)
+    assert not classifier.within(0.05) and classifier.within(0.05, min_top1=0.85) and classifier.within(0.1)
+    assert parity.to_dict(classifier, 0.05)["min_top1"] == 0.9 and parity.to_dict(classifier, 0.05, 0.8)["min_top1"] == 0.8
+    plain = parity.Parity(samples=1, max_abs_diff=0.0, output_scale=1.0, top1_agreement=None, perplexity=None)
+    assert parity.to_dict(plain, 0.05)["min_top1"] is None

@@ -229,7 +229,7 @@ def test_rules_overrides_and_skips():
 
 
 def test_a_rule_that_matches_nothing_is_an_error_that_lists_layer_names():
-    with pytest.raises(qat.QATError, match=r"rules\[0\] \(names='classifier'\) matches no layer of TinyCNN.*conv1"):
+    with pytest.raises(qat.QATError, match=r"`rules\[0\]`: names='classifier' matches no layer of TinyCNN.*conv1"):
         qat.prepare(TinyCNN(), {"rules": [{"names": "classifier", "weight": {"bits": 8}}]})
 
 

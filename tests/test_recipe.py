@@ -18,7 +18,7 @@ BAD_SPECS = [
     ({"granularity": "per_row"}, "granularity", "`per_tensor`, `per_channel`, `per_group`, `per_token`"),
     ({"observer": "histogram"}, "observer", "`minmax`, `moving_average_minmax`, `percentile`, `mse`"),
     ({"granularity": "per_group"}, "group_size", "required"),
-    ({"granularity": "per_group", "group_size": 0}, "group_size", "positive integer"),
+    ({"granularity": "per_group", "group_size": 0}, "group_size", "integer from 1 to 1048576"),
     ({"group_size": 32}, "group_size", "only used with granularity `per_group`"),
     ({"axis": 1}, "axis", "only used with granularity"),
     ({"granularity": "per_channel", "axis": 1.5}, "axis", "integer"),

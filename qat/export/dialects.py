@@ -26,6 +26,12 @@ Omitted, with the reason logged (see :func:`omitted_tensors`): dynamic per-token
 are computed at run time, there is nothing static to write), and for TensorRT also weights (TensorRT
 computes weight scales itself) and activations wider than 8 bits (no entry: the layer stays in float).
 Granularities a dialect cannot express raise :class:`~qat.errors.QATError` naming the tensor.
+
+**Input.** Every function takes a parsed sidecar whose numbers are all in it. A sidecar stores
+long scale lists (an LLM's per-group scales) by reference to the model's initializers; read it
+with :func:`qat.export.sidecar.read_resolved` (``read_resolved("net.onnx")``) or fill a parsed
+one with :func:`qat.export.sidecar.resolve_numbers`. A reference left unresolved is a QATError
+naming the tensor.
 """
 
 # Sources: AIMET's ``AffineEncoding.to_qnn_encoding_dict`` (quic/aimet, aimet_torch v2
@@ -66,14 +72,22 @@ def _field(name: str, entry: dict, key: str) -> Any:
     return entry[key]
 
 
+def _numbers(name: str, entry: dict, key: str) -> list:
+    value = _field(name, entry, key)
+    if isinstance(value, dict):
+        raise QATError(f"tensor `{name}`: the {key}s are stored in the model (`{value.get('initializer')}`); read the sidecar with "
+                       "qat.export.sidecar.read_resolved(onnx_path) or resolve_numbers(qparams, onnx_path) first")
+    return value or []
+
+
 def _grid(name: str, entry: dict) -> tuple[int, int, list[float], list[int]]:
     """``(bits, low, scale, zero_point)`` after checking the entry describes a ``bits``-bit grid."""
     bits, qmin, qmax, signed = (_field(name, entry, k) for k in ("bits", "qmin", "qmax", "signed"))
     low = -(2 ** (bits - 1)) if signed else 0
     if qmax != low + 2**bits - 1 or qmin not in (low, low + 1):
         raise QATError(f"tensor `{name}`: codes [{qmin}, {qmax}] are not a {bits}-bit {'signed' if signed else 'unsigned'} range")
-    scale = [float(s) for s in _field(name, entry, "scale") or []]
-    zero_point = [int(z) for z in _field(name, entry, "zero_point") or []]
+    scale = [float(s) for s in _numbers(name, entry, "scale")]
+    zero_point = [int(z) for z in _numbers(name, entry, "zero_point")]
     if not scale or len(scale) != len(zero_point):
         raise QATError(f"tensor `{name}`: needs as many zero points as scales (got {len(scale)} and {len(zero_point)})")
     if not all(math.isfinite(s) and s > 0 for s in scale):
@@ -95,7 +109,7 @@ def omitted_tensors(qparams: dict, dialect: Dialect) -> dict[str, str]:
     """The quantized tensors a dialect leaves out, each with the reason.
 
     Args:
-        qparams: the qparams sidecar (a parsed ``*.qparams.json``).
+        qparams: the qparams sidecar with its numbers resolved (:func:`qat.export.sidecar.read_resolved`).
         dialect: ``"aimet"`` or ``"tensorrt"``.
 
     Returns:
@@ -161,7 +175,7 @@ def aimet_encodings(qparams: dict) -> dict:
     Dynamic (per-token) activations are left out (see :func:`omitted_tensors`).
 
     Args:
-        qparams: the qparams sidecar (a parsed ``*.qparams.json``).
+        qparams: the qparams sidecar with its numbers resolved (:func:`qat.export.sidecar.read_resolved`).
 
     Returns:
         ``{"version": "1.0.0", "activation_encodings": [...], "param_encodings": [...]}``.
@@ -190,12 +204,17 @@ def _trt_amax(name: str, entry: dict) -> float:
     _bits, _low, scale, zero_point = _grid(name, entry)
     if entry.get("granularity") != "per_tensor" or len(scale) != 1:
         raise QATError(f"tensor `{name}`: TensorRT's calibration cache holds one scale per tensor; got {entry.get('granularity')}")
-    low, high = entry.get("observed_min"), entry.get("observed_max")
+    low, high = (_observed(entry.get(key)) for key in ("observed_min", "observed_max"))
     if low and high and not entry.get("learnable"):
         amax = max(abs(float(v)) for v in [*low, *high])
         if math.isfinite(amax) and amax > 0:
             return amax
     return max(abs((entry["qmin"] - zero_point[0]) * scale[0]), abs((entry["qmax"] - zero_point[0]) * scale[0]))
+
+
+def _observed(value: list | dict | None) -> list:
+    """An observed range's values; a long one is summarised as ``{"min", "max", "count"}``, whose ends bound them all."""
+    return [value["min"], value["max"]] if isinstance(value, dict) else list(value or [])
 
 
 def tensorrt_calibration_cache(qparams: dict, trt_version: str = "8600") -> str:
@@ -205,7 +224,7 @@ def tensorrt_calibration_cache(qparams: dict, trt_version: str = "8600") -> str:
     nodes, and the tensor names are the activations' ONNX ``float_tensor`` names.
 
     Args:
-        qparams: the qparams sidecar (a parsed ``*.qparams.json``).
+        qparams: the qparams sidecar with its numbers resolved (:func:`qat.export.sidecar.read_resolved`).
         trt_version: the version field of the header, digits only (``"8600"``, ``"100900"``).
 
     Returns:

@@ -20,6 +20,24 @@ The steps, each a small pass:
    (:mod:`qat.export.kernels`), and its sidecar built and validated (:mod:`qat.export.sidecar`).
    Only when every artifact passed are the files renamed into place: a failed export leaves
    nothing behind and no earlier file touched.
+
+Before any of this (in well under a second), the export refuses what cannot work: a path it
+cannot write (:func:`check_write_target`: the suffix, the folder, a folder in the way of a file,
+a folder where no file can be created, such as ``/proc`` or ``/sys``), a model that is not
+prepared or not calibrated, and a model whose parameters or buffers hold NaN or Inf
+(:func:`check_finite_state`), which would export as a graph computing garbage.
+
+**The artifact set is written as a unit.** The four files (``net.onnx``, ``net.ort.onnx`` and
+their sidecars ``net.qparams.json``, ``net.ort.qparams.json``) are first all written to
+temporaries beside them (``.net.onnx.<pid>.tmp`` …) and fsync'd; then renamed in this order:
+the models (device, then ort), then the sidecars (device, then ort); then the folder is fsync'd.
+A sidecar records its model's sha256, so it is the commit record of its pair: until the last
+sidecar is renamed, at least one model of the set is not the file its sidecar describes (or has no
+sidecar yet), and ``qat verify`` on the set names it (``sha256 differs``). A process killed
+between two renames therefore leaves a set that verification rejects, never one that passes
+while mixing two exports; it also leaves its remaining temporaries, which the next export to the
+same path removes (with a logged warning) before writing. A rename that fails with an error
+removes the temporaries not yet renamed.
 """
 
 from __future__ import annotations
@@ -27,8 +45,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +63,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
+from qat import atomic
 from qat.control import deployed, quantizers
 from qat.errors import QATError
 from qat.export import kernels, ort_layout, parity, sidecar
@@ -51,7 +72,9 @@ from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
 from qat.export.weights import lower_weights
 from qat.fake_quant import exporting
 from qat.modules import QuantizedLayer
+from qat.observers import Observer
 from qat.prepare import is_prepared
+from qat.quantizer import Quantizer
 
 ARTIFACTS = ("device", "ort")
 DEFAULT_RTOL = 0.05
@@ -60,6 +83,7 @@ largest output magnitude. ORT's fused integer kernels round differently from the
 reference, which can move a value by a quantization step of an intermediate tensor."""
 
 _WRAPPED = "model."
+_log = logging.getLogger(__name__)
 
 
 class FloatFallbackWarning(UserWarning):
@@ -129,7 +153,7 @@ class ExportResult:
         return self.first.parity.top1_agreement
 
 
-class _Traced(nn.Module):
+class TracedModel(nn.Module):
     """What is traced: the model, with Hugging Face outputs reduced to their logits and no KV cache.
 
     ``output_kind`` tells the parity check how to judge the first output
@@ -183,6 +207,50 @@ def _check_calibrated(model: nn.Module) -> None:
                            "checkpoint) before exporting")
 
 
+def _non_finite(tensor: Tensor, infinity_allowed: bool = False) -> str | None:
+    """``NaN (3 of 8 values)`` when a float ``tensor`` holds NaN or ±Inf (unless allowed), else None."""
+    if not tensor.is_floating_point():
+        return None
+    nan, inf = int(torch.isnan(tensor).sum()), 0 if infinity_allowed else int(torch.isinf(tensor).sum())
+    if not nan and not inf:
+        return None
+    kind = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
+    return f"{kind} ({nan + inf} of {tensor.numel()} values)"
+
+
+def check_finite_state(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or Inf, naming the first such tensor.
+
+    Parameters (and quantizer scales and zero points) must be finite: a non-finite one means
+    training diverged. A BatchNorm's running statistics turn NaN for good after one training
+    forward on a batch with a NaN (the quantizers' scales stay finite: observers skip non-finite
+    values), and the folded Conv then computes NaN. Other buffers must hold no NaN; an infinity
+    there may be meant (an additive attention mask of ``-inf``). Observer statistics are left out:
+    their range starts as ``+inf, -inf`` and only the scales computed from it enter the graph."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = modules[owner_name]
+        if isinstance(owner, Observer):
+            continue
+        infinity_allowed = False
+        if isinstance(owner, nn.modules.batchnorm._BatchNorm) and leaf in ("running_mean", "running_var"):
+            reason = ("a non-finite batch reached BatchNorm during training; load a checkpoint from before it, or keep such "
+                      "batches out of training")
+        elif isinstance(tensor, nn.Parameter) or isinstance(owner, Quantizer):
+            reason = "training diverged; load a checkpoint from before it, or train with a lower learning rate"
+        else:  # another buffer: an infinity there may be meant (a mask), NaN never is
+            reason, infinity_allowed = "the exported graph would compute with it", True
+        bad = _non_finite(tensor.detach(), infinity_allowed)
+        if bad is None:
+            continue
+        found.append((name, f"`{name}` holds {bad}: {reason}"))
+    if found:
+        others = ", ".join(f"`{name}`" for name, _ in found[1:4]) + (", …" if len(found) > 4 else "")
+        raise QATError(f"cannot export {type(model).__name__}: {found[0][1]}" + (f" (also non-finite: {others})" if others else ""))
+
+
 def _u8s8_layers(model: nn.Module) -> list[str]:
     """Layers with 8-bit weights and unsigned 8-bit inputs: ONNX Runtime runs them as u8·s8
     integer kernels, whose 16-bit intermediate sums saturate on x86 CPUs without VNNI."""
@@ -197,20 +265,47 @@ def _arrays(value: Any) -> list[np.ndarray]:
             for t in tree_leaves(value) if isinstance(t, Tensor)]
 
 
-def _write_target(path: str | os.PathLike[str]) -> Path:
+def check_write_target(path: str | os.PathLike[str], artifacts: Sequence[str] = ARTIFACTS) -> Path:
+    """The device artifact's ``path``, checked before any work: every file of the artifact set can be
+    written there. Raises :class:`QATError` in one line otherwise: a suffix other than ``.onnx``, a
+    folder that does not exist or is not a folder, a folder in the place of one of the files, a
+    folder where no file can be created (probed by creating one, since the permission bits do not
+    tell for root, nor for ``/proc`` and ``/sys``).
+
+    Example:
+        >>> check_write_target("no-such-folder/net.onnx")
+        Traceback (most recent call last):
+        ...
+        qat.errors.QATError: cannot write `no-such-folder/net.onnx`: the folder `no-such-folder` does not exist
+    """
     path = Path(path)
     if path.suffix != ".onnx":
         raise QATError(f"export path `{path}` must end in .onnx")
-    if not path.parent.is_dir():
-        raise QATError(f"cannot write `{path}`: the folder `{path.parent}` does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise QATError(f"cannot write `{path}`: the folder `{path.parent}` is not writable")
+    folder = path.parent
+    if not folder.exists():
+        raise QATError(f"cannot write `{path}`: the folder `{folder}` does not exist")
+    if not folder.is_dir():
+        raise QATError(f"cannot write `{path}`: `{folder}` is not a folder")
+    for member in artifact_files(path, artifacts):
+        if member.is_dir():
+            raise QATError(f"cannot write `{path}`: `{member}` is a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise QATError(f"cannot write `{path}`: the folder `{folder}` is not writable ({error.strerror or error})") from None
     return path
 
 
 def artifact_path(path: Path, kind: str) -> Path:
     """``model.onnx`` for the device artifact, ``model.ort.onnx`` for the ort artifact."""
     return path if kind == "device" else path.with_name(f"{path.stem}.{kind}.onnx")
+
+
+def artifact_files(path: Path, artifacts: Sequence[str] = ARTIFACTS) -> list[Path]:
+    """The files of an export to ``path``: each artifact's model, then each one's sidecar (the rename order)."""
+    models = [artifact_path(path, kind) for kind in dict.fromkeys(artifacts)]
+    return [*models, *map(sidecar.sidecar_path, models)]
 
 
 def _dynamic_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
@@ -236,7 +331,7 @@ def _quiet_constant_folding() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _trace(traced: _Traced, args: tuple[Any, ...], kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
+def _trace(traced: TracedModel, args: tuple[Any, ...], kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
            input_names: list[str] | None) -> ir.Model:
     try:
         with deployed(traced.model), torch.no_grad(), exporting(), _quiet_constant_folding():
@@ -290,6 +385,7 @@ def export_onnx(
     normalization: dict[str, list[float]] | None = None,
     opset: int = OPSET,
     rtol: float = DEFAULT_RTOL,
+    min_top1: float | None = None,
     verbose: bool = False,
 ) -> ExportResult:
     """Export a prepared, calibrated model to verified ONNX artifacts with calibration metadata.
@@ -314,6 +410,9 @@ def export_onnx(
         rtol: allowed ORT vs PyTorch difference, relative to the largest output magnitude (for a
             model with ``returns_embeddings = True``: the mean distance between the two
             embeddings of a row, relative to PyTorch's embedding length).
+        min_top1: for a classifier (2-D outputs), the least share of rows on which ONNX Runtime
+            picks PyTorch's top-1 class; default ``1 − 2·rtol``
+            (:func:`qat.export.parity.min_top1_for`).
         verbose: print a table of parity and kernels per artifact.
 
     Example:
@@ -328,14 +427,23 @@ def export_onnx(
         >>> sorted(p.name for p in out.parent.iterdir())
         ['mlp.onnx', 'mlp.ort.onnx', 'mlp.ort.qparams.json', 'mlp.qparams.json']
     """
-    target = _write_target(path)
     unknown = [a for a in artifacts if a not in ARTIFACTS]
     if unknown or not artifacts:
         raise QATError(f"artifacts: `{unknown or list(artifacts)}` is not a non-empty subset of {list(ARTIFACTS)}")
+    if not (isinstance(rtol, int | float) and math.isfinite(rtol) and rtol >= 0):
+        raise QATError(f"rtol: must be a finite number ≥ 0; got `{rtol!r}`")
+    if min_top1 is not None and not (isinstance(min_top1, int | float) and 0 <= min_top1 <= 1):
+        raise QATError(f"min_top1: must be a number in [0, 1] or None; got `{min_top1!r}`")
+    target = check_write_target(path, artifacts)
     _check_calibrated(model)
+    check_finite_state(model)
+    removed = atomic.remove_leftovers(artifact_files(target))
+    if removed:
+        _log.warning("removed %d temporary files an interrupted export left in `%s`: %s", len(removed), target.parent,
+                     ", ".join(p.name for p in removed))
     args, kwargs = _split_inputs(example_inputs)
     batches = [(args, kwargs)] + [_split_inputs(extra) for extra in verification_inputs]
-    traced, training = _Traced(model).eval(), model.training
+    traced, training = TracedModel(model).eval(), model.training
     model.eval()
     try:
         with deployed(model), torch.no_grad():
@@ -349,19 +457,19 @@ def export_onnx(
     # keyword inputs in the graph's order, whatever order the mapping had
     feeds = [_arrays([k[name] for name in order if name in k]) if k else _arrays(a) for a, k in batches]
 
-    staged: list[tuple[Path, Path, Path, dict[str, Any]]] = []
+    models: list[tuple[Path, Path]] = []  # (temporary, final), in the order of artifact_files
+    sidecars: list[tuple[Path, Path]] = []
     written: dict[str, Artifact] = {}
     try:
         for kind in dict.fromkeys(artifacts):
-            artifact, temporary, qparams = _build(kind, graph, model, target, feeds, references, rtol, normalization,
+            artifact, temporary, qparams = _build(kind, graph, model, target, feeds, references, rtol, min_top1, normalization,
                                                   traced.output_kind)
-            staged.append((temporary, artifact.path, artifact.qparams_path, qparams))
+            models.append((temporary, artifact.path))
             written[kind] = artifact
-        for temporary, final, qparams_path, qparams in staged:
-            os.replace(temporary, final)
-            sidecar.write_json(qparams, qparams_path)
+            sidecars.append((atomic.write_temporary(artifact.qparams_path, sidecar.to_json(qparams)), artifact.qparams_path))
+        atomic.replace_all(models + sidecars)  # models first, sidecars last: see the module docstring
     finally:
-        for temporary, *_ in staged:
+        for temporary, _ in models + sidecars:
             temporary.unlink(missing_ok=True)
     result = ExportResult(written)
     _warn_fallback(result)
@@ -371,7 +479,7 @@ def export_onnx(
 
 
 def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: list[list[np.ndarray]],
-           references: list[list[np.ndarray]], rtol: float, normalization: dict[str, list[float]] | None,
+           references: list[list[np.ndarray]], rtol: float, min_top1: float | None, normalization: dict[str, list[float]] | None,
            output_kind: str | None):
     """Lay out, save to a temporary file, verify and describe one artifact (nothing final is written)."""
     final = artifact_path(target, kind)
@@ -390,33 +498,39 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
     qparams = sidecar.build_qparams(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
     for node in ir.traversal.RecursiveGraphIterator(graph.graph):
         node.metadata_props.clear()  # the exporter's per-node trace (module path, stack): a third of a small model's bytes
-    temporary = final.with_name(f".{final.name}.tmp")
+    temporary = atomic.temporary_path(final)
     try:
         ir.save(graph, temporary)
-        checked = _verify(temporary, final, kind, qparams, feeds, references, rtol, config, model, output_kind)
+        atomic.fsync_file(temporary)
+        checked = _verify(temporary, final, kind, qparams, feeds, references, rtol, min_top1, config, model, output_kind)
+        qparams["model"] = {"file": final.name, "artifact": kind, "opset": graph.opset_imports.get("", OPSET),
+                            "sha256": sidecar.sha256(temporary), "session_config": config}
+        sidecar.validate(qparams, f"{sidecar.sidecar_path(final)}")
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    qparams["model"] = {"file": final.name, "artifact": kind, "opset": graph.opset_imports.get("", OPSET),
-                        "sha256": sidecar.sha256(temporary), "session_config": config}
-    sidecar.validate(qparams, f"{sidecar.sidecar_path(final)}")
     return checked, temporary, qparams
 
 
 def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: list[list[np.ndarray]],
-            references: list[list[np.ndarray]], rtol: float, config: dict[str, str], model: nn.Module,
+            references: list[list[np.ndarray]], rtol: float, min_top1: float | None, config: dict[str, str], model: nn.Module,
             output_kind: str | None) -> Artifact:
     try:
         session = ort.InferenceSession(str(file), kernels.session_options(config), providers=["CPUExecutionProvider"])
         outputs = [parity.run_session(session, f) for f in feeds]
     except Exception as error:
         raise QATError(f"ONNX Runtime cannot run the {kind} artifact `{final}`: {error}") from error
-    names = [meta.name for meta in session.get_inputs()]
-    named = [dict(zip(names, f, strict=True)) for f in feeds]
-    measured = parity.compare(outputs, references, named, output_kind)
     if len(outputs[0]) != len(references[0]):
         raise QATError(f"the ONNX model has {len(outputs[0])} outputs, the PyTorch model {len(references[0])}")
-    if not measured.within(rtol):
+    names = [meta.name for meta in session.get_inputs()]
+    named = [dict(zip(names, f, strict=True)) for f in feeds]
+    output_names = [meta.name for meta in session.get_outputs()]
+    try:
+        measured = parity.compare(outputs, references, named, output_kind, output_names)
+    except QATError as error:  # a NaN or Inf output
+        raise QATError(f"{error}; `{final}` was not written") from None
+    failure = measured.failure(rtol, min_top1)
+    if failure is not None:
         u8s8 = _u8s8_layers(model)
         hint = (f". Layers {', '.join(f'`{n}`' for n in u8s8[:4])} have 8-bit weights and uint8 inputs: ONNX Runtime "
                 "runs them with u8·s8 kernels that saturate on x86 CPUs without VNNI. Use 7-bit weights (`weight: {bits: 7}`) "
@@ -424,18 +538,22 @@ def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: 
         # tell an export bug from kernel rounding: the graph run operator by operator, without ORT's fusions
         plain = kernels.session_options(config)
         plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        unfused = parity.compare([parity.run_session(ort.InferenceSession(str(file), plain, providers=["CPUExecutionProvider"]), f)
-                                  for f in feeds], references, named, output_kind)
+        plain_session = ort.InferenceSession(str(file), plain, providers=["CPUExecutionProvider"])
+        try:
+            unfused = parity.compare([parity.run_session(plain_session, f) for f in feeds], references, named, output_kind,
+                                     output_names)
+        except QATError:
+            unfused = None  # non-finite without the fusions too: no rounding explains that
         hint += (f". Without ORT's graph optimizations {unfused.describe()}: the graph computes what "
                  "PyTorch does, and ORT's fused kernels round intermediate tensors differently (expected for an untrained model "
-                 "with tiny outputs; pass a larger rtol)") if unfused.within(rtol) else ""
-        raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {measured.describe()}, allowed "
-                       f"{rtol:.0%}; `{final}` was not written{hint}")
+                 "with tiny outputs; pass a larger rtol)") if unfused is not None and unfused.within(rtol, min_top1) else ""
+        raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written{hint}")
     report = kernels.kernel_report(file, sidecar.layer_weights(qparams), config)
     for layer, kernel in report.layers.items():
         qparams["layers"][layer]["kernel"] = kernel
     qparams["verification"] = {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
-                               **parity.to_dict(measured, rtol), "kernels": report.counts, "float_fallback": report.float_fallback}
+                               **parity.to_dict(measured, rtol, min_top1), "kernels": report.counts,
+                               "float_fallback": report.float_fallback}
     integer = [name for name, entry in qparams["tensors"].items() if entry["role"] == "weight"]
     return Artifact(kind, final, sidecar.sidecar_path(final), file.stat().st_size, integer, report.layers, measured, config)
 
@@ -478,4 +596,5 @@ def load_session(path: str | os.PathLike[str]) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), kernels.session_options(config), providers=["CPUExecutionProvider"])
 
 
-__all__ = ["ARTIFACTS", "Artifact", "ExportResult", "FloatFallbackWarning", "export_onnx", "load_session"]
+__all__ = ["ARTIFACTS", "Artifact", "ExportResult", "FloatFallbackWarning", "check_finite_state", "check_write_target", "export_onnx",
+           "load_session"]

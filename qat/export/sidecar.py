@@ -1,24 +1,34 @@
 """The calibration metadata ``<name>.qparams.json`` that travels with every exported model.
 
 The format is documented in ``export/FORMAT.md`` and fixed by the JSON Schema
-``export/qparams.schema.json`` (shipped inside the package as :data:`SCHEMA_PATH`); every file is
-validated against it before it is written. Scales and zero points are read from the exported
-graph itself, so the sidecar describes exactly what the file computes; observed ranges,
-observers and SQNR come from the PyTorch quantizers.
+``export/qparams.schema.json`` (shipped inside the package as :data:`SCHEMA_PATH`) plus the
+cross-field checks of :func:`validate` that JSON Schema cannot express; every file is validated
+before it is written and when it is read. Scales and zero points are read from the exported graph
+itself, so the sidecar describes exactly what the file computes; observed ranges, observers and
+SQNR come from the PyTorch quantizers.
+
+Per-group scales (an LLM's) and lists of more than :data:`INLINE_LIMIT` scales are not copied
+into the JSON: the entry refers to the initializer that holds them (``{"initializer": name,
+"count": n}``) and summarises its observed range (``{"min", "max", "count"}``), so the sidecar
+stays a small fraction of the model (:func:`compact`). :func:`resolve_numbers` fills the
+references back in from the ONNX file.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -33,8 +43,15 @@ from qat.summary import weight_sqnr_db
 from qat.version import __version__
 
 FORMAT = "lightning-qat.qparams"
-VERSION = "1.0"
+VERSION = "2.0"
 SCHEMA_PATH = Path(__file__).with_name("qparams.schema.json")
+INLINE_LIMIT = 1024
+"""Most scales a per-tensor or per-channel entry lists inline (:func:`compact`); beyond, its scales
+and zero points are stored by reference and its observed range summarised. 1024 keeps the
+per-channel scales of common vision models readable in the JSON."""
+DTYPE_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767),
+                "uint16": (0, 65535)}
+"""The codes each stored integer type holds; ``qmin..qmax`` must lie inside."""
 
 
 @cache
@@ -54,17 +71,97 @@ def sha256(path: Path) -> str:
 
 
 def validate(qparams: dict[str, Any], where: str = "qparams") -> None:
-    """Raise :class:`QATError` naming the first field that breaks the schema."""
+    """Raise :class:`QATError` naming the first field that breaks the format.
+
+    Three steps: the version (a sidecar of another version is refused with what to do), the JSON
+    Schema, then what JSON Schema cannot say because it compares fields or rejects what Python's
+    ``json`` reads as numbers: every number finite (``NaN``, ``Infinity``), ``qmin <= qmax``,
+    ``qmin..qmax`` inside the stored ``dtype`` and at most ``bits`` wide, as many scales as
+    ``scale_shape`` holds and as many zero points as scales, zero points within ``[qmin, qmax]``,
+    a reference naming the entry's own ``scale_tensor`` / ``zero_point_tensor``, and every layer's
+    ``weight`` / ``input`` a key of ``tensors``.
+    """
+    if isinstance(qparams, dict) and qparams.get("format") == FORMAT and qparams.get("version") != VERSION:
+        raise QATError(f"{where}: format version {qparams.get('version')} is not readable by lightning-qat {__version__}, which "
+                       f"reads version {VERSION}: export the model again (qat export, or qat.export_onnx) to write a version "
+                       f"{VERSION} sidecar")
     try:
         jsonschema.validate(qparams, schema())
     except jsonschema.ValidationError as error:
         field = "/".join(str(p) for p in error.absolute_path) or "(top level)"
         raise QATError(f"{where}: `{field}` {error.message}") from None
+    problem = next(_problems(qparams), None)
+    if problem is not None:
+        raise QATError(f"{where}: {problem}")
+
+
+def _non_finite(value: Any, path: str) -> Iterator[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        yield f"`{path}` is {value}: every number must be finite"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite(item, f"{path}/{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _non_finite(item, f"{path}/{i}")
+
+
+def is_reference(value: Any) -> bool:
+    """Whether a ``scale`` / ``zero_point`` field refers to an initializer instead of listing the numbers."""
+    return isinstance(value, dict)
+
+
+def count_of(value: list[Any] | dict[str, Any]) -> int:
+    """How many numbers a ``scale`` / ``zero_point`` field stands for (inline or by reference)."""
+    return value["count"] if is_reference(value) else len(value)
+
+
+def _tensor_problems(name: str, entry: dict[str, Any]) -> Iterator[str]:
+    where = f"`tensors/{name}`"
+    qmin, qmax, dtype, bits = entry["qmin"], entry["qmax"], entry["dtype"], entry["bits"]
+    low, high = DTYPE_RANGES[dtype]
+    if qmin > qmax:
+        yield f"{where} has qmin {qmin} > qmax {qmax}"
+    elif qmin < low or qmax > high:
+        yield f"{where} has codes [{qmin}, {qmax}], outside its dtype {dtype} [{low}, {high}]"
+    elif qmax - qmin >= 2**bits:
+        yield f"{where} has codes [{qmin}, {qmax}], more than its {bits} bits hold"
+    scale, zero_point = entry["scale"], entry["zero_point"]
+    if isinstance(zero_point, list):
+        outside = [z for z in zero_point if not qmin <= z <= qmax]
+        if outside:
+            yield f"`tensors/{name}/zero_point` holds {outside[0]}, outside [qmin, qmax] = [{qmin}, {qmax}]"
+    if entry["dynamic"]:
+        return
+    expected = math.prod(entry["scale_shape"])
+    if count_of(scale) != expected:
+        yield f"`tensors/{name}/scale` has {count_of(scale)} numbers, `scale_shape` {entry['scale_shape']} holds {expected}"
+    if count_of(zero_point) != count_of(scale):
+        yield f"`tensors/{name}/zero_point` has {count_of(zero_point)} numbers for {count_of(scale)} scales"
+    for key, value in (("scale", scale), ("zero_point", zero_point)):
+        if is_reference(value) and value["initializer"] != entry[f"{key}_tensor"]:
+            yield f"`tensors/{name}/{key}` refers to `{value['initializer']}`, but `{key}_tensor` is `{entry[f'{key}_tensor']}`"
+
+
+def _problems(qparams: dict[str, Any]) -> Iterator[str]:
+    """The cross-field problems of a sidecar that passed the JSON Schema (see :func:`validate`)."""
+    yield from _non_finite(qparams, "")
+    for name, entry in qparams["tensors"].items():
+        yield from _tensor_problems(name, entry)
+    for layer, entry in qparams["layers"].items():
+        for key in ("weight", "input"):
+            if entry[key] is not None and entry[key] not in qparams["tensors"]:
+                yield f"`layers/{layer}/{key}` is `{entry[key]}`, which is not a key of `tensors`"
+
+
+def to_json(data: dict[str, Any]) -> str:
+    """The text of a sidecar file holding ``data`` (what :func:`write_json` writes)."""
+    return json.dumps(data, indent=1, allow_nan=False) + "\n"
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:
     """Write ``data`` as JSON with :func:`qat.atomic.write_atomic`."""
-    return write_atomic(path, json.dumps(data, indent=1) + "\n")
+    return write_atomic(path, to_json(data))
 
 
 def layer_weights(qparams: dict[str, Any]) -> dict[str, str]:
@@ -85,6 +182,52 @@ def read_qparams(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def resolve_numbers(qparams: dict[str, Any], onnx_model: str | os.PathLike[str] | onnx.ModelProto) -> dict[str, Any]:
+    """A copy of ``qparams`` with every by-reference ``scale`` / ``zero_point`` replaced by its numbers.
+
+    The numbers are read from the initializers the references name, in ``onnx_model`` (the
+    sidecar's own ``.onnx`` file, or that model loaded). Observed-range summaries stay summaries:
+    the model does not hold observed ranges. Consumers that need every number (the dialect writers
+    in :mod:`qat.export.dialects`) take the resolved copy.
+
+    Raises:
+        QATError: a referenced initializer is missing from the model or holds another count.
+    """
+    model = onnx_model if isinstance(onnx_model, onnx.ModelProto) else load_onnx(Path(onnx_model))
+    initializers = {t.name: t for t in model.graph.initializer}
+    resolved = copy.deepcopy(qparams)
+    for name, entry in resolved["tensors"].items():
+        for key in ("scale", "zero_point"):
+            value = entry[key]
+            if not is_reference(value):
+                continue
+            tensor = initializers.get(value["initializer"])
+            if tensor is None:
+                raise QATError(f"`{value['initializer']}` ({key} of `{name}`) is not an initializer of the model")
+            array = onnx.numpy_helper.to_array(tensor).reshape(-1)
+            if array.size != value["count"]:
+                raise QATError(f"`{value['initializer']}` ({key} of `{name}`) holds {array.size} numbers, the metadata says "
+                               f"{value['count']}")
+            entry[key] = array.astype(np.float64 if key == "scale" else np.int64).tolist()
+    return resolved
+
+
+def read_resolved(onnx_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sidecar of ``onnx_path``, validated, with every number in it (:func:`resolve_numbers`)."""
+    return resolve_numbers(read_qparams(sidecar_path(onnx_path)), onnx_path)
+
+
+def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """``path`` loaded with :func:`onnx.load` (its initializers included), or a QATError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise QATError(f"model `{path}` does not exist")
+    try:
+        return onnx.load(str(path))
+    except Exception as error:
+        raise QATError(f"`{path}` is not a readable ONNX model: {error}") from None
+
+
 def _numbers(value: ir.Value | None) -> tuple[list[Any] | None, list[int] | None]:
     if value is None or value.const_value is None:
         return None, None
@@ -93,10 +236,28 @@ def _numbers(value: ir.Value | None) -> tuple[list[Any] | None, list[int] | None
     return values, list(array.shape)
 
 
-def _observed(q: Quantizer) -> tuple[list[float] | None, list[float] | None]:
+def compact(granularity: str, scales: int) -> bool:
+    """Whether an entry stores its numbers by reference: every per-group tensor (its scales grow with
+    the weights, and as text they outweigh the 4-bit codes they describe), and any with more than
+    :data:`INLINE_LIMIT` scales."""
+    return granularity == "per_group" or scales > INLINE_LIMIT
+
+
+def _observed(q: Quantizer, summarise: bool) -> tuple[list[float] | dict[str, Any] | None, list[float] | dict[str, Any] | None]:
+    """The observed range, per channel or group, or with ``summarise`` its ends and count."""
     if q.observer is None or not q.calibrated:
         return None, None
-    return q.observer.min_val.reshape(-1).tolist(), q.observer.max_val.reshape(-1).tolist()
+    values = [v.detach().double().reshape(-1) for v in (q.observer.min_val, q.observer.max_val)]
+    if not summarise:
+        return values[0].tolist(), values[1].tolist()
+    return tuple({"min": v.min().item(), "max": v.max().item(), "count": v.numel()} for v in values)
+
+
+def _reference(values: list[Any] | None, value: ir.Value | None, by_reference: bool) -> list[Any] | dict[str, Any] | None:
+    """``values`` inline, or with ``by_reference`` (and an initializer to point at) a reference to ``value``."""
+    if values is None or not by_reference or value is None or value.const_value is None:
+        return values
+    return {"initializer": value.name, "count": len(values)}
 
 
 def _dtype_name(value: ir.Value) -> str:
@@ -110,7 +271,8 @@ def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer, layer_name: str)
     zero_point, _ = _numbers(tensor.zero_point)
     if zero_point is None and scale is not None:
         zero_point = [0] * len(scale)
-    observed_min, observed_max = _observed(quantizer)
+    by_reference = scale is not None and compact(spec.granularity.value, len(scale))
+    observed_min, observed_max = _observed(quantizer, by_reference)
     block = dq.attributes.get("block_size")
     axis = dq.attributes.get("axis", dq.attributes.get("quantize_axis"))  # GatherBlockQuantized: quantize_axis
     shape = tensor.quantized.shape
@@ -128,7 +290,8 @@ def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer, layer_name: str)
         "block_size": block.as_int() if block is not None and block.as_int() > 0 and not spec.dynamic else None,
         "dynamic": spec.dynamic,
         "shape": [d if isinstance(d, int) else str(d) for d in shape] if shape is not None else None,
-        "scale_shape": scale_shape, "scale": scale, "zero_point": [int(z) for z in zero_point] if zero_point is not None else None,
+        "scale_shape": scale_shape, "scale": _reference(scale, tensor.scale, by_reference),
+        "zero_point": _reference([int(z) for z in zero_point], tensor.zero_point, by_reference) if zero_point is not None else None,
         "observed_min": observed_min, "observed_max": observed_max,
         "observer": spec.observer.value if quantizer.observer is not None else None, "learnable": spec.learnable,
     }

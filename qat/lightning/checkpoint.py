@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,14 +18,22 @@ from qat.recipe import QuantRecipe
 
 
 def read_torch_file(path: str | os.PathLike[str], what: str) -> Any:
-    """``torch.load`` on the CPU with ``weights_only=True``; a missing or unreadable file is a
-    QATError naming ``what`` and the path."""
+    """``torch.load`` on the CPU with ``weights_only=True``; a missing or unreadable file, or one
+    that holds more than tensors and plain values, is one line naming ``what`` and the path."""
+    if Path(path).is_dir():
+        raise QATError(f"{what} `{path}` is a folder, not a file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise QATError(f"{what} `{path}` does not exist") from None
+    except pickle.UnpicklingError as error:
+        # torch's message is a page of advice; the line after "WeightsUnpickler error:" says what was refused
+        found = re.search(r"WeightsUnpickler error: (.+?)(?:\.\s|\n|$)", str(error))
+        reason = found.group(1).strip() if found else str(error).strip().splitlines()[0]
+        raise QATError(f"{what} `{path}` is not a plain tensor file: torch.load(weights_only=True) refused it ({reason})") from None
     except Exception as error:
-        raise QATError(f"cannot read {what} `{path}`: {error}") from error
+        raise QATError(f"{what} `{path}` is not a file written by torch.save ({type(error).__name__}: "
+                       f"{str(error).strip().splitlines()[0] if str(error).strip() else '?'})") from None
 
 
 def load_checkpoint(

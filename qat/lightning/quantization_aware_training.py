@@ -42,15 +42,45 @@ from torch import nn
 from qat import allocator
 from qat.batches import batch_inputs
 from qat.control import evaluating, quantizers, set_weight_reuse
-from qat.errors import QATError
+from qat.errors import ConfigError, QATError
 from qat.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
 from qat.recipe import QuantRecipe
-from qat.schedule import Phase, QATSchedule
+from qat.schedule import MAX_POSITION, Phase, QATSchedule
 from qat.stats import ClipTracker, layer_stats
 from qat.summary import summary
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
+
+
+def _mapping_parser(cls: type[QuantRecipe] | type[QATSchedule]) -> Any:
+    """A jsonargparse deserializer: ``cls`` from a mapping, validated as in Python."""
+    def parse(value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"not a mapping: {value!r}")  # None and recipe paths go to the other types of the hint
+        return cls.coerce(value)
+    return parse
+
+
+def _register_with_jsonargparse() -> None:
+    """Make LightningCLI's parser (jsonargparse) hand recipes and schedules to this callback as written.
+
+    Left alone, jsonargparse reads a recipe mapping as the QuantRecipe dataclass and builds the
+    nested QuantSpec and LayerRule itself: their errors lose the key path (``bits`` for
+    ``recipe.weight.bits``), and a misspelled key whose value is an empty mapping (``foo: {}``) is
+    dropped without a word. A registered type is parsed by its function instead, here the same
+    validation as in Python; when it refuses a mapping, the hint's ``Mapping[str, Any]`` takes it
+    as is and ``__init__`` raises the error with its full key path.
+    """
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:  # jsonargparse comes with LightningCLI; without it there is nothing to teach
+        return
+    register_type(QuantRecipe, serializer=QuantRecipe.to_dict, deserializer=_mapping_parser(QuantRecipe))
+    register_type(QATSchedule, serializer=QATSchedule.to_dict, deserializer=_mapping_parser(QATSchedule))
+
+
+_register_with_jsonargparse()
 
 
 def first_batch(trainer: pl.Trainer, stage: str) -> Any:
@@ -127,13 +157,23 @@ class QuantizationAwareTraining(Callback):
         print_summary: bool = True,
         retain_freed_memory: bool = True,
     ) -> None:
-        self.recipe = QuantRecipe.coerce(recipe)
+        try:
+            self.recipe = QuantRecipe.coerce(recipe)
+        except ConfigError as error:  # a key of a recipe file is relative to that file, which the error names
+            raise (error if error.source else error.under("recipe")) from None
         self.schedule = QATSchedule.coerce(schedule)
         self.example_inputs = example_inputs
         if log_every_n_steps is not None and (isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int)
-                                              or log_every_n_steps < 0):
-            raise QATError(f"log_every_n_steps must be an integer ≥ 0 or None, got `{log_every_n_steps!r}`")
+                                              or not 0 <= log_every_n_steps <= MAX_POSITION):
+            raise ConfigError("log_every_n_steps", f"must be an integer ≥ 0 and ≤ {MAX_POSITION} or null; got `{log_every_n_steps!r}`")
+        for key, value in (("print_summary", print_summary), ("retain_freed_memory", retain_freed_memory)):
+            if not isinstance(value, bool):
+                raise ConfigError(key, f"must be true or false; got `{value!r}`")
         self.log_every_n_steps = log_every_n_steps
+        # where the recipe was written, for recipe_error: its key and file (QATLightningCLI sets a
+        # config's `trainer.callbacks[0].init_args.recipe` and the config file)
+        self.recipe_key: str = "recipe"
+        self.recipe_source: str | None = None
         self.print_summary = print_summary
         self.retain_freed_memory = retain_freed_memory
         self._model: weakref.ref[nn.Module] | None = None
@@ -162,8 +202,14 @@ class QuantizationAwareTraining(Callback):
             except QATError as error:
                 hint = (" If the LightningModule builds its layers in setup() or configure_model(), build them in __init__: "
                         "the callback prepares the model before those hooks run.") if not list(pl_module.parameters()) else ""
+                if isinstance(error, ConfigError):  # the recipe does not fit this model: a rule or skip pattern matches no layer
+                    raise self.recipe_error(error, hint) from None
                 raise QATError(f"{error}{hint}") from error
         self._model = weakref.ref(pl_module)
+
+    def recipe_error(self, error: ConfigError, hint: str = "") -> ConfigError:
+        """``error`` of the recipe (``skip[0]``: …) with the recipe's own key and file in front."""
+        return ConfigError(f"{self.recipe_key}.{error.key}", f"{error.reason}{hint}", self.recipe_source)
 
     def _adopt(self, pl_module: nn.Module) -> None:
         """Accept a model prepared with this recipe (by an earlier callback or ``qat.prepare``); refuse any other."""
