@@ -31,6 +31,7 @@ import jsonschema
 from rich.table import Table
 
 from qat.errors import QATError
+from qat.text_files import read_text
 
 RESULTS_VERSION = 1
 """Version of the ``results.json`` layout that :func:`qat.pipeline.run_recipe` writes."""
@@ -90,10 +91,10 @@ class Limits:
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A ``results.json``, checked against :data:`RESULTS_SCHEMA`; errors name the file and key."""
     path = Path(path)
+    if not path.exists():
+        raise QATError(f"`{path}` does not exist")
     try:
-        results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise QATError(f"`{path}` does not exist") from None
+        results = json.loads(read_text(path, "results file"))
     except json.JSONDecodeError as error:
         raise QATError(f"`{path}` is not JSON: {error}") from None
     try:

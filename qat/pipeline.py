@@ -66,7 +66,7 @@ from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining
 from qat.lightning.checkpoint import read_torch_file
 from qat.prepare import prepare
-from qat.recipe import read_recipe_text
+from qat.text_files import read_text
 from qat.version import __version__
 
 
@@ -252,7 +252,7 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
     recipe = Path(recipe)
     if not recipe.exists():
         raise QATError(f"recipe `{recipe}` does not exist")
-    read_recipe_text(recipe)  # a folder, or not UTF-8: one line, before the output folder is made
+    read_text(recipe, "recipe file")  # a folder, or not UTF-8: one line, before the output folder is made
     settings = settings or RunSettings()
     console = console or Console()
     out = Path(settings.output_dir or Path("runs") / recipe.stem)

@@ -41,6 +41,7 @@ from torch import nn
 
 from qat.errors import ConfigError, QATError
 from qat.spec import Granularity, ObserverKind, QuantSpec, Role
+from qat.text_files import read_text
 
 DEFAULT_WEIGHT = QuantSpec(bits=8, granularity=Granularity.PER_CHANNEL)
 """int8, symmetric, one scale per output channel."""
@@ -48,22 +49,6 @@ DEFAULT_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, observer=O
 """uint8, affine, one scale per tensor (the zero point lands on 0 after a ReLU: ORT's fast path)."""
 
 SpecOverride = Mapping[str, Any] | None
-
-
-def read_recipe_text(path: Path) -> str:
-    """A recipe file's text; a missing file, a folder or bytes that are not UTF-8 are one line naming the file."""
-    if path.is_dir():
-        raise QATError(f"`{path}` is a folder, not a recipe file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise QATError(f"cannot read recipe file `{path}`: {err.strerror}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise QATError(f"cannot read recipe file `{path}`: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
-                       "save it as UTF-8") from None
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -289,7 +274,7 @@ class QuantRecipe:
     def from_yaml(cls, path: str | os.PathLike[str]) -> QuantRecipe:
         """Load a recipe file; a missing file or a YAML syntax error names the file and line."""
         path = Path(path)
-        text = read_recipe_text(path)
+        text = read_text(path, "recipe file")
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as err:

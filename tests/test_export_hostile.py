@@ -185,6 +185,14 @@ def test_a_nan_input_fails_as_pytorch_output(tmp_path):
         qat.export_onnx(calibrated_mlp(), x, target)
 
 
+def test_inputs_without_samples_are_refused_before_tracing(tmp_path, no_tracing):
+    with refused("example_inputs: input 0 has no elements (shape (0, 64)); give at least one sample"):
+        qat.export_onnx(calibrated_mlp(), torch.randn(0, 64), tmp_path / "net.onnx")
+    with refused("verification_inputs[1]: input 0 has no elements (shape (0, 64)); give at least one sample"):
+        qat.export_onnx(calibrated_mlp(), torch.randn(8, 64), tmp_path / "net.onnx",
+                        verification_inputs=[torch.randn(8, 64), torch.randn(0, 64)])
+
+
 # -- paths ------------------------------------------------------------------------------------------
 
 

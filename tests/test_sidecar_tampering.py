@@ -28,6 +28,7 @@ from qat.cli import main
 from qat.export import dialects
 from qat.export.onnx_export import FloatFallbackWarning
 from qat.export.sidecar import read_resolved, resolve_numbers, sha256, sidecar_path
+from qat.export.verify import verify_against_model
 from qat.lightning import QuantizationAwareTraining
 
 RECIPE = {"weight": {"bits": 4}, "rules": [{"types": "Linear", "weight": {"bits": 4, "granularity": "per_group", "group_size": 16}}]}
@@ -134,6 +135,15 @@ BAD_SIDECARS = {
                                          "`layers/conv1/weight` is `conv1.weight_quantized`, which is not a key of `tensors`"),
     "NaN parity figure": (_set("verification/max_abs_diff", float("nan")),
                           "`verification/max_abs_diff` is nan: every number must be finite"),
+    "scale beyond float32": (_set(f"{W}/scale/0", 1e300), f"`{W}/scale` holds 1e+300, more than a float32 scale can be (3.402823e+38)"),
+    "axis outside the shape": (_set(f"{W}/axis", 99), f"`{W}` has axis 99, outside its 4-dimensional shape [8, 3, 3, 3]"),
+    "observed min above max": (lambda q: (_set(f"{A}/observed_min/0", 2.0)(q), _set(f"{A}/observed_max/0", 1.5)(q)),
+                               f"`{A}/observed_min` holds 2.0 above `observed_max`'s 1.5 (at 0)"),
+    "layers' weights swapped": (lambda q: (q["layers"]["conv1"].update(weight="dw.weight_quantized"),
+                                           q["layers"]["dw"].update(weight="conv1.weight_quantized")),
+                                "`layers/conv1/weight` is `dw.weight_quantized`, the weight of layer `dw` in `tensors`"),
+    "a layer's input is a weight": (lambda q: q["layers"]["fc1"].update(input="fc2.weight_quantized"),
+                                    "`layers/fc1/input` is `fc2.weight_quantized`, a weight in `tensors`"),
 }
 
 
@@ -307,3 +317,39 @@ def test_model_without_checkpoint_is_an_error(checkpoint_export, capsys):
     out, _ = checkpoint_export
     assert verify(out, capsys, "--model", "lightning_models:LitClassifier") == (
         2, [], "error: --model and --checkpoint go together: the model class to rebuild and the checkpoint to load into it\n")
+
+
+def test_a_checkpoint_of_another_model_is_one_line(checkpoint_export, tmp_path, capsys):
+    out, checkpoint = checkpoint_export
+    saved = torch.load(checkpoint, weights_only=True)
+    state = saved["state_dict"]
+    for key in [k for k in state if k.startswith("model.fc2.")]:  # a model with another head
+        state[key.replace("fc2", "head")] = state.pop(key)
+    other = tmp_path / "other.ckpt"
+    torch.save(saved, other)
+    status, problems, err = verify(out, capsys, "--model", "lightning_models:LitClassifier", "--checkpoint", str(other))
+    assert (status, problems) == (2, []) and err.count("\n") == 1, err
+    quantizer = "input_quantizer._extra_state`, `model.{}.input_quantizer.observer.max_val"
+    assert err == (f"error: `{other}` does not fit LitClassifier: 12 missing keys (`model.fc2.bias`, "
+                   f"`model.fc2.{quantizer.format('fc2')}`, …), 12 unexpected keys (`model.head.bias`, "
+                   f"`model.head.{quantizer.format('head')}`, …); is it a checkpoint of this "
+                   "model class (and --init-args)?\n")
+
+
+def test_a_model_that_does_not_take_the_recorded_inputs(exported):
+    model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(5, 2)), {"weight": {"bits": 4}})
+    model(torch.randn(4, 5))
+    with pytest.raises(qat.QATError, match=re.escape("Sequential does not take the inputs `cnn.onnx` records (x): mat1 and mat2 shapes "
+                                                     "cannot be multiplied")):
+        verify_against_model(exported.path, model)
+
+
+def test_a_sidecar_that_is_not_utf8_or_a_folder(exported, tmp_path, capsys):
+    path = pair(exported.path, tmp_path)
+    sidecar_path(path).write_bytes(b"\xff{}")
+    assert verify(path, capsys) == (2, [], f"error: cannot read calibration metadata file `{sidecar_path(path)}`: not UTF-8 text "
+                                           "(byte 0xff on line 1); save it as UTF-8\n")
+    sidecar_path(path).unlink()
+    sidecar_path(path).mkdir()
+    assert verify(path, capsys) == (2, [], f"error: `{sidecar_path(path)}` is a folder, not a calibration metadata file\n")
+    assert verify(tmp_path, capsys) == (2, [], f"error: `{tmp_path}` is a folder, not an ONNX model\n")

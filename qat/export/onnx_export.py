@@ -251,6 +251,16 @@ def check_finite_state(model: nn.Module) -> None:
         raise QATError(f"cannot export {type(model).__name__}: {found[0][1]}" + (f" (also non-finite: {others})" if others else ""))
 
 
+def _check_not_empty(batches: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Refuse an input tensor without elements (a batch of 0 samples): there is nothing to trace or verify on."""
+    for i, (args, kwargs) in enumerate(batches):
+        named = [*((f"input {j}", a) for j, a in enumerate(args)), *((f"`{k}`", v) for k, v in kwargs.items())]
+        for name, value in named:
+            if isinstance(value, Tensor) and value.numel() == 0:
+                where = "example_inputs" if i == 0 else f"verification_inputs[{i - 1}]"
+                raise QATError(f"{where}: {name} has no elements (shape {tuple(value.shape)}); give at least one sample")
+
+
 def _u8s8_layers(model: nn.Module) -> list[str]:
     """Layers with 8-bit weights and unsigned 8-bit inputs: ONNX Runtime runs them as u8·s8
     integer kernels, whose 16-bit intermediate sums saturate on x86 CPUs without VNNI."""
@@ -443,6 +453,7 @@ def export_onnx(
                      ", ".join(p.name for p in removed))
     args, kwargs = _split_inputs(example_inputs)
     batches = [(args, kwargs)] + [_split_inputs(extra) for extra in verification_inputs]
+    _check_not_empty(batches)
     traced, training = TracedModel(model).eval(), model.training
     model.eval()
     try:

@@ -40,6 +40,7 @@ from qat.export.names import QuantizedTensor
 from qat.modules import QuantizedLayer
 from qat.quantizer import Quantizer
 from qat.summary import weight_sqnr_db
+from qat.text_files import read_text
 from qat.version import __version__
 
 FORMAT = "lightning-qat.qparams"
@@ -49,6 +50,7 @@ INLINE_LIMIT = 1024
 """Most scales a per-tensor or per-channel entry lists inline (:func:`compact`); beyond, its scales
 and zero points are stored by reference and its observed range summarised. 1024 keeps the
 per-channel scales of common vision models readable in the JSON."""
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 DTYPE_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767),
                 "uint16": (0, 65535)}
 """The codes each stored integer type holds; ``qmin..qmax`` must lie inside."""
@@ -127,6 +129,12 @@ def _tensor_problems(name: str, entry: dict[str, Any]) -> Iterator[str]:
     elif qmax - qmin >= 2**bits:
         yield f"{where} has codes [{qmin}, {qmax}], more than its {bits} bits hold"
     scale, zero_point = entry["scale"], entry["zero_point"]
+    if isinstance(scale, list) and any(s > FLOAT32_MAX for s in scale):
+        yield f"`tensors/{name}/scale` holds {max(scale)}, more than a float32 scale can be ({FLOAT32_MAX:.7g})"
+    shape, axis = entry["shape"], entry["axis"]
+    if isinstance(shape, list) and axis is not None and not (entry["dynamic"] or -len(shape) <= axis < len(shape)):
+        yield f"{where} has axis {axis}, outside its {len(shape)}-dimensional shape {shape}"
+    yield from _observed_problems(name, entry["observed_min"], entry["observed_max"])
     if isinstance(zero_point, list):
         outside = [z for z in zero_point if not qmin <= z <= qmax]
         if outside:
@@ -143,6 +151,18 @@ def _tensor_problems(name: str, entry: dict[str, Any]) -> Iterator[str]:
             yield f"`tensors/{name}/{key}` refers to `{value['initializer']}`, but `{key}_tensor` is `{entry[f'{key}_tensor']}`"
 
 
+def _observed_problems(name: str, low: list[float] | dict[str, Any] | None, high: list[float] | dict[str, Any] | None) -> Iterator[str]:
+    """An observed range whose minimum lies above its maximum (per channel, or the summaries' ends)."""
+    if isinstance(low, dict) and isinstance(high, dict):
+        low, high = [low["min"]], [high["max"]]
+    if isinstance(low, list) and isinstance(high, list):
+        if len(low) != len(high):
+            yield f"`tensors/{name}` has {len(low)} observed minima for {len(high)} maxima"
+        elif any(a > b for a, b in zip(low, high)):
+            i = next(i for i, (a, b) in enumerate(zip(low, high)) if a > b)
+            yield f"`tensors/{name}/observed_min` holds {low[i]} above `observed_max`'s {high[i]} (at {i})"
+
+
 def _problems(qparams: dict[str, Any]) -> Iterator[str]:
     """The cross-field problems of a sidecar that passed the JSON Schema (see :func:`validate`)."""
     yield from _non_finite(qparams, "")
@@ -152,6 +172,13 @@ def _problems(qparams: dict[str, Any]) -> Iterator[str]:
         for key in ("weight", "input"):
             if entry[key] is not None and entry[key] not in qparams["tensors"]:
                 yield f"`layers/{layer}/{key}` is `{entry[key]}`, which is not a key of `tensors`"
+        weight = qparams["tensors"].get(entry["weight"]) if entry["weight"] is not None else None
+        if weight is not None and (weight["role"], weight["layer"]) != ("weight", layer):
+            yield (f"`layers/{layer}/weight` is `{entry['weight']}`, the {weight['role']} of layer `{weight['layer']}` "
+                   "in `tensors`")
+        source = qparams["tensors"].get(entry["input"]) if entry["input"] is not None else None
+        if source is not None and source["role"] != "activation":
+            yield f"`layers/{layer}/input` is `{entry['input']}`, a {source['role']} in `tensors`"
 
 
 def to_json(data: dict[str, Any]) -> str:
@@ -172,10 +199,10 @@ def layer_weights(qparams: dict[str, Any]) -> dict[str, str]:
 def read_qparams(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a sidecar."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise QATError(f"calibration metadata `{path}` does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "calibration metadata file"))
     except json.JSONDecodeError as error:
         raise QATError(f"`{path}` is not valid JSON: {error}") from None
     validate(data, str(path))

@@ -228,6 +228,8 @@ def verify_artifact(path: str | os.PathLike[str], model: Any = None) -> VerifyRe
     :func:`qat.lightning.load_checkpoint`); when given, :func:`verify_against_model` runs too.
     """
     path = Path(path)
+    if path.is_dir():
+        raise QATError(f"`{path}` is a folder, not an ONNX model")
     if not path.is_file():
         raise QATError(f"model `{path}` does not exist")
     qparams = read_qparams(sidecar_path(path))
@@ -307,6 +309,10 @@ def verify_against_model(path: str | os.PathLike[str], model: Any) -> tuple[Pari
     try:
         with deployed(model), torch.no_grad():
             reference = _leaves(_call(traced, {name: torch.from_numpy(array) for name, array in named.items()}))
+    except Exception as error:  # the model does not take the recorded inputs: another model than the file's
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise QATError(f"{type(model).__name__} does not take the inputs `{path.name}` records "
+                       f"({', '.join(named)}): {reason}; is it the model the file was exported from?") from None
     finally:
         model.train(training)
     try:

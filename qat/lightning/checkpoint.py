@@ -64,5 +64,22 @@ def load_checkpoint(
                        "for BatchNorm folding)")
     prepare(model, saved["recipe"] if recipe is None else recipe, example_inputs, bn_folds=saved["bn_folds"] if saved else None,
             residuals=saved.get("residuals") if saved else None)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:  # torch lists every missing and unexpected key: kilobytes for a real model
+        raise QATError(f"`{path}` does not fit {type(model).__name__}: {_key_mismatch(model, checkpoint['state_dict'], error)}; "
+                       "is it a checkpoint of this model class (and --init-args)?") from None
     return model
+
+
+def _key_mismatch(model: nn.Module, state_dict: Mapping[str, Any], error: RuntimeError) -> str:
+    """The first few keys ``model`` misses or does not expect in ``state_dict``, or torch's first line (a size mismatch)."""
+    expected, saved = set(model.state_dict()), set(state_dict)
+    parts = []
+    for label, keys in (("missing", sorted(expected - saved)), ("unexpected", sorted(saved - expected))):
+        if keys:
+            parts.append(f"{len(keys)} {label} keys (`{'`, `'.join(keys[:3])}`{', …' if len(keys) > 3 else ''})")
+    if parts:
+        return ", ".join(parts)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]

@@ -19,6 +19,7 @@ top of :class:`~lightning.pytorch.cli.LightningCLI` it:
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,7 +31,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qat.errors import ConfigError
 from qat.lightning.quantization_aware_training import QuantizationAwareTraining
-from qat.recipe import _check_keys, read_recipe_text
+from qat.recipe import _check_keys
+from qat.text_files import read_text
 
 
 def config_paths(argv: Sequence[str]) -> list[Path]:
@@ -70,6 +72,33 @@ def _dropped_key(raw: Any, parsed: Any, path: str) -> None:
             _dropped_key(raw_item, parsed_item, f"{path}[{i}]")
 
 
+def _parameters(cls: type) -> list[str] | None:
+    """The keyword arguments ``cls`` takes, or None when it takes any (``**kwargs``) or cannot say."""
+    try:
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _unknown_init_args(raw: Any, path: str) -> None:
+    """Raise ConfigError for the first ``init_args`` key of a ``class_path`` entry (anywhere in a config
+    file's content) that the class's constructor does not take. jsonargparse refuses those too, but in
+    a page that lists every type of the union it tried, without the file."""
+    if isinstance(raw, Mapping):
+        cls = _import(raw["class_path"]) if "class_path" in raw else None
+        accepted = _parameters(cls) if isinstance(cls, type) else None
+        if accepted is not None and isinstance(raw.get("init_args"), Mapping):
+            _check_keys(raw["init_args"], accepted, f"{path}.init_args" if path else "init_args")
+        for key, value in raw.items():
+            _unknown_init_args(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(raw, list):
+        for i, item in enumerate(raw):
+            _unknown_init_args(item, f"{path}[{i}]")
+
+
 def _import(class_path: Any) -> type | None:
     module, _, name = str(class_path).rpartition(".")
     try:
@@ -91,11 +120,21 @@ class QATLightningCLI(LightningCLI):
         for the keys jsonargparse drops."""
         self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, Mapping | Namespace) else []
         for path in config_paths(self._argv):
-            read_recipe_text(path)
+            try:
+                raw = yaml.safe_load(read_text(path, "recipe file"))
+            except yaml.YAMLError:  # jsonargparse reports where the syntax breaks
+                continue
+            if not isinstance(raw, Mapping | None):
+                raise ConfigError("(top level)", f"a config must be a mapping (trainer, model, data …); the file holds a "
+                                  f"{type(raw).__name__}", str(path))
+            try:
+                _unknown_init_args(raw, "")
+            except ConfigError as error:
+                raise ConfigError(error.key, error.reason, str(path)) from None
         super().parse_arguments(parser, args)
         for path in self._section().get("config") or []:
             try:
-                raw = yaml.safe_load(read_recipe_text(Path(str(path))))
+                raw = yaml.safe_load(read_text(str(path), "recipe file"))
             except yaml.YAMLError:  # jsonargparse's loader read it: nothing safe_load can compare
                 continue
             try:
