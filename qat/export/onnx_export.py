@@ -270,7 +270,8 @@ def _u8s8_layers(model: nn.Module) -> list[str]:
             and not layer.input_quantizer.spec.signed]
 
 
-def _arrays(value: Any) -> list[np.ndarray]:
+def numpy_leaves(value: Any) -> list[np.ndarray]:
+    """The tensors of a (nested) model output or input as numpy arrays, on the CPU; bfloat16 as float32."""
     return [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
             for t in tree_leaves(value) if isinstance(t, Tensor)]
 
@@ -458,7 +459,7 @@ def export_onnx(
     model.eval()
     try:
         with deployed(model), torch.no_grad():
-            references = [_arrays(traced(*a, **k)) for a, k in batches]
+            references = [numpy_leaves(traced(*a, **k)) for a, k in batches]
         graph = _trace(traced, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, input_names=_input_names(model, args, kwargs))
     finally:
         model.train(training)
@@ -466,7 +467,7 @@ def export_onnx(
     rename_outputs(graph, output_names)
     order = [value.name for value in graph.graph.inputs]
     # keyword inputs in the graph's order, whatever order the mapping had
-    feeds = [_arrays([k[name] for name in order if name in k]) if k else _arrays(a) for a, k in batches]
+    feeds = [numpy_leaves([k[name] for name in order if name in k]) if k else numpy_leaves(a) for a, k in batches]
 
     models: list[tuple[Path, Path]] = []  # (temporary, final), in the order of artifact_files
     sidecars: list[tuple[Path, Path]] = []

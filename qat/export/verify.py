@@ -238,8 +238,9 @@ def verify_artifact(path: str | os.PathLike[str], model: Any = None) -> VerifyRe
         report.problems.append(f"`{path.name}` is not the file the metadata describes (sha256 differs)")
     report.problems.extend(check_consistency(load_onnx(path), qparams))
     config = qparams["model"].get("session_config", {})
+    feeds = _inputs(qparams)
     try:
-        outputs = run_session(_session(path, qparams), _inputs(qparams))
+        outputs = run_session(_session(path, qparams), feeds)
     except Exception as error:
         report.problems.append(f"ONNX Runtime cannot run `{path.name}`: {error}")
         return report
@@ -255,18 +256,10 @@ def verify_artifact(path: str | os.PathLike[str], model: Any = None) -> VerifyRe
         if recorded is not None and kernel != recorded:
             report.problems.append(f"layer `{layer}` runs on {kernel} here, on {recorded} at export")
     if model is not None:
-        parity, problem = verify_against_model(path, model)
+        parity, problem = _against_model(path.name, qparams, feeds, outputs, model)
         report.parity = parity
         report.problems.extend([problem] if problem else [])
     return report
-
-
-def _leaves(value: Any) -> list[np.ndarray]:
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    return [t.detach().float().cpu().numpy() if t.dtype == torch.bfloat16 else t.detach().cpu().numpy()
-            for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _call(traced: Any, named: dict[str, Any]) -> Any:
@@ -295,32 +288,38 @@ def verify_against_model(path: str | os.PathLike[str], model: Any) -> tuple[Pari
         The parity figures (None when an output is not finite), and the problem (one line) when
         ONNX Runtime differs too much or an output is not finite, else None.
     """
-    import torch
-
-    from qat.control import deployed
-    from qat.export.onnx_export import TracedModel
-
     path = Path(path)
     qparams = read_qparams(sidecar_path(path))
     feeds = _inputs(qparams)
+    try:
+        outputs = run_session(_session(path, qparams), feeds)
+    except Exception as error:
+        raise QATError(f"ONNX Runtime cannot run `{path.name}`: {error}") from None
+    return _against_model(path.name, qparams, feeds, outputs, model)
+
+
+def _against_model(name: str, qparams: dict[str, Any], feeds: list[np.ndarray], outputs: list[np.ndarray],
+                   model: Any) -> tuple[Parity | None, str | None]:
+    """:func:`verify_against_model` on ONNX Runtime's ``outputs`` for ``feeds``, already computed."""
+    import torch
+
+    from qat.control import deployed
+    from qat.export.onnx_export import TracedModel, numpy_leaves
+
     named = {meta["name"]: array for meta, array in zip(qparams["inputs"], feeds, strict=True)}
     traced, training = TracedModel(model).eval(), model.training
     model.eval()
     try:
         with deployed(model), torch.no_grad():
-            reference = _leaves(_call(traced, {name: torch.from_numpy(array) for name, array in named.items()}))
+            reference = numpy_leaves(_call(traced, {key: torch.from_numpy(array) for key, array in named.items()}))
     except Exception as error:  # the model does not take the recorded inputs: another model than the file's
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise QATError(f"{type(model).__name__} does not take the inputs `{path.name}` records "
+        raise QATError(f"{type(model).__name__} does not take the inputs `{name}` records "
                        f"({', '.join(named)}): {reason}; is it the model the file was exported from?") from None
     finally:
         model.train(training)
-    try:
-        outputs = run_session(_session(path, qparams), feeds)
-    except Exception as error:
-        raise QATError(f"ONNX Runtime cannot run `{path.name}`: {error}") from None
     if len(outputs) != len(reference):
-        raise QATError(f"`{path.name}` has {len(outputs)} outputs, the PyTorch model {len(reference)}: is it the model the file "
+        raise QATError(f"`{name}` has {len(outputs)} outputs, the PyTorch model {len(reference)}: is it the model the file "
                        "was exported from?")
     try:
         measured = compare([outputs], [reference], [named], traced.output_kind)
