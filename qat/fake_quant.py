@@ -1,6 +1,6 @@
 """Fake quantization: the one definition of the math, with a training face and an export face.
 
-The contract (DESIGN.md, "Numeric contract"): for a scale ``s``, an integer zero point ``z`` and a
+The contract (docs/numeric-contract.md): for a scale ``s``, an integer zero point ``z`` and a
 code range ``[qmin, qmax]``::
 
     q = clamp(round_half_to_even(x / s) + z, qmin, qmax)

@@ -1,7 +1,7 @@
 """The *ort* artifact: the device graph's numbers laid out for ONNX Runtime's fast CPU kernels.
 
 ONNX Runtime fuses QuantizeLinear/DequantizeLinear patterns into integer kernels only for some
-layouts (DESIGN.md, "Export facts"). Four passes rewrite the device graph into those layouts
+layouts (docs/numeric-contract.md, "Export facts"). Four passes rewrite the device graph into those layouts
 without changing a single weight or activation value:
 
 - :func:`widen_small_weights`: a 4-bit (or narrower) weight read by Conv, ConvTranspose, Gemm or
@@ -21,8 +21,8 @@ without changing a single weight or activation value:
 - :func:`gather_block_quantized`: a blocked 4-bit embedding table, exported as
   ``table → DQ(axis 1, block B) → Gather(ids)``, becomes ORT's ``GatherBlockQuantized(codes, ids,
   scales, zero points)``, which dequantizes the rows it gathers. ORT does not fuse that pattern
-  itself: it dequantized the whole table on every run (an 8192 × 1024 table: 17 ms of an 18 ms
-  decode step, against 1.2 ms for its 29 MatMulNBits). Same codes and scales, same numbers.
+  itself: it dequantized the whole table on every run, most of an LLM's decode step
+  (benchmarks/RESULTS.md). Same codes and scales, same numbers.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ both seen with ORT 1.32 (:func:`session_options_for`):
 - **Integer kernels.** The fusion runs before the QDQ fusions and takes the MatMul away from
   them: every Linear of a transformer with static 8-bit inputs then runs as a float Gemm on
   dequantized operands. Without it, ``DQ → MatMul`` with an 8-bit input becomes
-  MatMulIntegerToFloat (ViT-tiny at 224×224: 48 of 48 Linears integer, 1.25–1.34× the float
-  export's speed in ``benchmarks/ort_latency.py`` instead of 0.65×).
+  MatMulIntegerToFloat, and a ViT's Linears run on integer kernels, faster than the float export
+  instead of slower (``benchmarks/ort_latency.py``).
 - **Signed int8 activations** (either artifact): QDQ propagation copies the int8 Q/DQ pair across
   the fusion's new Reshape with ``output_dtype`` int8; the x86 S8→U8 rewrite then changes that
   pair's zero point to uint8 but not the attribute, and ORT rejects its own optimized graph
