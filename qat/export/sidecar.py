@@ -33,7 +33,6 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from qat.atomic import write_atomic
 from qat.control import quantizers
 from qat.errors import QATError
 from qat.export.names import QuantizedTensor
@@ -182,13 +181,8 @@ def _problems(qparams: dict[str, Any]) -> Iterator[str]:
 
 
 def to_json(data: dict[str, Any]) -> str:
-    """The text of a sidecar file holding ``data`` (what :func:`write_json` writes)."""
+    """The text of a sidecar file holding ``data`` (the export writes it with :mod:`qat.atomic`)."""
     return json.dumps(data, indent=1, allow_nan=False) + "\n"
-
-
-def write_json(data: dict[str, Any], path: Path) -> Path:
-    """Write ``data`` as JSON with :func:`qat.atomic.write_atomic`."""
-    return write_atomic(path, to_json(data))
 
 
 def layer_weights(qparams: dict[str, Any]) -> dict[str, str]:

@@ -116,12 +116,13 @@ class QATLightningCLI(LightningCLI):
         return self.config[subcommand] if subcommand else self.config
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse as LightningCLI does, after a UTF-8 check of the config files and before a check
-        for the keys jsonargparse drops."""
+        """Parse as LightningCLI does, after a UTF-8, shape and class-argument check of the config files
+        and before a check for the keys jsonargparse drops."""
         self._argv = [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, Mapping | Namespace) else []
+        files: dict[Path, Any] = {}  # each config file's content, read once for both checks
         for path in config_paths(self._argv):
             try:
-                raw = yaml.safe_load(read_text(path, "recipe file"))
+                files[path] = raw = yaml.safe_load(read_text(path, "recipe file"))
             except yaml.YAMLError:  # jsonargparse reports where the syntax breaks
                 continue
             if not isinstance(raw, Mapping | None):
@@ -132,11 +133,7 @@ class QATLightningCLI(LightningCLI):
             except ConfigError as error:
                 raise ConfigError(error.key, error.reason, str(path)) from None
         super().parse_arguments(parser, args)
-        for path in self._section().get("config") or []:
-            try:
-                raw = yaml.safe_load(read_text(str(path), "recipe file"))
-            except yaml.YAMLError:  # jsonargparse's loader read it: nothing safe_load can compare
-                continue
+        for path, raw in files.items():
             try:
                 _dropped_key(raw, self._section(), "")
             except ConfigError as error:
