@@ -211,11 +211,8 @@ def _non_finite(tensor: Tensor, infinity_allowed: bool = False) -> str | None:
     """``NaN (3 of 8 values)`` when a float ``tensor`` holds NaN or ±Inf (unless allowed), else None."""
     if not tensor.is_floating_point():
         return None
-    nan, inf = int(torch.isnan(tensor).sum()), 0 if infinity_allowed else int(torch.isinf(tensor).sum())
-    if not nan and not inf:
-        return None
-    kind = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
-    return f"{kind} ({nan + inf} of {tensor.numel()} values)"
+    inf = 0 if infinity_allowed else int(torch.isinf(tensor).sum())
+    return parity.describe_non_finite(int(torch.isnan(tensor).sum()), inf, tensor.numel())
 
 
 def check_finite_state(model: nn.Module) -> None:

@@ -137,15 +137,20 @@ OUTPUT_KINDS = ("logits", "embeddings")
 and cosine)."""
 
 
-def _non_finite(values: np.ndarray) -> str | None:
-    """``NaN (3 of 40 values)`` when ``values`` holds NaN or ±Inf, else None (integer outputs: None)."""
-    if not np.issubdtype(values.dtype, np.floating):
-        return None
-    nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+def describe_non_finite(nan: int, inf: int, size: int) -> str | None:
+    """``NaN (3 of 40 values)`` for a tensor of ``size`` values holding ``nan`` NaNs and ``inf``
+    infinities, or None when it holds neither (the wording of every non-finite message)."""
     if not nan and not inf:
         return None
     kind = "NaN and Inf" if nan and inf else "NaN" if nan else "Inf"
-    return f"{kind} ({nan + inf} of {values.size} values)"
+    return f"{kind} ({nan + inf} of {size} values)"
+
+
+def _non_finite(values: np.ndarray) -> str | None:
+    """:func:`describe_non_finite` of an output (integer outputs: None)."""
+    if not np.issubdtype(values.dtype, np.floating):
+        return None
+    return describe_non_finite(int(np.isnan(values).sum()), int(np.isinf(values).sum()), values.size)
 
 
 def default_output_names(count: int) -> list[str]:
