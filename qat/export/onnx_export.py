@@ -572,7 +572,7 @@ def _warn_fallback(result: ExportResult) -> None:
     if artifact is not None and artifact.float_fallback:
         layers = ", ".join(f"{layer} ({artifact.kernels[layer]})" for layer in artifact.float_fallback)
         warnings.warn(f"{len(artifact.float_fallback)} of {len(artifact.kernels)} quantized layers of `{artifact.path}` run in "
-                      f"float in ONNX Runtime, not in an integer kernel: {layers}. See README, 'Which ONNX Runtime kernels run'.",
+                      f"float in ONNX Runtime, not in an integer kernel: {layers}. See docs/export.md, 'Which ONNX Runtime kernels run'.",
                       FloatFallbackWarning, stacklevel=3)
 
 
