@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project checks on a lent GPU, in one call: bash benchmarks/gpu.sh [SECTION ...]
 # Sections: lightning (callback, compile parity, ONNXExport after GPU training; about 6 min on an H200),
-# kernels (qat.kernels' Triton kernels against the PyTorch ops, bit for bit, on the GPU; about 2 min)
+# kernels (qat.speed.fused_kernels' Triton kernels against the PyTorch ops, bit for bit, on the GPU; about 2 min)
 # overhead (issue 6's GPU rows; at most 8 min) and compiled (issue 6's compiled rows alone, with room for the
 # compilation: until DEADLINE, 585 s after the start by default; H200: the Llama 111 s, ResNet-50 210 s),
 # profile (where the compiled float and QAT steps' time goes, by kernel: about 5 min on an H200), cudagraphs
@@ -54,7 +54,7 @@ if [[ " $SECTIONS " == *" kernels "* ]]; then
   # first a smoke run of every kernel variant: if one cannot compile or run, the overhead runs go on
   # with QAT_TRITON=0 (the PyTorch ops) rather than fail
   if ! python -c "
-import torch, qat.kernels as k
+import torch, qat.speed.fused_kernels as k
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     x = torch.randn(8, 16, 32, device='cuda').to(dtype)
     for s in (torch.tensor(0.1, device='cuda'), torch.rand(1, 16, 1, device='cuda') + 0.01):

@@ -41,7 +41,7 @@ import torch
 from results_md import cpu_description, write_block
 
 import qat
-from qat.export import kernels
+from qat.export import ort_kernels
 from qat.export.latency import median_latency_ms
 
 VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}], "residuals": True}
@@ -131,14 +131,14 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
     float_path = folder / f"{name}.float.onnx"
     float_export(model, args, kwargs, float_path, options.get("dynamic_batch", False))
     sessions = {
-        "float": ort.InferenceSession(str(float_path), kernels.session_options({}), providers=["CPUExecutionProvider"]),
-        "ort": ort.InferenceSession(str(result.ort.path), kernels.session_options(result.ort.session_config),
+        "float": ort.InferenceSession(str(float_path), ort_kernels.session_options({}), providers=["CPUExecutionProvider"]),
+        "ort": ort.InferenceSession(str(result.ort.path), ort_kernels.session_options(result.ort.session_config),
                                     providers=["CPUExecutionProvider"]),
     }
     if name in VISION:
         inputs_only, *_ = vision(name, residuals=False)
         plain = qat.export_onnx(inputs_only, example, folder / f"{name}.inputs.onnx", artifacts=["ort"], **options).ort
-        sessions["inputs_only"] = ort.InferenceSession(str(plain.path), kernels.session_options(plain.session_config),
+        sessions["inputs_only"] = ort.InferenceSession(str(plain.path), ort_kernels.session_options(plain.session_config),
                                                        providers=["CPUExecutionProvider"])
     if name in IMAGES:
         sessions["ort_tool"] = ort.InferenceSession(str(ort_quantize_static(float_path, folder)), providers=["CPUExecutionProvider"])

@@ -9,7 +9,7 @@ all of them alike. The figure is the median step time over all rounds, and the r
   quantization on (the QAT phase of the callback); ``set_recompute``: the same with
   ``qat.set_recompute`` on (quantized operands recomputed in backward instead of saved);
   ``residuals`` (ResNets): the recipe's ``residuals: true``, as in the shipped ResNet recipe
-  (residual additions quantized too); ``PyTorch ops`` (CUDA): the default with :mod:`qat.kernels`
+  (residual additions quantized too); ``PyTorch ops`` (CUDA): the default with :mod:`qat.speed.fused_kernels`
   off, each fake quantization and observer as PyTorch's elementwise kernels instead of one fused
   Triton kernel each; ``BatchNorm not folded`` (ResNets, a diagnostic of what folding costs): the
   default with each BatchNorm left after its convolution, whose weight is then quantized as it
@@ -74,7 +74,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import qat
-import qat.kernels
+import qat.speed.fused_kernels
 
 
 @dataclass
@@ -195,7 +195,7 @@ def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pyto
         qat.set_save_codes(model, codes)
         return model
 
-    prepare.pytorch_ops = pytorch_ops  # Runner runs its steps with qat.kernels disabled
+    prepare.pytorch_ops = pytorch_ops  # Runner runs its steps with qat.speed.fused_kernels disabled
     return prepare
 
 
@@ -209,7 +209,7 @@ def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Call
         out["lightning-qat, residuals"] = _ours(work, residuals=True)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in work.model.modules()):
         out["lightning-qat, BatchNorm not folded"] = _ours(work, fold=False)
-    if device == "cuda" and qat.kernels.triton is not None:  # what the Triton kernels save
+    if device == "cuda" and qat.speed.fused_kernels.triton is not None:  # what the Triton kernels save
         out["lightning-qat, PyTorch ops"] = _ours(work, pytorch_ops=True)
     out["torch.ao eager"] = work.torch_ao
     if work.torchao is not None:
@@ -246,7 +246,7 @@ class Runner:
         self.optimizer = work.optimizer(list(self.model.parameters()))
         self.batch = tuple(t.to(device) for t in work.batch)
         self.loss, self.device, self.bf16, self.accumulate = work.loss, device, bf16, accumulate
-        self.kernels = qat.kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
+        self.kernels = qat.speed.fused_kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
         self.forward = torch.compile(self._forward_backward, mode=compile_mode) if compiled == "step" else self._forward_backward
         if compiled == "regional":
             compile_blocks(self.model, mode=compile_mode)

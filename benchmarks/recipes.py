@@ -1,6 +1,6 @@
 """The accuracy tables of benchmarks/RESULTS.md: the shipped recipes at full length, through `qat run`.
 
-Each table row is one `qat.pipeline.run_recipe` (float → PTQ → QAT → export → verification).
+Each table row is one `qat.app.run.run_recipe` (float → PTQ → QAT → export → verification).
 Rows of one table share one float model: the first row trains it, the others start from its
 ``float/float_weights.pt`` (``RunSettings.float_weights``), so they differ only in quantization.
 Bit-width variants are the shipped recipe with its QuantizationAwareTraining recipe's bits
@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 from results_md import write_block
 
-from qat.compare import format_metric, load_results
-from qat.pipeline import RunSettings, ort_agreement, run_recipe
+from qat.app.compare import format_metric, load_results
+from qat.app.run import RunSettings, ort_agreement, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -38,7 +38,7 @@ RECIPE = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32},
 def measure() -> dict[str, dict[str, int]]:
     """Export the model once; ``{artifact: {"model": bytes, "sidecar": bytes}}``."""
     import qat
-    from qat.tasks import CausalLanguageModel
+    from qat.app.tasks import CausalLanguageModel
 
     torch.manual_seed(0)
     module = qat.prepare(CausalLanguageModel(MODEL), RECIPE)

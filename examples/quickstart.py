@@ -32,7 +32,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import qat
-from qat.export.onnx_export import ExportResult, FloatFallbackWarning, load_session
+from qat.export.exporter import ExportResult, FloatFallbackWarning, load_session
 
 console = Console()
 

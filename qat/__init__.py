@@ -3,11 +3,11 @@
 The numeric core, used by everything else:
 
 - :class:`QuantSpec` — one quantizer's numeric format;
-- :mod:`qat.fake_quant` — the fake-quantization math (training and export faces);
-- :mod:`qat.observers` — range statistics; :mod:`qat.qparams` — scales from ranges;
+- :mod:`qat.core.fake_quant` — the fake-quantization math (training and export faces);
+- :mod:`qat.core.observers` — range statistics; :mod:`qat.core.qparams` — scales from ranges;
 - :class:`Quantizer` — spec + observer + state + switches;
 - :class:`QuantRecipe` + :func:`prepare` — which layers to quantize and how;
-- :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.control`;
+- :func:`summary`, :func:`strip`, and the phase switches in :mod:`qat.training.control`;
 - :func:`calibrate` — post-training quantization: observe ranges on a few batches, then freeze them;
 - :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
 - :func:`sensitivity` — each layer quantized alone at each bit width; :func:`mixed_precision` —
@@ -18,9 +18,9 @@ The numeric core, used by everything else:
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
-from qat.allocator import retain_freed_memory
-from qat.calibrate import calibrate
-from qat.control import (
+from qat.speed.allocator import retain_freed_memory
+from qat.training.calibrate import calibrate
+from qat.training.control import (
     deployed,
     evaluating,
     freeze_bn_stats,
@@ -32,16 +32,16 @@ from qat.control import (
     set_weight_reuse,
 )
 from qat.errors import ConfigError, QATError
-from qat.fake_quant import exporting, fake_quantize
-from qat.mixed_precision import MixedPrecision, mixed_precision
-from qat.prepare import is_prepared, prepare
-from qat.quantizer import Quantizer
-from qat.recipe import LayerRule, QuantRecipe
-from qat.schedule import Phase, QATSchedule
-from qat.sensitivity import SensitivityTable, sensitivity
-from qat.spec import Granularity, ObserverKind, QuantSpec
-from qat.stats import ClipTracker, layer_stats
-from qat.summary import QuantSummary, strip, summary
+from qat.core.fake_quant import exporting, fake_quantize
+from qat.analysis.mixed_precision import MixedPrecision, mixed_precision
+from qat.preparation.prepare import is_prepared, prepare
+from qat.core.quantizer import Quantizer
+from qat.preparation.recipe import LayerRule, QuantRecipe
+from qat.training.schedule import Phase, QATSchedule
+from qat.analysis.sensitivity import SensitivityTable, sensitivity
+from qat.core.spec import Granularity, ObserverKind, QuantSpec
+from qat.analysis.stats import ClipTracker, layer_stats
+from qat.analysis.summary import QuantSummary, strip, summary
 from qat.version import __version__
 
 __all__ = [
@@ -88,7 +88,7 @@ __all__ = [
 def __getattr__(name: str):
     # the exporter imports onnxruntime and onnxscript (about a second): only when it is used
     if name in ("export_onnx", "ExportResult"):
-        from qat.export import onnx_export
+        from qat.export import exporter
 
-        return getattr(onnx_export, name)
+        return getattr(exporter, name)
     raise AttributeError(f"module 'qat' has no attribute {name!r}")

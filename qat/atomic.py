@@ -4,7 +4,7 @@
 - :func:`write_temporary` + :func:`replace_all`: a set of files that belong together (an export's
   models and their sidecars): every temporary is written and fsync'd first, then all are renamed
   in the order given. A crash between two renames leaves some members new and some old; the
-  caller orders the renames so that such a set is detectable (see :mod:`qat.export.onnx_export`),
+  caller orders the renames so that such a set is detectable (see :mod:`qat.export.exporter`),
   and :func:`remove_leftovers` lets the next writer clear the temporaries a killed one left.
 
 Temporaries are named ``.<name>.<pid>.tmp`` beside the final file: hidden, on the same file

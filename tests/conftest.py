@@ -4,8 +4,8 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Triton's interpreter runs qat.kernels on CPU tensors (tests/test_kernels.py); it must be on
-    # before Triton is first imported, and only matters where qat.kernels.on_cpu() asks for it
+    # Triton's interpreter runs qat.speed.fused_kernels on CPU tensors (tests/test_kernels.py); it must be on
+    # before Triton is first imported, and only matters where qat.speed.fused_kernels.on_cpu() asks for it
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 

@@ -95,8 +95,8 @@ class LitClassifier(pl.LightningModule):
 
 
 class DigitsClassifier(LitClassifier):
-    """TinyCNN over the 10 classes of ``qat.data.DigitsDataModule(channels=3)`` (8×8), trained like
-    ``qat.tasks.ImageClassifier``: a cosine over ``trainer.estimated_stepping_batches``, which makes
+    """TinyCNN over the 10 classes of ``qat.app.data.DigitsDataModule(channels=3)`` (8×8), trained like
+    ``qat.app.tasks.ImageClassifier``: a cosine over ``trainer.estimated_stepping_batches``, which makes
     Lightning build the training loader before it restores a checkpoint's loop state."""
 
     def __init__(self, lr: float = 0.05) -> None:

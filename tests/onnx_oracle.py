@@ -2,7 +2,7 @@
 onnx.reference.ReferenceEvaluator, written here with onnx.helper, independently of qat's code.
 
 Ranges narrower than their ONNX integer type (2/3 bits, narrow range) are clipped first to the
-dequantized values of the end codes, as the contract in qat.fake_quant states."""
+dequantized values of the end codes, as the contract in qat.core.fake_quant states."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import qat
-from qat import allocator
+from qat.speed import allocator
 
 glibc_only = pytest.mark.skipif(not allocator._glibc(), reason="glibc's malloc only")
 with_mallinfo2 = pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="mallinfo2 needs glibc 2.33")

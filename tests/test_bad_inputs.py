@@ -1,6 +1,6 @@
 """A corpus of bad recipes, callback arguments and command lines: each ends in one clear line.
 
-Recipes are written as YAML files and given as dicts; command lines go through ``qat.cli.main``.
+Recipes are written as YAML files and given as dicts; command lines go through ``qat.app.cli.main``.
 Every CLI case must print exactly one ``error: …`` line (naming the file, key or option at fault),
 no traceback, and exit with status 2. Nothing here trains: configs fail before the first step.
 """
@@ -18,8 +18,8 @@ from tiny_models import TinyCNN
 
 import qat
 from qat import ConfigError, QATError, QATSchedule, QuantRecipe, QuantSpec
-from qat.cli import main
-from qat.compare import Limits
+from qat.app.cli import main
+from qat.app.compare import Limits
 from qat.lightning import QuantizationAwareTraining
 
 LATIN1 = "weight: {bits: 4}\n# Schätzung\n".encode("latin-1")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qat.cli import main
+from qat.app.cli import main
 from qat.export.verify import verify_artifact
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -67,8 +67,8 @@ MALFORMED = [  # (key in the recipe, bad value, what the one-line error must say
     ("model.init_args.model", "torchvision.nope", "torchvision has no model `nope`"),
     ("model.init_args.model", "resnet18", "must be `<zoo>.<architecture>`"),
     ("model.init_args.num_classes", "ten", "num_classes"),
-    ("model.class_path", "qat.tasks.Nope", "qat.tasks.Nope"),
-    ("data.class_path", "qat.data.Nope", "qat.data.Nope"),
+    ("model.class_path", "qat.app.tasks.Nope", "qat.app.tasks.Nope"),
+    ("data.class_path", "qat.app.data.Nope", "qat.app.data.Nope"),
     ("data.init_args.channels", 2, "channels must be 1 or 3"),
     ("data.init_args.batch_size", 0, "batch_size must be a positive integer"),
     ("data.init_args.image_size", 2, "image_size must be an integer"),
@@ -85,9 +85,9 @@ MALFORMED = [  # (key in the recipe, bad value, what the one-line error must say
     (f"{EXPORT}.path", "model", "must end in .onnx"),
     (f"{QAT}.recipe", "no/such/recipe.yaml", "cannot read recipe file `no/such/recipe.yaml`"),
     ("model.init_args.model_kwargs", {"patch_size": 4}, "patch_size"),
-    ("data", {"class_path": "qat.data.CIFAR10DataModule", "init_args": {"root": "no/such/cifar"}},
+    ("data", {"class_path": "qat.app.data.CIFAR10DataModule", "init_args": {"root": "no/such/cifar"}},
      "CIFAR-10 root `no/such/cifar` does not exist"),
-    ("data", {"class_path": "qat.data.ImageFolderDataModule", "init_args": {"root": "no/such/images"}},
+    ("data", {"class_path": "qat.app.data.ImageFolderDataModule", "init_args": {"root": "no/such/images"}},
      "image folder `no/such/images` does not exist"),
 ]
 

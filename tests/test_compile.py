@@ -10,7 +10,7 @@ import torch
 from tiny_models import EVERYTHING_RECIPE, TinyCNN
 
 import qat
-from qat.fake_quant import fake_quantize
+from qat.core.fake_quant import fake_quantize
 
 
 def _prepared(recipe=EVERYTHING_RECIPE):
@@ -62,18 +62,18 @@ def test_inductor_fake_quant_is_bit_exact_with_eager():
 
 
 def test_inductor_compiles_snapshot_as_a_copy_in_its_kernels():
-    """qat.snapshot lowers to Inductor's copy: the compiled code makes no call back into Python for
+    """qat.core.snapshot lowers to Inductor's copy: the compiled code makes no call back into Python for
     it (a ResNet-50 step made about 200), and values and gradients are those of eager mode."""
     from torch._inductor.utils import run_and_get_code
 
-    from qat.snapshot import snapshot
+    from qat.core.snapshot import snapshot
 
     def scaled(x, s):
         return x * snapshot(s * 2)
 
     x, s = torch.randn(6, 4, requires_grad=True), torch.rand(4) + 0.1
     out, code = run_and_get_code(torch.compile(scaled, fullgraph=True), x, s)
-    assert "qat.snapshot" not in "\n".join(code)  # an extern call reads torch.ops.qat.snapshot.default(...)
+    assert "qat.core.snapshot" not in "\n".join(code)  # an extern call reads torch.ops.qat.snapshot.default(...)
     out.sum().backward()
     torch.testing.assert_close(out, x * (s * 2), rtol=0, atol=0)
     torch.testing.assert_close(x.grad, (s * 2).expand(6, 4), rtol=0, atol=0)
@@ -81,7 +81,7 @@ def test_inductor_compiles_snapshot_as_a_copy_in_its_kernels():
 
 @pytest.mark.slow
 def test_inductor_gradients_with_folded_batchnorm_match_eager():
-    """Guards the workaround in qat.snapshot: without it, a compiled backward recomputed the
+    """Guards the workaround in qat.core.snapshot: without it, a compiled backward recomputed the
     folded weight from the already-updated running_var and the conv gradients were off by O(1)."""
     model, x = _prepared({"weight": {"bits": 4}})
     eager, compiled = copy.deepcopy(model), copy.deepcopy(model)
@@ -129,9 +129,9 @@ def test_training_step_never_reads_tensor_values_on_the_host(forbid_host_reads, 
     """On an accelerator; on the CPU, where reads are free, finite_range reads one flag and the
     integer codes' NaN check one sum on purpose."""
     import qat.modules.base
-    import qat.observers
+    import qat.core.observers
 
-    for module in (qat.fake_quant, qat.observers, qat.modules.base):  # every module that reads the flag
+    for module in (qat.core.fake_quant, qat.core.observers, qat.modules.base):  # every module that reads the flag
         monkeypatch.setattr(module, "host_reads_are_free", lambda t: False)
     model, x = _prepared()
     with pytest.raises(_HostReadError):
@@ -148,9 +148,9 @@ def test_compile_on_torch_that_reports_exporting_under_compile(monkeypatch):
     """torch 2.7–2.13 answer ``is_exporting()`` with True under plain torch.compile
     (pytorch#176347): simulated here, compiled training must still take the training face
     (the custom op has no autograd formula), and only ``qat.exporting()`` selects the export face."""
-    import qat.fake_quant
+    import qat.core.fake_quant
 
-    monkeypatch.setattr(qat.fake_quant, "IS_EXPORTING_RELIABLE", False)
+    monkeypatch.setattr(qat.core.fake_quant, "IS_EXPORTING_RELIABLE", False)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     torch._dynamo.reset()
     model, x = _prepared()
@@ -160,9 +160,9 @@ def test_compile_on_torch_that_reports_exporting_under_compile(monkeypatch):
     for a, b in zip(out_eager, out_compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch._dynamo.reset()
-    assert not qat.fake_quant.export_face()
+    assert not qat.core.fake_quant.export_face()
     with qat.exporting():
-        assert qat.fake_quant.export_face()
+        assert qat.core.fake_quant.export_face()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,7 +21,7 @@ import torch
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from qat.fake_quant import broadcast_qparam, fake_quantize_math
+from qat.core.fake_quant import broadcast_qparam, fake_quantize_math
 
 CONFORMANCE = Path(__file__).resolve().parents[1] / "export" / "conformance"
 NOT_CASE_FILES = {"generate.py", "README.md"}

@@ -1,4 +1,4 @@
-"""qat.data: deterministic stratified splits, the offline image DataModules, and the loaders over files."""
+"""qat.app.data: deterministic stratified splits, the offline image DataModules, and the loaders over files."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import qat
-from qat.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNIST5kDataModule, stratified_split
-from qat.data.vision import LUMA, BatchTransform
+from qat.app.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, MNIST5kDataModule, stratified_split
+from qat.app.data.vision import LUMA, BatchTransform
 
 
 def test_split_is_deterministic_disjoint_complete_and_stratified():

@@ -1,4 +1,4 @@
-"""qat.data text: the offline standard-library corpus, its document splits, the tokenizers and the text DataModules."""
+"""qat.app.data text: the offline standard-library corpus, its document splits, the tokenizers and the text DataModules."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import qat
-from qat.data import corpus as corpus_module
-from qat.data import tokenizer as tokenizer_module
-from qat.data.corpus import SPLITS, cache_root, load_corpus, split_of, stdlib_corpus
-from qat.data.text import SentenceDataModule, TextDataModule
-from qat.data.tokenizer import ByteTokenizer, bpe_tokenizer
+from qat.app.data import corpus as corpus_module
+from qat.app.data import tokenizer as tokenizer_module
+from qat.app.data.corpus import SPLITS, cache_root, load_corpus, split_of, stdlib_corpus
+from qat.app.data.text import SentenceDataModule, TextDataModule
+from qat.app.data.tokenizer import ByteTokenizer, bpe_tokenizer
 
 SMALL = 60_000  # characters: ~54 k train, 3 k val, 3 k test; a BPE trains on it in well under a second
 

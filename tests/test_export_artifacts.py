@@ -17,9 +17,9 @@ from lightning_models import CNN_RECIPE, LLAMA_RECIPE, LitClassifier, LitLlama, 
 from tiny_models import TinyCNN
 
 import qat
-from qat.cli import main
+from qat.app.cli import main
 from qat.export import dialects
-from qat.export.onnx_export import FloatFallbackWarning, load_session
+from qat.export.exporter import FloatFallbackWarning, load_session
 from qat.export.sidecar import read_qparams, read_resolved, schema, sidecar_path, validate
 from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining

@@ -37,7 +37,7 @@ def entry(role: str, float_tensor: str, bits: int, signed: bool, scale: list, ze
 @pytest.fixture
 def qparams() -> dict:
     return {
-        "format": "lightning-qat.qparams",
+        "format": "lightning-qat.core.qparams",
         "tensors": {
             "conv1.input_quantized": entry("activation", "x", 8, False, [0.0184], [121], observed_min=[-2.23], observed_max=[2.46]),
             "conv1.weight_quantized": entry(

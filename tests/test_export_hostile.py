@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import qat
-from qat.cli import main
+from qat.app.cli import main
 from qat.errors import QATError
-from qat.export import onnx_export, parity
-from qat.export.onnx_export import check_finite_state, check_write_target
+from qat.export import exporter, parity
+from qat.export.exporter import check_finite_state, check_write_target
 from qat.lightning import ONNXExport
 
 SCRIPTS = Path(__file__).parent / "export_scripts"
@@ -61,11 +61,11 @@ def no_tracing(monkeypatch):
     def traced(*args, **kwargs):
         raise AssertionError("the model was traced")
 
-    monkeypatch.setattr(onnx_export, "_trace", traced)
+    monkeypatch.setattr(exporter, "_trace", traced)
 
 
 def exported_logs(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "qat.export.onnx_export"]
+    return [record.getMessage() for record in caplog.records if record.name == "qat.export.exporter"]
 
 
 def refused(message: str):
@@ -282,7 +282,7 @@ def test_the_next_export_removes_what_an_interrupted_one_left(tmp_path, caplog):
     live = f".net.qparams.json.{os.getppid()}.tmp"  # a running process's: another export at work, left alone
     for name in [*leftovers, live, ".other.onnx.tmp"]:
         (tmp_path / name).write_text("partial")
-    with caplog.at_level(logging.WARNING, logger="qat.export.onnx_export"):
+    with caplog.at_level(logging.WARNING, logger="qat.export.exporter"):
         qat.export_onnx(calibrated_mlp(), torch.randn(8, 64), tmp_path / "net.onnx")
     assert exported_logs(caplog) == [f"removed 2 temporary files an interrupted export left in `{tmp_path}`: {', '.join(leftovers)}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, ".other.onnx.tmp", "net.onnx", "net.ort.onnx",
@@ -310,7 +310,7 @@ def test_killed_between_renames_verify_names_the_member_and_the_next_export_reco
     assert "  problem: `net.onnx` is not the file the metadata describes (sha256 differs)" in out.splitlines()
     assert out.count("  ok") == 1 and out.count("  FAILED") == 1
 
-    with caplog.at_level(logging.WARNING, logger="qat.export.onnx_export"):
+    with caplog.at_level(logging.WARNING, logger="qat.export.exporter"):
         qat.export_onnx(calibrated_mlp(1), torch.randn(8, 64), target)
     assert exported_logs(caplog) == [f"removed 3 temporary files an interrupted export left in `{tmp_path}`: {', '.join(temporaries)}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.ort.onnx", "net.ort.qparams.json", "net.qparams.json"]

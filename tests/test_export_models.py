@@ -15,7 +15,7 @@ from qat.export.sidecar import read_qparams, read_resolved, sidecar_path
 from qat.export.verify import verify_artifact
 from qat.modules import QuantizedLayer
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::qat.export.onnx_export.FloatFallbackWarning")]
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::qat.export.exporter.FloatFallbackWarning")]
 
 # 7-bit first layer: 8-bit weights on uint8 inputs saturate ORT's u8·s8 kernels on x86 without VNNI
 VISION_EXPORT_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": FIRST_LAYERS, "weight": {"bits": 7}}]}

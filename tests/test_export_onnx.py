@@ -87,7 +87,7 @@ def test_round_trip_per_format(weight, activation, tmp_path):
         assert entry["dtype"] == onnx.TensorProto.DataType.Name(onnx_type).lower()
         assert entry["bits"] == spec["bits"] and entry["float_tensor"] == f"{layer}.weight"
         np.testing.assert_array_equal(np.array(entry["scale"], np.float32), quantizer.scale.reshape(-1).numpy())
-    assert result.max_abs_diff <= qat.export.onnx_export.DEFAULT_RTOL * result.output_scale
+    assert result.max_abs_diff <= qat.export.exporter.DEFAULT_RTOL * result.output_scale
 
 
 def test_conv_net_folds_batchnorm_into_one_conv(tmp_path):
@@ -155,7 +155,7 @@ def test_u8s8_saturation_is_caught_and_explained(tmp_path):
     with qat.evaluating(model), torch.no_grad():
         expected = model.eval()(x).numpy()
     np.testing.assert_allclose(reference_run(loose.path, x), expected, rtol=0, atol=1e-5)
-    if loose.max_abs_diff <= qat.export.onnx_export.DEFAULT_RTOL * loose.output_scale:
+    if loose.max_abs_diff <= qat.export.exporter.DEFAULT_RTOL * loose.output_scale:
         assert qat.export_onnx(model, x, tmp_path / "m.onnx").path.exists()
     else:
         with pytest.raises(qat.QATError, match=r"`0`, `2` have 8-bit weights and uint8 inputs.*VNNI.*bits: 7"):

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from onnx_oracle import onnx_fake_quant
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import qat.fake_quant
+import qat.core.fake_quant
 from qat import QuantSpec
-from qat.fake_quant import (
+from qat.core.fake_quant import (
     MIN_SCALE,
     FakeQuantizeFunction,
     QuantizedCodes,
@@ -29,7 +29,7 @@ from qat.fake_quant import (
     fake_quantize_values,
     fake_quantize_with_mask,
 )
-from qat.quantizer import Quantizer
+from qat.core.quantizer import Quantizer
 
 BITS = [2, 3, 4, 5, 6, 7, 8, 16]
 SPECIAL_SCALES = [0.0, 1e-38, 1e-30, 1e-10, float(MIN_SCALE), float(MIN_SCALE) / 2, 2.0**-20, 2.0**-7, 0.5, 1.0, 3.0, 1e6]
@@ -297,10 +297,10 @@ def test_function_is_used_outside_export_and_custom_op_under_export():
         graph = torch.export.export(M(), (torch.randn(4),)).graph
         return {str(node.target) for node in graph.nodes if node.op == "call_function"}
 
-    with qat.fake_quant.exporting():
+    with qat.core.fake_quant.exporting():
         assert "qat.fake_quantize.default" in exported_ops()
     # torch.export alone selects the export face only where is_exporting() is trustworthy (≥ 2.14)
-    assert ("qat.fake_quantize.default" in exported_ops()) == qat.fake_quant.IS_EXPORTING_RELIABLE
+    assert ("qat.fake_quantize.default" in exported_ops()) == qat.core.fake_quant.IS_EXPORTING_RELIABLE
     assert isinstance(FakeQuantizeFunction.apply, type(torch.autograd.Function.apply))
 
 
@@ -440,7 +440,7 @@ def test_folded_backward_holds_one_weight_sized_temporary_at_a_time(codes, monke
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from overhead import LiveTensorBytes
 
-    monkeypatch.setattr(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", 2 * 32 * 3 * 3)  # 2 of the 64 channels at a time
+    monkeypatch.setattr(qat.core.fake_quant, "SUMMED_PRODUCT_ELEMENTS", 2 * 32 * 3 * 3)  # 2 of the 64 channels at a time
     w = torch.randn(64, 32, 3, 3, requires_grad=True)
     f = (torch.rand(64, 1, 1, 1) + 0.5).requires_grad_()
     kept = QuantizedCodes() if codes else None
@@ -477,7 +477,7 @@ def test_folded_node_gives_the_value_and_gradients_of_the_two_op_graph(case, fac
                                          codes=codes)
             else:
                 y = fake_quantize(w * f, torch.from_numpy(scale), z, qmin, qmax, axis=axis or 0)
-        with mock.patch.object(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", summed_at_a_time):
+        with mock.patch.object(qat.core.fake_quant, "SUMMED_PRODUCT_ELEMENTS", summed_at_a_time):
             y.backward(grad_y)
         results.append((y.detach(), w.grad, f.grad, saved))
     (y_two, gw_two, gf_two, _), (y_one, gw_one, gf_one, saved_one) = results
@@ -501,7 +501,7 @@ def test_gradients_from_codes_are_laid_out_as_from_a_saved_mask(grad_layout, fol
     a sum whose order follows the layout, here two channels at a time) equal those of a saved
     mask bit for bit, laid out the same, whatever the incoming gradient's layout; with the two-op
     graph's for the folded node."""
-    monkeypatch.setattr(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", 1)
+    monkeypatch.setattr(qat.core.fake_quant, "SUMMED_PRODUCT_ELEMENTS", 1)
     generator = torch.Generator().manual_seed(0)
     w0 = torch.randn(16, 8, 3, 3, generator=generator).to(memory_format=torch.channels_last)
     f0 = torch.rand(16, 1, 1, 1, generator=generator) + 0.5
@@ -546,11 +546,11 @@ def test_summed_product_a_few_channels_at_a_time_is_the_plain_sum_bit_for_bit(sh
     torch.set_num_threads(threads)
     try:
         for rows in (1, 3, shape[0]):  # 1: two channels at a time, the fewest
-            monkeypatch.setattr(qat.fake_quant, "SUMMED_PRODUCT_ELEMENTS", rows * row)
+            monkeypatch.setattr(qat.core.fake_quant, "SUMMED_PRODUCT_ELEMENTS", rows * row)
             for target in (per_channel, (1,) * len(shape)):
-                assert torch.equal(qat.fake_quant._summed_product(a, b, torch.Size(target)), (a * b).sum_to_size(target))
+                assert torch.equal(qat.core.fake_quant._summed_product(a, b, torch.Size(target)), (a * b).sum_to_size(target))
             transposed = a.transpose(0, -1).contiguous().transpose(0, -1)
             expected = (transposed * b).sum_to_size(per_channel)
-            assert torch.equal(qat.fake_quant._summed_product(transposed, b, torch.Size(per_channel)), expected)
+            assert torch.equal(qat.core.fake_quant._summed_product(transposed, b, torch.Size(per_channel)), expected)
     finally:
         torch.set_num_threads(before)

@@ -1,6 +1,6 @@
 """The fused Triton kernels give the PyTorch ops' bits. On a GPU they run on CUDA tensors; without
 one, in Triton's interpreter on CPU tensors (conftest.py sets ``TRITON_INTERPRET=1``,
-:func:`qat.kernels.on_cpu`)."""
+:func:`qat.speed.fused_kernels.on_cpu`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from test_fake_quant import fq_cases
 from tiny_models import EVERYTHING_RECIPE, TinyCNN, TinyResNet
 
 import qat
-from qat import kernels
-from qat.fake_quant import broadcast_qparam, fake_quantize, fake_quantize_values, fake_quantize_with_mask
-from qat.observers import finite_range
+from qat.speed import fused_kernels
+from qat.core.fake_quant import broadcast_qparam, fake_quantize, fake_quantize_values, fake_quantize_with_mask
+from qat.core.observers import finite_range
 
 pytest.importorskip("triton")
 # Triton's interpreter casts out-of-range values with numpy, which warns
@@ -29,8 +29,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture
 def interpreted():
-    """qat.kernels, running on this module's DEVICE (on the CPU in Triton's interpreter)."""
-    with kernels.on_cpu() if DEVICE == "cpu" else contextlib.nullcontext():
+    """qat.speed.fused_kernels, running on this module's DEVICE (on the CPU in Triton's interpreter)."""
+    with fused_kernels.on_cpu() if DEVICE == "cpu" else contextlib.nullcontext():
         yield kernels
 
 
@@ -63,7 +63,7 @@ def _assert_same_bits(fused: torch.Tensor, reference: torch.Tensor, signed_zeros
     ],
 )
 def test_scale_layout(x_shape, scale_shape, expected):
-    assert kernels.scale_layout(torch.Size(x_shape), torch.Size(scale_shape)) == expected
+    assert fused_kernels.scale_layout(torch.Size(x_shape), torch.Size(scale_shape)) == expected
 
 
 def test_kernels_run_only_where_they_apply(interpreted):
@@ -79,8 +79,8 @@ def test_kernels_run_only_where_they_apply(interpreted):
 
 
 def test_cpu_tensors_use_the_pytorch_ops():
-    assert not kernels.can_fuse(torch.randn(4), torch.tensor(0.1))
-    assert not kernels.can_fuse_rows(torch.randn(2, 4))
+    assert not fused_kernels.can_fuse(torch.randn(4), torch.tensor(0.1))
+    assert not fused_kernels.can_fuse_rows(torch.randn(2, 4))
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -11,7 +11,7 @@ from lightning_models import MODELS, LitClassifier, MemoryLogger, quantizer_stat
 from torch import nn
 
 import qat
-from qat import allocator
+from qat.speed import allocator
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
 from qat.modules import QuantConvNd, QuantizedLayer
 

@@ -18,7 +18,7 @@ import torch
 from lightning_models import CNN_RECIPE, MODELS, DigitsClassifier, trainer
 from torch.utils.data import DataLoader
 
-from qat.data import DigitsDataModule
+from qat.app.data import DigitsDataModule
 from qat.lightning import QuantizationAwareTraining
 
 SCHEDULE = {"calibrate_from": 2, "fake_quant_from": 3, "freeze_bn_at": 6, "freeze_observers_at": 9}

@@ -12,9 +12,9 @@ import torch
 import torch.ao.quantization.observer as ao
 
 from qat import QuantSpec
-from qat.fake_quant import fake_quantize
-from qat.observers import MSE_MIN_RATIO, MSE_STEPS, both_finite, finite_range_checked, make_observer
-from qat.qparams import qparams_from_range
+from qat.core.fake_quant import fake_quantize
+from qat.core.observers import MSE_MIN_RATIO, MSE_STEPS, both_finite, finite_range_checked, make_observer
+from qat.core.qparams import qparams_from_range
 
 AO_CASES = [
     # (our spec, torch.ao dtype, qscheme per tensor, qscheme per channel)
@@ -181,7 +181,7 @@ def test_mse_observer_finds_the_best_clipping_on_its_grid(symmetric, granularity
 def _ddp_worker(rank: int, world: int, port: int, results) -> None:
     import torch.distributed as dist
 
-    from qat.quantizer import Quantizer
+    from qat.core.quantizer import Quantizer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

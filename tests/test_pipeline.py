@@ -12,9 +12,9 @@ import yaml
 from torch import nn
 
 import qat
-from qat.batches import rebatch
-from qat.cli import main
-from qat.compare import Limits, compare, load_results
+from qat.training.batches import rebatch
+from qat.app.cli import main
+from qat.app.compare import Limits, compare, load_results
 from qat.errors import QATError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,9 @@ def tiny_recipe(tmp_path, **trainer) -> str:
                 {"class_path": "qat.lightning.ONNXExport", "init_args": {"path": "digits.onnx", "dynamic_batch": True}},
             ],
         },
-        "model": {"class_path": "qat.tasks.ImageClassifier",
+        "model": {"class_path": "qat.app.tasks.ImageClassifier",
                   "init_args": {"model": "timm.test_resnet", "num_classes": 10, "in_chans": 1, "optimizer": "adamw", "lr": 0.01}},
-        "data": {"class_path": "qat.data.DigitsDataModule", "init_args": {"batch_size": 32, "image_size": 16}},
+        "data": {"class_path": "qat.app.data.DigitsDataModule", "init_args": {"batch_size": 32, "image_size": 16}},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))

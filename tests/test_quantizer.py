@@ -9,7 +9,7 @@ import torch
 
 import qat
 from qat import QuantSpec
-from qat.quantizer import Quantizer
+from qat.core.quantizer import Quantizer
 
 SPECS = {
     "static_tensor": (QuantSpec(bits=8, signed=False, symmetric=False, observer="moving_average_minmax"), None, "activation"),
@@ -116,7 +116,7 @@ def test_weight_reuse_gives_the_same_values_and_gradients_once_per_weight_change
     """Gradient accumulation: three micro-batches per optimizer step. With ``set_weight_reuse``
     each weight is fake-quantized once per optimizer step, and the outputs, gradients, weights and
     scales equal those of the model that fake-quantizes on every forward pass, bit for bit."""
-    import qat.quantizer
+    import qat.core.quantizer
 
     torch.manual_seed(0)
     float_model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -124,8 +124,8 @@ def test_weight_reuse_gives_the_same_values_and_gradients_once_per_weight_change
     qat.set_weight_reuse(models[1])
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
     made = []
-    kept = qat.quantizer.fake_quantize_kept
-    monkeypatch.setattr(qat.quantizer, "fake_quantize_kept", lambda *a, **k: made.append(1) or kept(*a, **k))
+    kept = qat.core.quantizer.fake_quantize_kept
+    monkeypatch.setattr(qat.core.quantizer, "fake_quantize_kept", lambda *a, **k: made.append(1) or kept(*a, **k))
     for _ in range(2):
         for micro_batch in torch.randn(3, 5, 8):
             outputs = [m(micro_batch) for m in models]

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from qat import ConfigError, LayerRule, QATError, QuantRecipe, QuantSpec
-from qat.cli import main as cli_main
-from qat.recipe import DEFAULT_ACTIVATION, DEFAULT_WEIGHT
+from qat.app.cli import main as cli_main
+from qat.preparation.recipe import DEFAULT_ACTIVATION, DEFAULT_WEIGHT
 
 BAD_SPECS = [
     ({"bits": 1}, "bits", "2, 3, 4, 5, 6, 7, 8, 16"),

@@ -1,4 +1,4 @@
-"""Quantized operands recomputed in backward (qat.set_recompute, qat.modules.recompute), or saved as
+"""Quantized operands recomputed in backward (qat.set_recompute, qat.speed.recompute), or saved as
 integer codes (qat.set_save_codes, the default): same gradients, less memory."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from tiny_models import EVERYTHING_RECIPE, TinyCNN
 from torch import nn
 
 import qat
-from qat.fake_quant import QuantizedCodes
-from qat.modules import QuantizedLayer, recompute
+from qat.core.fake_quant import QuantizedCodes
+from qat.modules import QuantizedLayer
+from qat.speed import recompute
 
 
 def _saved_as_tensors():
@@ -134,7 +135,7 @@ def test_fake_quantized_weight_is_not_kept_for_the_backward_pass():
 def test_a_channels_last_operand_is_remade_in_its_own_layout(remade_layout):
     """A dense, channels-last operand is recomputed rather than saved, and the backward gets it
     laid out as it was even when its function returns another layout (a copy then)."""
-    from qat.modules.recompute import recompute_in_backward
+    from qat.speed.recompute import recompute_in_backward
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, 5, generator=generator).to(memory_format=torch.channels_last)

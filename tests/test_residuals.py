@@ -14,11 +14,11 @@ from torch import nn
 
 import qat
 from qat.errors import ConfigError, QATError
-from qat.export import kernels, sidecar
+from qat.export import ort_kernels, sidecar
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
-from qat.prepare import needs_example_inputs
-from qat.quantizer import Quantizer
-from qat.residuals import OUTPUT_QUANTIZER
+from qat.preparation.prepare import needs_example_inputs
+from qat.core.quantizer import Quantizer
+from qat.preparation.residuals import OUTPUT_QUANTIZER
 
 RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "(model\\.)?stem\\.0", "weight": {"bits": 7}}], "residuals": True}
 EXPECTED = {
@@ -142,7 +142,7 @@ def test_ort_runs_every_conv_and_every_addition_in_integers(tmp_path):
                              verification_inputs=[torch.randn(16, 3, 8, 8)], dynamic_batch=True)
     convs = [name for name in result.ort.kernels if name != "fc"]
     assert {result.ort.kernels[name] for name in convs} == {"QLinearConv"}, result.ort.kernels
-    options = kernels.session_options(result.ort.session_config)
+    options = ort_kernels.session_options(result.ort.session_config)
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(result.ort.path), options, providers=["CPUExecutionProvider"])
     ops = Counter(node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node)

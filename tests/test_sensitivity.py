@@ -14,8 +14,8 @@ from torch import nn
 
 import qat
 from qat.lightning import QuantizationAwareTraining
-from qat.mixed_precision import layer_cost
-from qat.sensitivity import other_bytes, set_weight_bits, weight_bytes
+from qat.analysis.mixed_precision import layer_cost
+from qat.analysis.sensitivity import other_bytes, set_weight_bits, weight_bytes
 
 WEIGHTS_ONLY = {"weight": {"bits": 8}, "activation": None}
 

@@ -24,9 +24,9 @@ from onnx import helper, numpy_helper
 from tiny_models import TinyCNN
 
 import qat
-from qat.cli import main
+from qat.app.cli import main
 from qat.export import dialects
-from qat.export.onnx_export import FloatFallbackWarning
+from qat.export.exporter import FloatFallbackWarning
 from qat.export.sidecar import read_resolved, resolve_numbers, sha256, sidecar_path
 from qat.export.verify import verify_against_model
 from qat.lightning import QuantizationAwareTraining

@@ -7,11 +7,11 @@ import torch
 from lightning_models import trainer
 
 import qat
-from qat.data import DigitsDataModule
+from qat.app.data import DigitsDataModule
 from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining
-from qat.models import create_model
-from qat.tasks import ImageClassifier
+from qat.app.models import create_model
+from qat.app.tasks import ImageClassifier
 
 
 @pytest.mark.parametrize(("name", "message"), [

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 import qat
 from qat.lightning import ONNXExport, QuantizationAwareTraining
 from qat.modules import QuantizedLayer
-from qat.tasks import CausalLanguageModel, SentenceEmbeddingDistillation
-from qat.tasks.language_model import IGNORE_INDEX, param_groups
+from qat.app.tasks import CausalLanguageModel, SentenceEmbeddingDistillation
+from qat.app.tasks.language_model import IGNORE_INDEX, param_groups
 
 pytest.importorskip("transformers")
 
@@ -144,7 +144,7 @@ def test_lm_schedule_warms_up_then_decays_to_the_floor():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::qat.export.onnx_export.FloatFallbackWarning")  # the embedding's Gather runs in float
+@pytest.mark.filterwarnings("ignore::qat.export.exporter.FloatFallbackWarning")  # the embedding's Gather runs in float
 def test_lm_trains_with_qat_and_exports_with_matmulnbits(tmp_path):
     module = CausalLanguageModel(TINY_LLAMA, lr=3e-3, warmup_steps=0)
     export = ONNXExport("lm.onnx")
@@ -224,7 +224,7 @@ def test_distillation_trains_the_quantized_student_only():
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore::qat.export.onnx_export.FloatFallbackWarning")
+@pytest.mark.filterwarnings("ignore::qat.export.exporter.FloatFallbackWarning")
 def test_distillation_student_exports_judged_by_embedding_distance(tmp_path):
     module = SentenceEmbeddingDistillation(TINY_BERT).eval()
     qat.prepare(module, {"weight": {"bits": 4}})

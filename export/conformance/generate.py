@@ -3,7 +3,7 @@
 Why: the official ONNX backend suite has no int4/uint4 case with per-axis scales or with blocked
 quantization (``block_size``), which is exactly what lightning-qat exports. These cases let a
 device runtime check itself, and let our tests hold ONNX Runtime and ``onnx.reference`` to the
-numeric contract (``qat.fake_quant``)::
+numeric contract (``qat.core.fake_quant``)::
 
     q = clip(round_half_to_even(x / s) + zp, qmin, qmax)      # float32 division, not x * (1 / s)
     y = (q - zp) * s                                          # s, zp broadcast per tensor / axis / block

@@ -20,7 +20,7 @@ def median_latency_ms(session: ort.InferenceSession, feeds: Sequence[np.ndarray]
 
     Example::
 
-        session = qat.export.onnx_export.load_session("model.ort.onnx")
+        session = qat.export.exporter.load_session("model.ort.onnx")
         median_latency_ms(session, [x.numpy()])
     """
     if runs < 1:

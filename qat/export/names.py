@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from qat.errors import QATError
 
-QUANTIZER_CLASS = "qat.quantizer.Quantizer"
+QUANTIZER_CLASS = "qat.core.quantizer.Quantizer"
 
 
 @dataclass
@@ -37,7 +37,7 @@ class QuantizedTensor:
     """One quantizer's tensors in the exported graph (names after :func:`name_quantized_tensors`)."""
 
     quantizer: str
-    """Module path of the :class:`~qat.quantizer.Quantizer` (``conv1.weight_quantizer``)."""
+    """Module path of the :class:`~qat.core.quantizer.Quantizer` (``conv1.weight_quantizer``)."""
     dequantize: ir.Node
     """The DequantizeLinear; in an *ort* artifact's quantized embedding, the GatherBlockQuantized
     that replaced it (:func:`qat.export.ort_layout.gather_block_quantized`)."""
@@ -92,7 +92,7 @@ class QuantizedTensor:
 def node_quantizer(node: ir.Node, strip: str = "") -> str | None:
     """The module path of the quantizer that emitted ``node``, from its ``namespace`` metadata.
 
-    The namespace reads ``": Model/conv1: QuantConv2d/conv1.input_quantizer: qat.quantizer.Quantizer/…"``:
+    The namespace reads ``": Model/conv1: QuantConv2d/conv1.input_quantizer: qat.core.quantizer.Quantizer/…"``:
     one ``path: class`` pair per module on the call stack. ``strip`` removes a wrapper's prefix.
     """
     for scope in node.metadata_props.get("namespace", "").split("/"):

@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qat.export.names import QuantizedTensor, consumers_through
-from qat.fake_quant import MIN_SCALE
+from qat.core.fake_quant import MIN_SCALE
 
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 """ORT session options the *ort* artifact is meant to run with (recorded in its sidecar)."""

@@ -4,8 +4,8 @@ Inside :func:`qat.exporting`, pass :data:`CUSTOM_TRANSLATION_TABLE` to ``torch.o
 opset_version=OPSET, custom_translation_table=...)``. The op's integer range picks the ONNX integer type: the
 smallest of int4/uint4, int8/uint8, int16/uint16 that holds it. A range narrower than that
 type (2 or 3 bits, narrow range) is applied first as ``Min(Max(x, (qmin - z)·s), (qmax - z)·s)``,
-which gives the same codes (the numeric contract in :mod:`qat.fake_quant`).
-The scale and zero-point guards of :func:`~qat.fake_quant.fake_quantize_math` are emitted too
+which gives the same codes (the numeric contract in :mod:`qat.core.fake_quant`).
+The scale and zero-point guards of :func:`~qat.core.fake_quant.fake_quantize_math` are emitted too
 (``Max(s, MIN_SCALE)``, ``Clip(Round(z))``); on constant parameters the exporter's optimizer
 folds them away.
 
@@ -29,7 +29,7 @@ from onnx import TensorProto
 from onnxscript import opset21 as op
 
 from qat.errors import QATError
-from qat.fake_quant import MIN_SCALE
+from qat.core.fake_quant import MIN_SCALE
 
 OPSET = 21
 
@@ -51,8 +51,9 @@ def onnx_container(qmin: int, qmax: int) -> tuple[int, int, int]:
     raise QATError(f"no ONNX integer type holds the code range [{qmin}, {qmax}]")
 
 
-def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, block_size: int):
-    """onnxscript translation of ``qat::fake_quantize`` (see the module docstring)."""
+def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, block_size: int, name: str = ""):
+    """onnxscript translation of ``qat::fake_quantize`` (see the module docstring). ``name`` (the
+    quantizer's module path) is read from the traced program by the exporter, not emitted."""
     dtype, type_min, type_max = onnx_container(qmin, qmax)
     s = op.Max(scale, op.Constant(value_float=MIN_SCALE))
     z_float = op.Clip(op.Round(zero_point), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))

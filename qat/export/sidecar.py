@@ -33,16 +33,16 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from qat.control import quantizers
+from qat.training.control import quantizers
 from qat.errors import QATError
 from qat.export.names import QuantizedTensor
 from qat.modules import QuantizedLayer
-from qat.quantizer import Quantizer
-from qat.summary import weight_sqnr_db
+from qat.core.quantizer import Quantizer
+from qat.analysis.summary import weight_sqnr_db
 from qat.text_files import read_text
 from qat.version import __version__
 
-FORMAT = "lightning-qat.qparams"
+FORMAT = "lightning-qat.core.qparams"
 VERSION = "2.0"
 SCHEMA_PATH = Path(__file__).with_name("qparams.schema.json")
 INLINE_LIMIT = 1024

@@ -36,7 +36,7 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from qat.errors import QATError
-from qat.export import kernels
+from qat.export import ort_kernels
 from qat.export.parity import Parity, compare, run_session
 from qat.export.sidecar import is_reference, layer_weights, load_onnx, read_qparams, sha256, sidecar_path
 
@@ -218,7 +218,7 @@ def _inputs(qparams: dict[str, Any]) -> list[np.ndarray]:
 
 def _session(path: Path, qparams: dict[str, Any]) -> ort.InferenceSession:
     config = qparams["model"].get("session_config", {})
-    return ort.InferenceSession(str(path), kernels.session_options(config), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), ort_kernels.session_options(config), providers=["CPUExecutionProvider"])
 
 
 def verify_artifact(path: str | os.PathLike[str], model: Any = None) -> VerifyReport:
@@ -250,7 +250,7 @@ def verify_artifact(path: str | os.PathLike[str], model: Any = None) -> VerifyRe
             report.problems.append(f"output `{meta['name']}` has shape {list(output.shape)}, the metadata says {meta['shape']}")
         if np.issubdtype(output.dtype, np.floating) and not np.isfinite(output).all():
             report.problems.append(f"output `{meta['name']}` is not finite")
-    report.kernels = kernels.kernel_report(path, layer_weights(qparams), config).layers
+    report.kernels = ort_kernels.kernel_report(path, layer_weights(qparams), config).layers
     for layer, kernel in report.kernels.items():
         recorded = qparams["layers"][layer]["kernel"]
         if recorded is not None and kernel != recorded:
@@ -303,8 +303,8 @@ def _against_model(name: str, qparams: dict[str, Any], feeds: list[np.ndarray], 
     """:func:`verify_against_model` on ONNX Runtime's ``outputs`` for ``feeds``, already computed."""
     import torch
 
-    from qat.control import deployed
-    from qat.export.onnx_export import TracedModel, numpy_leaves
+    from qat.training.control import deployed
+    from qat.export.exporter import TracedModel, numpy_leaves
 
     named = {meta["name"]: array for meta, array in zip(qparams["inputs"], feeds, strict=True)}
     traced, training = TracedModel(model).eval(), model.training

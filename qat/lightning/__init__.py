@@ -3,7 +3,7 @@ callback; :class:`ONNXExport` writes the verified ONNX artifacts when training e
 :func:`load_checkpoint` rebuilds a QAT model from its checkpoint without a Trainer."""
 
 from qat.lightning.checkpoint import load_checkpoint
-from qat.lightning.onnx_export import ONNXExport
+from qat.lightning.export_callback import ONNXExport
 from qat.lightning.quantization_aware_training import QuantizationAwareTraining
 
 __all__ = ["ONNXExport", "QuantizationAwareTraining", "load_checkpoint"]

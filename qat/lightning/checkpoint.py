@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from qat.errors import QATError
-from qat.prepare import prepare
-from qat.recipe import QuantRecipe
+from qat.preparation.prepare import prepare
+from qat.preparation.recipe import QuantRecipe
 
 
 def read_torch_file(path: str | os.PathLike[str], what: str) -> Any:

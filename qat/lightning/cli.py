@@ -31,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from qat.errors import ConfigError
 from qat.lightning.quantization_aware_training import QuantizationAwareTraining
-from qat.recipe import _check_keys
+from qat.preparation.recipe import _check_keys
 from qat.text_files import read_text
 
 

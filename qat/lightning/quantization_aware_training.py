@@ -39,15 +39,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from torch import nn
 
-from qat import allocator
-from qat.batches import batch_inputs
-from qat.control import evaluating, quantizers, set_weight_reuse
+from qat.speed import allocator
+from qat.training.batches import batch_inputs
+from qat.training.control import evaluating, quantizers, set_weight_reuse
 from qat.errors import ConfigError, QATError
-from qat.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
-from qat.recipe import QuantRecipe
-from qat.schedule import MAX_POSITION, Phase, QATSchedule
-from qat.stats import ClipTracker, layer_stats
-from qat.summary import summary
+from qat.preparation.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
+from qat.preparation.recipe import QuantRecipe
+from qat.training.schedule import MAX_POSITION, Phase, QATSchedule
+from qat.analysis.stats import ClipTracker, layer_stats
+from qat.analysis.summary import summary
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""

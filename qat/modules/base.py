@@ -21,10 +21,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from qat.fake_quant import QuantizedCodes, export_face, host_reads_are_free
-from qat.modules import recompute
-from qat.quantizer import Quantizer
-from qat.spec import Granularity, QuantSpec
+from qat.core.fake_quant import QuantizedCodes, export_face, host_reads_are_free
+from qat.speed import recompute
+from qat.core.quantizer import Quantizer
+from qat.core.spec import Granularity, QuantSpec
 
 QUANT_CHILDREN = ("weight_quantizer", "input_quantizer")
 
@@ -90,10 +90,10 @@ class QuantizedLayer(nn.Module):
         return _attach(self.weight_quantizer(weight, keep_input=keep_input, factor=factor, codes=codes), codes)
 
     def _codes_for(self, t: Tensor) -> QuantizedCodes | None:
-        """An empty :class:`~qat.fake_quant.QuantizedCodes` for the quantized form of ``t`` when
+        """An empty :class:`~qat.core.fake_quant.QuantizedCodes` for the quantized form of ``t`` when
         the layer's op will save it and codes can stand in for it: :attr:`save_codes` on and not
         recomputing, where the layer's op saves operands for a backward pass that
-        :meth:`recomputing` may replace (:func:`~qat.modules.recompute.active` for ``t`` and the
+        :meth:`recomputing` may replace (:func:`~qat.speed.recompute.active` for ``t`` and the
         weight), where a host read is free (the CPU: the codes' NaN check reads one value), and
         ``t`` not cast by autocast before the op (the op would save the cast copy instead)."""
         device = t.device.type
@@ -108,7 +108,7 @@ class QuantizedLayer(nn.Module):
         """Context for the layer's own op (conv, matmul). When :attr:`recompute_operands` is on,
         the quantized input ``x_q`` (made from ``x``) and weight ``w_q`` (made from the layer's
         weight, times ``weight_factor`` when BatchNorm is folded) are recomputed in the backward
-        pass instead of saved (:mod:`qat.modules.recompute`); otherwise those kept as integer
+        pass instead of saved (:mod:`qat.speed.recompute`); otherwise those kept as integer
         codes (:attr:`save_codes`) are saved as their codes and dequantized there."""
         if not recompute.active(x_q, w_q):
             return nullcontext()

@@ -1,0 +1,172 @@
+"""Quantize residual connections, so that a runtime can keep them in integers.
+
+A recipe quantizes the *inputs* of layers with weights. In a residual network that leaves the
+additions float: ``out = relu(bn2(conv2(y)) + x)`` reads the float output of ``conv2`` and the
+float block input ``x`` (whose quantized copy only ``conv1`` reads). ONNX Runtime then runs
+``conv2`` and the addition in float, with a dequantize in front of each.
+
+With ``residuals: true`` in the recipe, :func:`qat.prepare` traces the example inputs once and,
+for every addition of two activations, quantizes three tensors where they are *produced*, so
+that every reader sees the same integers:
+
+- each operand: the output of the layer that computed it (``conv2``, with its folded
+  BatchNorm) or of the module that returned it (the previous block, a pooling layer);
+- the sum, after any ReLU applied to it (the block's output).
+
+A quantized layer whose input is one of these tensors gives its own input quantizer up: the
+producer's quantizer, with the spec that layer's input had, takes its place. The exported graph
+then reads ``Q → DQ → {Conv, Add}``, which ONNX Runtime fuses into QLinearConv and QLinearAdd.
+
+The producer of a tensor is the innermost module, called once per forward, that returned it
+before anything read it (so quantizing that module's output changes every reader alike). An
+addition with an operand no such module returns (a shared ``nn.ReLU`` called twice, a tensor
+computed inline) keeps that operand float.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from qat.preparation.bn_fold import trace_example
+from qat.errors import QATError
+from qat.core.quantizer import Quantizer
+from qat.core.spec import QuantSpec
+
+OUTPUT_QUANTIZER = "output_quantizer"
+
+_ADDS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+_RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
+
+
+@dataclass(eq=False)
+class _Value:
+    """One tensor value at one point of the forward (an in-place op makes a new value)."""
+
+    producers: list[str] = field(default_factory=list)
+    """Modules that returned this value before anything read it, innermost first."""
+    readers: list[str] = field(default_factory=list)
+    """Quantizable layers whose input it is."""
+    uses: int = 0
+    relu: _Value | None = None
+    """The value a ReLU made of this one (followed when that ReLU is its only use)."""
+
+
+class _Dataflow(TorchFunctionMode):
+    """Follows tensor values through torch calls: which call made each, which reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values: dict[int, _Value] = {}
+        self.alive: list[Tensor] = []  # keeps ids from being reused during the trace
+        self.additions: list[tuple[_Value, _Value, _Value]] = []
+
+    def value(self, tensor: Tensor) -> _Value:
+        if id(tensor) not in self.values:
+            self.values[id(tensor)] = _Value()
+            self.alive.append(tensor)
+        return self.values[id(tensor)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        read = [self.value(leaf) for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, Tensor)]
+        out = func(*args, **kwargs)
+        for value in read:
+            value.uses += 1
+        made = []
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, Tensor):
+                self.values[id(leaf)] = _Value()
+                self.alive.append(leaf)
+                made.append(self.values[id(leaf)])
+        if func in _ADDS and len(read) == 2 and len(made) == 1 and all(isinstance(a, Tensor) for a in args[:2]) \
+                and args[0].shape == args[1].shape and args[0].is_floating_point():
+            self.additions.append((read[0], read[1], made[0]))
+        if func in _RELUS and len(read) == 1 and len(made) == 1:
+            read[0].relu = made[0]
+        return out
+
+
+@dataclass
+class ResidualPlan:
+    """Where :func:`qat.prepare` puts output quantizers: module name → the quantized layers
+    whose input that output is (their input quantizers move to the module's output)."""
+
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+
+
+def find_residuals(model: nn.Module, example_inputs: Any, readers: Mapping[str, QuantSpec | None],
+                   fold_pairs: Mapping[str, str]) -> ResidualPlan:
+    """Trace ``example_inputs`` through the float ``model`` and place the output quantizers.
+
+    Args:
+        readers: the layers that will be quantized → their input spec (None: no input quantizer).
+        fold_pairs: folded convolution → BatchNorm: a folded BatchNorm's output is quantized at
+            its convolution (the BatchNorm is gone after folding).
+    """
+    flow = _Dataflow()
+    calls: Counter[str] = Counter()
+    modules = dict(model.named_modules())
+
+    def after(name: str):
+        def hook(module, args, output):
+            calls[name] += 1
+            if isinstance(output, Tensor) and id(output) in flow.values and flow.values[id(output)].uses == 0:
+                flow.values[id(output)].producers.append(name)
+        return hook
+
+    def before(name: str):
+        def hook(module, args):
+            if args and isinstance(args[0], Tensor):
+                flow.value(args[0]).readers.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(after(n)) for n, m in modules.items() if n]
+    handles += [modules[n].register_forward_pre_hook(before(n)) for n, spec in readers.items() if spec is not None]
+    trace_example(model, example_inputs, handles, flow)
+
+    folded_into = {bn: conv for conv, bn in fold_pairs.items()}
+    plan = ResidualPlan()
+    for lhs, rhs, total in flow.additions:
+        while total.relu is not None and total.uses == 1:
+            total = total.relu
+        for value in (lhs, rhs, total):
+            producer = next((p for p in value.producers if calls[p] == 1), None)
+            if producer is None:
+                continue
+            specs = {readers[r] for r in value.readers}
+            if len(specs) > 1 or not all(s.per_tensor_static for s in specs):
+                continue  # readers quantize it differently: leave it to them
+            plan.outputs.setdefault(folded_into.get(producer, producer), list(value.readers))
+    return plan
+
+
+def quantize_output(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+    """Forward hook: the module's output through its ``output_quantizer``."""
+    return getattr(module, OUTPUT_QUANTIZER)(output)
+
+
+def attach_output_quantizer(module: nn.Module, spec: QuantSpec) -> None:
+    """Give ``module`` an ``output_quantizer`` child and a forward hook that applies it."""
+    if getattr(module, OUTPUT_QUANTIZER, None) is not None:
+        raise QATError(f"{type(module).__name__} already has an {OUTPUT_QUANTIZER}")
+    device = next((t.device for t in [*module.parameters(), *module.buffers()]), None)
+    module.add_module(OUTPUT_QUANTIZER, Quantizer(spec, role="activation").to(device))
+    module.register_forward_hook(quantize_output)
+
+
+def detach_output_quantizer(module: nn.Module) -> None:
+    """Undo :func:`attach_output_quantizer` (what :func:`qat.strip` does to a copy)."""
+    for key, hook in list(module._forward_hooks.items()):
+        if hook is quantize_output:
+            del module._forward_hooks[key]
+    if OUTPUT_QUANTIZER in module._modules:
+        del module._modules[OUTPUT_QUANTIZER]
