@@ -44,8 +44,9 @@ Memory: the peak of one step (forward, backward and optimizer step), parameters 
 state included: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, whose allocator keeps no
 statistics, the same count made at the dispatcher (:class:`LiveTensorBytes`).
 
-Allocator (CPU): the run first calls ``qat.retain_freed_memory()``, as the Lightning callback
-does on the CPU, so glibc's ``malloc`` keeps freed blocks for the next step; ``--default-malloc``
+Allocator (CPU): the run first calls ``qat.speed.allocator.retain_freed_memory()`` (what the
+Lightning callback's ``retain_freed_memory=True`` does on the CPU), so glibc's ``malloc`` keeps
+freed blocks for the next step; ``--default-malloc``
 leaves glibc as it is. The last column counts the fresh pages a step took from the system
 (``ru_minflt``, median): what the allocator did not reuse.
 
@@ -75,6 +76,7 @@ from torch.utils._pytree import tree_leaves
 
 import qat
 import qat.speed.fused_kernels
+from qat.speed import allocator
 
 
 @dataclass
@@ -418,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=None, metavar="VARIANT",
                         help="time only these variants beside float (default: all), e.g. 'lightning-qat' torchao")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="CPU: leave glibc's malloc as it is (by default the run calls qat.retain_freed_memory, "
-                             "as the Lightning callback does)")
+                        help="CPU: leave glibc's malloc as it is (by default the run calls "
+                             "qat.speed.allocator.retain_freed_memory)")
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     if args.compile:  # the variants share code objects (the step, a block's forward): one entry per variant and shape
@@ -433,8 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--compile-mode needs --compile")
     mode = f"{'bf16 autocast' if bf16 else 'fp32'}, {compiled}" + (f", mode {args.compile_mode}" if args.compile_mode else "")
     if args.device == "cpu" and not args.default_malloc:
-        qat.retain_freed_memory()  # what the Lightning callback does on the CPU, for every variant alike
-    malloc = "glibc malloc defaults" if args.default_malloc else "qat.retain_freed_memory"
+        allocator.retain_freed_memory()  # the callback's retain_freed_memory=True, for every variant alike
+    malloc = "glibc malloc defaults" if args.default_malloc else "retain_freed_memory"
     lines = ["| model | variant | step ms | × float | memory MB | memory × float | page faults / step |",
              "|---|---|---|---|---|---|---|"]
     for name in models:

@@ -12,13 +12,22 @@ The numeric core, used by everything else:
 - :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
 - :func:`sensitivity` — each layer quantized alone at each bit width; :func:`mixed_precision` —
   per-layer bit widths under a size budget, as a recipe;
-- :func:`retain_freed_memory` — keep freed CPU memory for the next step (glibc's ``malloc``);
 - ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use).
 
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
 
-from qat.speed.allocator import retain_freed_memory
+import qat.speed  # noqa: F401  (registers the speed wing with the core: qat.core.faster)
+from qat.analysis.mixed_precision import MixedPrecision, mixed_precision
+from qat.analysis.sensitivity import SensitivityTable, sensitivity
+from qat.analysis.stats import ClipTracker, layer_stats
+from qat.analysis.summary import QuantSummary, strip, summary
+from qat.core.fake_quant import exporting, fake_quantize
+from qat.core.quantizer import Quantizer
+from qat.core.spec import Granularity, ObserverKind, QuantSpec
+from qat.errors import ConfigError, QATError
+from qat.preparation.prepare import is_prepared, prepare
+from qat.preparation.recipe import LayerRule, QuantRecipe
 from qat.training.calibrate import calibrate
 from qat.training.control import (
     deployed,
@@ -31,17 +40,7 @@ from qat.training.control import (
     set_save_codes,
     set_weight_reuse,
 )
-from qat.errors import ConfigError, QATError
-from qat.core.fake_quant import exporting, fake_quantize
-from qat.analysis.mixed_precision import MixedPrecision, mixed_precision
-from qat.preparation.prepare import is_prepared, prepare
-from qat.core.quantizer import Quantizer
-from qat.preparation.recipe import LayerRule, QuantRecipe
 from qat.training.schedule import Phase, QATSchedule
-from qat.analysis.sensitivity import SensitivityTable, sensitivity
-from qat.core.spec import Granularity, ObserverKind, QuantSpec
-from qat.analysis.stats import ClipTracker, layer_stats
-from qat.analysis.summary import QuantSummary, strip, summary
 from qat.version import __version__
 
 __all__ = [
@@ -73,7 +72,6 @@ __all__ = [
     "mixed_precision",
     "prepare",
     "quantizers",
-    "retain_freed_memory",
     "sensitivity",
     "set_fake_quant",
     "set_observers",

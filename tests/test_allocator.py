@@ -1,4 +1,4 @@
-"""qat.retain_freed_memory: glibc serves blocks up to 32 MiB from its heap, and keeps them."""
+"""qat.speed.allocator.retain_freed_memory: glibc serves blocks up to 32 MiB from its heap, and keeps them."""
 
 from __future__ import annotations
 
@@ -21,14 +21,14 @@ with_mallinfo2 = pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"),
 # allocated before (glibc adapts its thresholds), so the test reads the decision itself.
 MAPPED_ON_ITS_OWN = """
 import ctypes, sys, torch
-import qat
+from qat.speed import allocator
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 mallinfo2 = ctypes.CDLL(None).mallinfo2
 mallinfo2.restype = MallInfo2
 if sys.argv[1] == "retain":
-    assert qat.retain_freed_memory()
+    assert allocator.retain_freed_memory()
 before = mallinfo2().hblkhd
 block = torch.empty(30 << 20, dtype=torch.uint8)
 mapped = mallinfo2().hblkhd - before
@@ -53,10 +53,10 @@ def test_blocks_up_to_32_mib_come_from_the_heap_and_stay_there():
 
 @glibc_only
 def test_returns_true_once_set_and_again_after():
-    assert qat.retain_freed_memory() and qat.retain_freed_memory()
+    assert allocator.retain_freed_memory() and allocator.retain_freed_memory()
 
 
 def test_does_nothing_without_glibc(monkeypatch):
     monkeypatch.setattr(allocator, "_retained", False)
     monkeypatch.setattr(allocator, "_glibc", lambda: False)
-    assert qat.retain_freed_memory() is False
+    assert allocator.retain_freed_memory() is False

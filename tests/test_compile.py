@@ -11,6 +11,7 @@ from tiny_models import EVERYTHING_RECIPE, TinyCNN
 
 import qat
 from qat.core.fake_quant import fake_quantize
+from qat.speed.functions import fake_quantize_fixed
 
 
 def _prepared(recipe=EVERYTHING_RECIPE):
@@ -128,10 +129,11 @@ def forbid_host_reads(monkeypatch):
 def test_training_step_never_reads_tensor_values_on_the_host(forbid_host_reads, monkeypatch):
     """On an accelerator; on the CPU, where reads are free, finite_range reads one flag and the
     integer codes' NaN check one sum on purpose."""
-    import qat.modules.base
     import qat.core.observers
+    import qat.speed.codes
+    import qat.speed.wing
 
-    for module in (qat.core.fake_quant, qat.core.observers, qat.modules.base):  # every module that reads the flag
+    for module in (qat.core.observers, qat.speed.codes, qat.speed.wing):  # every module that reads the flag
         monkeypatch.setattr(module, "host_reads_are_free", lambda t: False)
     model, x = _prepared()
     with pytest.raises(_HostReadError):
@@ -166,11 +168,12 @@ def test_compile_on_torch_that_reports_exporting_under_compile(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("learnable,keep_input", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("learnable,keep_input", [(False, None), (False, False), (False, True), (True, None)])
 def test_compiled_fake_quant_gradients_match_eager(dtype, learnable, keep_input):
     """Gradients of x, scale and zero point through a compiled fake-quant equal eager's. On torch
     2.11 Dynamo dropped the custom backward (all-zero gradients) when the forward's output was a
-    no-op ``.to(dtype)`` or came from an in-place op; this fails there with either."""
+    no-op ``.to(dtype)`` or came from an in-place op; this fails there with either. ``keep_input``
+    None: the core's plain function; else the speed wing's fixed-parameter one."""
     torch.manual_seed(0)
     x = torch.randn(16, 32).to(dtype).requires_grad_()
     scale = torch.full((16,), 0.1, requires_grad=learnable)
@@ -178,7 +181,10 @@ def test_compiled_fake_quant_gradients_match_eager(dtype, learnable, keep_input)
     inputs = (x, scale, zero_point) if learnable else (x,)
 
     def loss(x, scale, zero_point):
-        y = fake_quantize(x, scale, zero_point, 0, 15, axis=0, grad_factor=0.5, keep_input=keep_input)
+        if keep_input is None:
+            y = fake_quantize(x, scale, zero_point, 0, 15, axis=0, grad_factor=0.5)
+        else:
+            y = fake_quantize_fixed(x, scale, zero_point, 0, 15, axis=0, keep_input=keep_input)
         return y.float().pow(2).sum()
 
     expected = torch.autograd.grad(loss(x, scale, zero_point), inputs)

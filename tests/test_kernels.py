@@ -15,9 +15,11 @@ from test_fake_quant import fq_cases
 from tiny_models import EVERYTHING_RECIPE, TinyCNN, TinyResNet
 
 import qat
-from qat.speed import fused_kernels
-from qat.core.fake_quant import broadcast_qparam, fake_quantize, fake_quantize_values, fake_quantize_with_mask
+from qat.core.fake_quant import broadcast_qparam
 from qat.core.observers import finite_range
+from qat.speed import fused_kernels
+from qat.speed.functions import fake_quantize_fixed
+from qat.speed.masks import fake_quantize_values, fake_quantize_with_mask
 
 pytest.importorskip("triton")
 # Triton's interpreter casts out-of-range values with numpy, which warns
@@ -31,7 +33,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def interpreted():
     """qat.speed.fused_kernels, running on this module's DEVICE (on the CPU in Triton's interpreter)."""
     with fused_kernels.on_cpu() if DEVICE == "cpu" else contextlib.nullcontext():
-        yield kernels
+        yield fused_kernels
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -109,7 +111,7 @@ def test_fused_fake_quantize_has_the_same_bits(interpreted, case, dtype):
     for enabled in (True, False):
         xt = x.clone().requires_grad_()
         with interpreted.disabled() if not enabled else contextlib.nullcontext():
-            fake_quantize(xt, scale, zero_point, qmin, qmax, axis=axis or 0, block_size=block).sum().backward()
+            fake_quantize_fixed(xt, scale, zero_point, qmin, qmax, axis=axis or 0, block_size=block).sum().backward()
         grads.append(xt.grad)
     _assert_same_bits(*grads)
 
@@ -153,7 +155,7 @@ def test_training_steps_with_the_kernels_match_the_pytorch_ops(interpreted, make
     calls = {"fake_quantize_fused": 0, "finite_range_fused": 0}
 
     def counted(name):
-        kernel = getattr(kernels, name)
+        kernel = getattr(fused_kernels, name)
 
         def call(*args, **kwargs):
             calls[name] += 1
@@ -161,7 +163,7 @@ def test_training_steps_with_the_kernels_match_the_pytorch_ops(interpreted, make
         return call
 
     for name in calls:
-        monkeypatch.setattr(kernels, name, counted(name))
+        monkeypatch.setattr(fused_kernels, name, counted(name))
     torch.manual_seed(0)
     base = qat.prepare(make_model().to(DEVICE), recipe, torch.randn(2, 3, 8, 8, device=DEVICE))
     batches = [(torch.randn(4, 3, 8, 8, device=DEVICE), torch.randint(0, 10, (4,), device=DEVICE)) for _ in range(3)]

@@ -13,7 +13,7 @@ from tiny_models import EVERYTHING_RECIPE, TinyCNN
 from torch import nn
 
 import qat
-from qat.core.fake_quant import QuantizedCodes
+from qat.speed.codes import QuantizedCodes
 from qat.modules import QuantizedLayer
 from qat.speed import recompute
 
@@ -205,7 +205,7 @@ def _fake_quant_saved_dtypes(out: torch.Tensor) -> list[torch.dtype]:
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ in ("FakeQuantizeFunctionBackward", "FoldedFakeQuantizeFunctionBackward"):
+        if type(node).__name__ in ("FixedFakeQuantizeFunctionBackward", "FoldedFakeQuantizeFunctionBackward"):
             dtypes += [t.dtype for t in node.saved_tensors if t is not None]
         todo += [next_node for next_node, _ in node.next_functions]
     return dtypes

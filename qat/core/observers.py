@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat.speed import fused_kernels
+from qat.core import faster
 from qat.core.fake_quant import fake_quantize_math, host_reads_are_free
 from qat.core.qparams import qparams_from_range
 from qat.core.spec import Granularity, ObserverKind, QuantSpec
@@ -72,7 +72,7 @@ def reduce_groups(x: Tensor, spec: QuantSpec, axis: int, reduce: Callable[[Tenso
 
 def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
     """Min and max of each row over its finite values (``+inf, -inf`` when there are none), in
-    float32 for rows of any float dtype. One Triton kernel on a GPU in eager mode (:mod:`qat.speed.fused_kernels`)."""
+    float32 for rows of any float dtype (one Triton kernel on a GPU in eager mode, :mod:`qat.speed`)."""
     low, high, _ = finite_range_checked(rows)
     return low, high
 
@@ -80,8 +80,9 @@ def finite_range(rows: Tensor) -> tuple[Tensor, Tensor]:
 def finite_range_checked(rows: Tensor) -> tuple[Tensor, Tensor, bool]:
     """:func:`finite_range`, and whether every value of ``rows`` is finite: True where that was
     seen on the way (on the CPU, from the one flag read below), False where it is not known."""
-    if fused_kernels.can_fuse_rows(rows):
-        return *fused_kernels.finite_range_fused(rows), False
+    wing = faster.wing()
+    if wing is not None and (fast := wing.finite_range(rows)) is not None:
+        return *fast, False
     rows = rows.float()
     if host_reads_are_free(rows):
         # on the CPU a host read costs nothing: when every row's plain min and max are finite (no
@@ -149,7 +150,7 @@ class Observer(nn.Module):
         # whether the last tensor observed was seen to hold only finite values (False: not known);
         # set on the CPU by the min/max observers, whose range check reads it anyway. It lets
         # combine() skip its per-group checks, and a caller about to fake-quantize the same tensor
-        # skip a NaN check of its own (qat.core.fake_quant.QuantizedCodes.input_finite)
+        # skip a NaN check of its own (qat.speed.codes.QuantizedCodes.input_finite)
         self.all_finite = False
 
     @torch.no_grad()

@@ -27,29 +27,19 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from qat.errors import QATError
-from qat.core.fake_quant import (
-    MIN_SCALE,
-    QuantizedCodes,
-    broadcast_qparam,
-    export_face,
-    fake_quantize,
-    fake_quantize_folded,
-    fake_quantize_kept,
-    fake_quantize_math,
-    fake_quantize_values,
-    reuse_fake_quantized,
-)
-from qat.core.observers import MinMaxObserver, MSEObserver, finite_range_checked, make_observer, reduce_groups
+from qat.core import faster
+from qat.core.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize
+from qat.core.observers import finite_range_checked, make_observer, reduce_groups
 from qat.core.qparams import qparams_from_range
 from qat.core.snapshot import snapshot
 from qat.core.spec import Granularity, QuantSpec, Role
+from qat.errors import QATError
 
 
 class Quantizer(nn.Module):
@@ -70,11 +60,7 @@ class Quantizer(nn.Module):
     and carried by the export face's op, so each QuantizeLinear in the graph names its quantizer."""
     reuse_unchanged: bool = False
     """Keep a weight's fake-quantized value and mask, and use them again while the weight and the
-    scale are unchanged (:func:`qat.set_weight_reuse`)."""
-    _kept: tuple | None = None
-    tokens_finite: bool = False
-    """Per-token quantizers: whether the last tensor whose scales were computed was seen all
-    finite (False: not known), as :attr:`qat.core.observers.Observer.all_finite`."""
+    scale are unchanged (:func:`qat.set_weight_reuse`; a path of :mod:`qat.speed`)."""
 
     def __init__(self, spec: QuantSpec, shape: Sequence[int] | None = None, role: Role = "activation", default_axis: int = 0) -> None:
         super().__init__()
@@ -144,75 +130,32 @@ class Quantizer(nn.Module):
         Snapshotted so a compiled backward reuses them: recomputed there with other arithmetic,
         a row's maximum — which sits exactly on the tie ``(qmax - qmin) / 2`` — can round the
         other way and flip its straight-through mask."""
-        low, high = reduce_groups(x.detach(), self.spec, x.ndim - 1, self._checked_token_range)
+        return self.dynamic_qparams_checked(x)[:2]
+
+    def dynamic_qparams_checked(self, x: Tensor) -> tuple[Tensor, Tensor, bool]:
+        """:meth:`dynamic_qparams`, and whether ``x`` was seen all finite on the way (False: not
+        known), as :attr:`qat.core.observers.Observer.all_finite`."""
+        finite = [False]
+
+        def token_range(rows: Tensor) -> tuple[Tensor, Tensor]:
+            low, high, finite[0] = finite_range_checked(rows)
+            return low, high
+
+        low, high = reduce_groups(x.detach(), self.spec, x.ndim - 1, token_range)
         scale, zero_point = qparams_from_range(low, high, self.spec)
-        return snapshot(scale), snapshot(zero_point)
+        return snapshot(scale), snapshot(zero_point), finite[0]
 
-    def _checked_token_range(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """:func:`~qat.core.observers.finite_range` of the tokens, keeping in :attr:`tokens_finite`
-        whether they were seen all finite (on the CPU), as an observer's ``all_finite``."""
-        low, high, self.tokens_finite = finite_range_checked(rows)
-        return low, high
-
-    def fake_quantize(self, x: Tensor, keep_input: bool = False, codes: QuantizedCodes | None = None) -> Tensor:
-        """Fake-quantize ``x`` with the current parameters, without observing it. ``keep_input``:
-        save ``x`` for the backward pass rather than a mask; ``codes``: filled with the result's
-        integer codes where they can be (both: see :func:`qat.core.fake_quant.fake_quantize`)."""
+    def fake_quantize(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` with the current parameters, without observing it."""
         if self.spec.dynamic:
-            return self._fake_quantize_per_token(x, codes)
-        grad_factor = self.grad_factor(x) if self.spec.learnable else 1.0
-        # a signed symmetric zero point is 0 by construction: None skips two passes over x
-        zero_point = None if self.zero_point_is_zero and not export_face() else snapshot(self.zero_point)
-        # scale / zero_point are buffers this forward may have just updated: see qat.core.snapshot
-        return fake_quantize(
-            x, snapshot(self.scale), zero_point, self.spec.qmin, self.spec.qmax,
-            axis=self.axis, block_size=self.block_size, grad_factor=grad_factor, keep_input=keep_input, codes=codes,
-            name=self.export_name,
-        )
-
-    def replay(self, source: Callable[[], Tensor]) -> Callable[[], Tensor]:
-        """A function that gives, later, the value :meth:`fake_quantize` gives now for the tensor
-        ``source()`` returns: the same scale and zero point (copied now; an observer may move
-        them before the backward pass runs), no observing, no autograd. For
-        :func:`~qat.speed.recompute.recompute_in_backward`."""
-        if self.spec.dynamic:  # per-token scales come from the tensor itself
-            scale = zero_point = None
+            scale, zero_point = self.dynamic_qparams(x)
+            axis, block_size = -1, x.shape[-1]
         else:
-            scale, zero_point = self.scale.detach().clone(), self.zero_point.detach().clone()
-
-        @torch.no_grad()
-        def again() -> Tensor:
-            x = source()
-            if scale is None:
-                return self.fake_quantize(x)
-            z = None if self.zero_point_is_zero else broadcast_qparam(zero_point, x, self.axis, self.block_size)
-            s = broadcast_qparam(scale, x, self.axis, self.block_size)
-            if self.spec.learnable:  # what FakeQuantizeFunction's forward computed
-                return fake_quantize_math(x, s, torch.zeros_like(s) if z is None else z, self.spec.qmin, self.spec.qmax)
-            return fake_quantize_values(x, s, z, self.spec.qmin, self.spec.qmax)
-
-        return again
-
-    def _fake_quantize_per_token(self, x: Tensor, codes: QuantizedCodes | None = None) -> Tensor:
-        """Per-token scales depend on ``x`` alone, so layers that read one input with the same
-        spec (attention's q/k/v projections, an MLP's gate and up) share one result in eager mode:
-        it is kept on ``x`` while ``x`` lives and is unchanged."""
-        # inference tensors (torch.inference_mode: Lightning's validation) have no version counter
-        shared = not export_face() and not torch.compiler.is_compiling() and not x.is_inference()
-        key = (self.spec, x._version, torch.is_grad_enabled()) if shared else None
-        cached = getattr(x, "_qat_per_token", None) if shared else None
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        scale, zero_point = self.dynamic_qparams(x)
-        if codes is not None:  # the tokens' range check has seen whether x is all finite: see _pass_finiteness
-            codes.input_finite = self.tokens_finite
-        if self.zero_point_is_zero and not export_face():
-            zero_point = None
-        y = fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=x.shape[-1], codes=codes,
-                          name=self.export_name)
-        if shared:
-            x._qat_per_token = (key, y)
-        return y
+            # scale / zero_point are buffers this forward may have just updated: see qat.core.snapshot
+            scale, zero_point, axis, block_size = snapshot(self.scale), snapshot(self.zero_point), self.axis, self.block_size
+        grad_factor = self.grad_factor(x) if self.spec.learnable else 1.0
+        return fake_quantize(x, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=axis, block_size=block_size,
+                             grad_factor=grad_factor, name=self.export_name)
 
     @torch.no_grad()
     def clipped_fraction(self, x: Tensor) -> Tensor:
@@ -234,87 +177,21 @@ class Quantizer(nn.Module):
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
 
-    def forward(self, x: Tensor, keep_input: bool = False, factor: Tensor | None = None, codes: QuantizedCodes | None = None) -> Tensor:
+    def forward(self, x: Tensor, factor: Tensor | None = None, request: object = None) -> Tensor:
         """Observe (when on) and fake-quantize (when on) ``x``, or ``x * factor`` when a factor is
-        given (a folded BatchNorm's per-channel factor): then in eager training one autograd node
-        does the product and the fake quantization (:func:`~qat.core.fake_quant.fake_quantize_folded`).
-        ``codes``: filled with the result's integer codes where they can be (not for a weight
-        kept by :attr:`reuse_unchanged`, which is held anyway)."""
-        if factor is None and self._reusable(x, keep_input):
-            return self._fake_quantize_reusing(x)
-        if factor is not None and self._folds_in_one_node(x, factor, keep_input):
-            with torch.no_grad():
-                folded = x * factor
-            if self.observer_enabled:
-                self.observe(folded)
-                self._pass_finiteness(codes)
-            zero_point = None if self.zero_point_is_zero else self.zero_point
-            return fake_quantize_folded(x, factor, folded, self.scale, zero_point, self.spec.qmin, self.spec.qmax, axis=self.axis,
-                                        codes=codes)
+        given (a folded BatchNorm's per-channel factor). The speed wing's faster equivalent when
+        it has one (:mod:`qat.core.faster`), else the plain path; ``request``: the speed wing's
+        own options for this call, passed to it untouched (a quantized layer's)."""
+        wing = faster.wing()
+        if wing is not None and (y := wing.quantizer_forward(self, x, factor, request)) is not None:
+            return y
         if factor is not None:
             x = x * factor
         if self.observer_enabled:
             self.observe(x)
-            self._pass_finiteness(codes)
-        return self.fake_quantize(x, keep_input, codes) if self.fake_quant_enabled else x
-
-    def _pass_finiteness(self, codes: QuantizedCodes | None) -> None:
-        """Tell ``codes`` what the observer saw of the tensor it observed, the one about to be
-        fake-quantized: whether it is all finite, which spares the codes a NaN check (a pass)."""
-        if codes is not None:
-            codes.input_finite = self.observer.all_finite
-
-    def _reusable(self, x: Tensor, keep_input: bool) -> bool:
-        """Whether :attr:`reuse_unchanged` applies to ``x``: a parameter, fixed scales, an observer
-        (if on) whose range is a function of the current weight (observing it twice changes
-        nothing), eager autograd outside inference mode (an inference tensor cannot be kept for a
-        later backward pass)."""
-        if not self.reuse_unchanged or not self._eager_with_fixed_scales(keep_input):
-            return False
-        # a tuple, not `MinMaxObserver | MSEObserver`: Dynamo in torch 2.9 cannot trace a types.UnionType
-        observer_idempotent = (not self.observer_enabled
-                               or (isinstance(self.observer, (MinMaxObserver, MSEObserver)) and not self.observer.accumulate))
-        return isinstance(x, nn.Parameter) and observer_idempotent and not torch.is_inference_mode_enabled()
-
-    def _fake_quantize_reusing(self, x: Tensor) -> Tensor:
-        """:meth:`forward` for a weight whose value and mask are kept: computed (observing first)
-        when the weight or the scale changed since, else the kept ones, as a new autograd node."""
-        key = (id(x), x.data_ptr(), x._version, self.observer_enabled)
-        kept = self._kept
-        if kept is None or kept[0] != key or kept[1] != (self.scale._version, self.zero_point._version):
-            if self.observer_enabled:
-                self.observe(x)
-            zero_point = None if self.zero_point_is_zero else self.zero_point
-            y, inside = fake_quantize_kept(x, self.scale, zero_point, self.spec.qmin, self.spec.qmax,
-                                           axis=self.axis, block_size=self.block_size)
-            kept = self._kept = (key, (self.scale._version, self.zero_point._version), y, inside)
-        return reuse_fake_quantized(x, kept[2], kept[3])
-
-    def _folds_in_one_node(self, x: Tensor, factor: Tensor, keep_input: bool) -> bool:
-        """Whether :func:`~qat.core.fake_quant.fake_quantize_folded` applies: eager training with fixed
-        per-tensor or per-channel parameters, float32 operands of one shape (after broadcasting,
-        ``x``'s). Elsewhere the product and the fake quantization are two ops (compiled graphs
-        fuse them anyway)."""
-        return (
-            self._eager_with_fixed_scales(keep_input) and self.block_size == 0 and torch.is_grad_enabled()
-            and x.dtype == factor.dtype == torch.float32 and _broadcasts_to(factor.shape, x.shape)
-        )
-
-    def _eager_with_fixed_scales(self, keep_input: bool) -> bool:
-        """What the one-node paths (:meth:`_reusable`, :meth:`_folds_in_one_node`) need: eager
-        mode (neither compiling nor exporting), fake quantization on, fixed scales (not learnable,
-        not per-token), and a mask to save (``keep_input`` saves the input instead)."""
-        return (
-            not torch.compiler.is_compiling() and not export_face() and self.fake_quant_enabled and not keep_input
-            and not self.spec.learnable and not self.spec.dynamic
-        )
+        return self.fake_quantize(x) if self.fake_quant_enabled else x
 
     def extra_repr(self) -> str:
         flags = f"observe={self.observer_enabled}, fake_quant={self.fake_quant_enabled}"
         return f"{self.spec.describe()}, role={self.role}, {flags}"
 
-
-def _broadcasts_to(shape: Sequence[int], target: Sequence[int]) -> bool:
-    """Whether ``shape`` broadcasts to ``target`` unchanged: ``torch.broadcast_shapes(shape,
-    target) == target``, without the tens of microseconds that one takes in eager mode."""
-    return len(shape) <= len(target) and all(n in (1, t) for n, t in zip(reversed(shape), reversed(target)))

@@ -21,8 +21,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from qat.core.fake_quant import QuantizedCodes, export_face, host_reads_are_free
-from qat.speed import recompute
+from qat.core import faster
 from qat.core.quantizer import Quantizer
 from qat.core.spec import Granularity, QuantSpec
 
@@ -70,13 +69,14 @@ class QuantizedLayer(nn.Module):
         return twin
 
     def quantize_input(self, x: Tensor) -> Tensor:
-        """The layer's input, fake-quantized when an input quantizer is set. While recomputing
-        (:attr:`recompute_operands`) the layer keeps ``x`` for its backward pass, so the
-        quantizer's backward uses ``x`` too instead of saving a mask."""
+        """The layer's input, fake-quantized when an input quantizer is set. The speed wing
+        (:mod:`qat.core.faster`) may keep it for the layer's backward pass as integer codes, or
+        recompute it there (:attr:`recompute_operands`; the layer keeps ``x`` then, so the
+        quantizer's backward uses ``x`` too instead of saving a mask)."""
         if self.input_quantizer is None:
             return x
-        codes = self._codes_for(x)
-        return _attach(self.input_quantizer(x, keep_input=self.recompute_operands and recompute.active(x), codes=codes), codes)
+        wing = faster.wing()
+        return self.input_quantizer(x) if wing is None else wing.quantize_operand(self, self.input_quantizer, x, None, keepable=True)
 
     def quantize_weight(self, weight: Tensor, factor: Tensor | None = None) -> Tensor:
         """``weight`` (times ``factor``, a folded BatchNorm's, when given) through the weight
@@ -84,48 +84,18 @@ class QuantizedLayer(nn.Module):
         all along) is what the quantizer's backward keeps instead of a mask."""
         if self.weight_quantizer is None:
             return weight if factor is None else weight * factor
-        unfolded = factor is None and weight is self.weight
-        keep_input = self.recompute_operands and unfolded and recompute.active(weight)
-        codes = self._codes_for(weight)
-        return _attach(self.weight_quantizer(weight, keep_input=keep_input, factor=factor, codes=codes), codes)
-
-    def _codes_for(self, t: Tensor) -> QuantizedCodes | None:
-        """An empty :class:`~qat.core.fake_quant.QuantizedCodes` for the quantized form of ``t`` when
-        the layer's op will save it and codes can stand in for it: :attr:`save_codes` on and not
-        recomputing, where the layer's op saves operands for a backward pass that
-        :meth:`recomputing` may replace (:func:`~qat.speed.recompute.active` for ``t`` and the
-        weight), where a host read is free (the CPU: the codes' NaN check reads one value), and
-        ``t`` not cast by autocast before the op (the op would save the cast copy instead)."""
-        device = t.device.type
-        if (not self.save_codes or self.recompute_operands or not self.saves_operands or export_face()
-                or not host_reads_are_free(t) or not recompute.active(t, self.weight)):
-            return None
-        if torch.is_autocast_enabled(device) and t.dtype != torch.get_autocast_dtype(device):
-            return None
-        return QuantizedCodes()
+        wing = faster.wing()
+        if wing is None:
+            return self.weight_quantizer(weight, factor)
+        return wing.quantize_operand(self, self.weight_quantizer, weight, factor, keepable=factor is None and weight is self.weight)
 
     def recomputing(self, x: Tensor, x_q: Tensor, w_q: Tensor, weight_factor: Tensor | None = None) -> AbstractContextManager:
-        """Context for the layer's own op (conv, matmul). When :attr:`recompute_operands` is on,
-        the quantized input ``x_q`` (made from ``x``) and weight ``w_q`` (made from the layer's
-        weight, times ``weight_factor`` when BatchNorm is folded) are recomputed in the backward
-        pass instead of saved (:mod:`qat.speed.recompute`); otherwise those kept as integer
-        codes (:attr:`save_codes`) are saved as their codes and dequantized there."""
-        if not recompute.active(x_q, w_q):
-            return nullcontext()
-        if not self.recompute_operands:
-            kept = {t: t._qat_codes.dequantize for t in (x_q, w_q) if getattr(t, "_qat_codes", None) is not None}
-            return recompute.recompute_in_backward(kept) if kept else nullcontext()
-        operands = {}
-        if self.input_quantizer is not None and self.input_quantizer.fake_quant_enabled:
-            operands[x_q] = self.input_quantizer.replay(recompute.unchanged(x))
-        if self.weight_quantizer is not None and self.weight_quantizer.fake_quant_enabled:
-            weight = recompute.unchanged(self.weight)
-            if weight_factor is not None:
-                factor = weight_factor.detach()
-                operands[w_q] = self.weight_quantizer.replay(lambda: weight() * factor)
-            else:
-                operands[w_q] = self.weight_quantizer.replay(weight)
-        return recompute.recompute_in_backward(operands)
+        """Context for the layer's own op (conv, matmul), in which the speed wing saves the
+        quantized input ``x_q`` (made from ``x``) and weight ``w_q`` (made from the layer's weight,
+        times ``weight_factor`` when BatchNorm is folded) as integer codes, or recomputes them in
+        the backward pass (:attr:`recompute_operands`); a no-op on the plain path."""
+        wing = faster.wing()
+        return nullcontext() if wing is None else wing.recomputing(self, x, x_q, w_q, weight_factor)
 
     def float_weight_bias(self) -> tuple[Tensor, Tensor | None]:
         """The float weight and bias the weight quantizer sees in inference (folded, for conv+BN)."""
@@ -162,10 +132,3 @@ class QuantizedLayer(nn.Module):
         """Plain attributes the twin adds to the float layer (dropped by :meth:`to_float`)."""
         return ()
 
-
-def _attach(y: Tensor, codes: QuantizedCodes | None) -> Tensor:
-    """``y``, carrying ``codes`` (as ``_qat_codes``) when they were filled: the layer's
-    :meth:`~QuantizedLayer.recomputing` finds them there, and they live as long as ``y``."""
-    if codes is not None and codes.filled:
-        y._qat_codes = codes
-    return y

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat.preparation.bn_fold import bn_tail
 from qat.core.fake_quant import export_face
-from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
 from qat.core.snapshot import snapshot
+from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
+from qat.preparation.bn_fold import bn_tail
 
 
 class DivideChannels(torch.autograd.Function):

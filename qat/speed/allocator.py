@@ -5,9 +5,8 @@ A training step frees and allocates tensors of the same sizes every step. By def
 threshold rises with the blocks freed, up to 32 MiB) is unmapped when freed, and free memory at
 the top of the heap is trimmed. The next step's tensors then take fresh pages, which the kernel
 maps and zeroes 4 KiB at a time. A float step mostly reuses what it freed; a QAT step makes
-weight-sized temporaries (folded and fake-quantized weights, masks, their gradients), and on the
-CPU benchmark (ResNet-18, 32×32, batch 64) it took 9,000–15,000 page faults a step against none
-for float, 12–16 % of its time (docs/core.md, "The cost of a QAT step").
+weight-sized temporaries (folded and fake-quantized weights, masks, their gradients), which then
+cost page faults every step (benchmarks/RESULTS.md counts them).
 
 :func:`retain_freed_memory` sets two of glibc's ``mallopt`` parameters for the rest of the
 process: blocks up to 32 MiB (the largest ``M_MMAP_THRESHOLD`` glibc accepts on 64-bit) come from
@@ -18,12 +17,13 @@ memory the process keeps between steps: what a step freed stays mapped until the
 again, so the resident size stays at the step's peak. Blocks above 32 MiB are unmapped as before.
 Elsewhere than glibc (macOS, Windows, musl) it does nothing and returns False.
 
-The Lightning callback calls it when it trains on the CPU (``retain_freed_memory=False`` turns
-that off); a plain PyTorch loop calls it once before training.
+Opt-in: importing ``qat`` or adding the Lightning callback leaves the process allocator as it
+is. The callback calls it when it trains on the CPU with ``retain_freed_memory=True``; a plain
+PyTorch loop calls it once before training.
 
 Example:
-    >>> import qat
-    >>> qat.retain_freed_memory()  # doctest: +SKIP
+    >>> from qat.speed.allocator import retain_freed_memory
+    >>> retain_freed_memory()  # doctest: +SKIP
     True
 """
 

@@ -6,7 +6,7 @@ values as five (``isfinite``, two ``masked_fill``, ``amin``, ``amax``). On a GPU
 every activation cost more than the layer they quantize. Two Triton kernels replace them:
 
 - :func:`fake_quantize_fused`: value and straight-through mask of
-  :func:`qat.core.fake_quant.fake_quantize_with_mask` in one read of ``x`` (in its own dtype) and one
+  :func:`qat.speed.masks.fake_quantize_with_mask` in one read of ``x`` (in its own dtype) and one
   write of each output;
 - :func:`finite_range_fused`: :func:`qat.core.observers.finite_range` (min and max over the finite
   values of each row) in one read.
@@ -128,7 +128,7 @@ def _launch_device(x: Tensor) -> AbstractContextManager:
 def fake_quantize_fused(
     x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, *, value: bool = True, mask: bool = True
 ) -> tuple[Tensor | None, Tensor | None]:
-    """:func:`qat.core.fake_quant.fake_quantize_with_mask` in one kernel: ``(y, inside)``, each None
+    """:func:`qat.speed.masks.fake_quantize_with_mask` in one kernel: ``(y, inside)``, each None
     when not asked for (``value`` / ``mask``). ``scale`` (float32, at least ``MIN_SCALE``) and
     ``zero_point`` (float32, integer-valued, within ``[qmin, qmax]``; None for 0) are already
     guarded and broadcast against ``x``: check :func:`can_fuse` first."""

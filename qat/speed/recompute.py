@@ -72,7 +72,7 @@ def active(*tensors: Tensor | None) -> bool:
 
 
 def unchanged(t: Tensor) -> Callable[[], Tensor]:
-    """A source for :meth:`~qat.core.quantizer.Quantizer.replay`: ``t`` as it is now. It raises, as
+    """A source for a recomputed operand (:mod:`qat.speed.wing`): ``t`` as it is now. It raises, as
     autograd does for saved tensors, if ``t`` was modified in place before the backward pass."""
     t, version = t.detach(), t._version  # a detached tensor shares its base's version counter
 

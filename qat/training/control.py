@@ -24,8 +24,9 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from qat.modules import QuantConvNd, QuantizedLayer
 from qat.core.quantizer import Quantizer
+from qat.modules import QuantConvNd, QuantizedLayer
+from qat.speed import wing
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
@@ -56,11 +57,9 @@ def set_recompute(model: nn.Module, enabled: bool = True) -> None:
     Off by default. The saved copies are one weight-sized tensor per layer and one input-sized
     tensor per layer that reads an activation (on the CPU, one-byte codes of them by default:
     :func:`set_save_codes`); while recomputing, the straight-through masks of the inputs and of
-    unfolded weights are remade in the backward too. On the benchmarks (benchmarks/RESULTS.md)
-    recomputing took the peak memory over float from +68 % to +1 % (ResNet-50, H100, bf16, for
-    32 % more step time), and on the CPU from the codes' +7 % to +3 % (ResNet-18, 1.56–1.61× the
-    float step against 1.47–1.49×); the small Llama's codes (−1 %) beat it (+7 %). Turn it on where
-    the forward's saved tensors set the peak: large batches, long sequences, GPUs.
+    unfolded weights are remade in the backward too: less peak memory for more step time
+    (benchmarks/RESULTS.md has the figures). Turn it on where the forward's saved tensors set the
+    peak: large batches, long sequences, GPUs.
     """
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
@@ -78,12 +77,9 @@ def set_save_codes(model: nn.Module, enabled: bool = True) -> None:
     training on the CPU, with fixed scales, where the codes fit a byte (up to 8 bits); elsewhere,
     and for a tensor that holds a NaN, the float copy is saved. :func:`set_recompute` saves
     neither and takes precedence. For ranges of up to 7 bits (int4 weights) the codes carry the
-    straight-through mask too, which is then not saved.
-
-    On the CPU benchmark (benchmarks/RESULTS.md, against float copies): the small Llama's peak
-    memory from +21 % to −1 % over float, for 1.12–1.14× the float step instead of 1.08–1.11×;
-    ResNet-18's from +24 % to +7 %, for 1.47–1.49× instead of 1.42–1.48×.
-    ``set_save_codes(model, False)`` saves float copies: faster where memory is not short.
+    straight-through mask too, which is then not saved. Against float copies this lowers the peak
+    memory for a little more step time (benchmarks/RESULTS.md); ``set_save_codes(model, False)``
+    saves float copies: faster where memory is not short.
     """
     for module in model.modules():
         if isinstance(module, QuantizedLayer):
@@ -115,7 +111,7 @@ def set_weight_reuse(model: nn.Module, enabled: bool = True) -> None:
         if quantizer.role == "weight":
             quantizer.reuse_unchanged = bool(enabled)
             if not enabled:
-                quantizer._kept = None
+                wing.forget_kept(quantizer)
 
 
 def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> None:
