@@ -247,12 +247,14 @@ def test_weights_are_fake_quantized_once_per_optimizer_step_with_gradient_accumu
     assert not any(q.reuse_unchanged or qat.speed.wing.is_kept(q) for _, q in qat.quantizers(model))  # freed after fit
 
 
-@pytest.mark.parametrize("retain", [True, False])
-def test_freed_memory_is_retained_when_training_on_the_cpu(retain, monkeypatch):
+@pytest.mark.parametrize("retain", [True, False, None])
+def test_freed_memory_is_retained_on_the_cpu_only_when_asked(retain, monkeypatch):
+    """Opt-in: by default (None) the callback leaves the process allocator as it is."""
     calls = []
     monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append("retain") or True)
     model, _ = build("cnn")
-    callback = QuantizationAwareTraining(MODELS["cnn"][1], print_summary=False, retain_freed_memory=retain)
+    options = {} if retain is None else {"retain_freed_memory": retain}
+    callback = QuantizationAwareTraining(MODELS["cnn"][1], print_summary=False, **options)
     trainer(max_steps=1, callbacks=[callback], limit_val_batches=0).fit(model)
     assert calls == (["retain"] if retain else [])
 

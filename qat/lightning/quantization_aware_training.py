@@ -134,9 +134,11 @@ class QuantizationAwareTraining(Callback):
         log_every_n_steps: per-layer statistics every N optimizer steps (None: the Trainer's
             ``log_every_n_steps``; 0: off).
         print_summary: print the per-layer table at fit start and end (global rank zero).
-        retain_freed_memory: when training on the CPU, keep freed memory in the process for the
-            next step (:func:`qat.retain_freed_memory`, glibc only): a QAT step's weight-sized
-            temporaries otherwise take fresh pages from the system every step.
+        retain_freed_memory: opt-in; when training on the CPU, keep freed memory in the process
+            for the next step (:func:`qat.speed.allocator.retain_freed_memory`, glibc only), so a
+            QAT step's weight-sized temporaries do not take fresh pages from the system every
+            step. It changes the process's allocator for the rest of its life, so it is off by
+            default.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -155,7 +157,7 @@ class QuantizationAwareTraining(Callback):
         example_inputs: Any = None,
         log_every_n_steps: int | None = None,
         print_summary: bool = True,
-        retain_freed_memory: bool = True,
+        retain_freed_memory: bool = False,
     ) -> None:
         try:
             self.recipe = QuantRecipe.coerce(recipe)
@@ -255,7 +257,7 @@ class QuantizationAwareTraining(Callback):
         # micro-batches between two optimizer steps share their weights: fake-quantize them once
         set_weight_reuse(pl_module, trainer.accumulate_grad_batches > 1)
         if self.retain_freed_memory and trainer.strategy.root_device.type == "cpu" and allocator.retain_freed_memory():
-            rank_zero_info("QAT: glibc's malloc keeps freed CPU memory for the next step (retain_freed_memory=False turns this off)")
+            rank_zero_info("QAT: glibc's malloc keeps freed CPU memory for the next step (retain_freed_memory=True)")
         self._phase = None
         self._apply_phase(trainer, pl_module)
         self._print_summary(trainer, pl_module)
