@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-import qat
 from qat.speed import allocator
 
 glibc_only = pytest.mark.skipif(not allocator._glibc(), reason="glibc's malloc only")

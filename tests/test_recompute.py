@@ -13,9 +13,9 @@ from tiny_models import EVERYTHING_RECIPE, TinyCNN
 from torch import nn
 
 import qat
-from qat.speed.codes import QuantizedCodes
 from qat.modules import QuantizedLayer
 from qat.speed import recompute
+from qat.speed.codes import QuantizedCodes
 
 
 def _saved_as_tensors():

@@ -13,11 +13,11 @@ from tiny_models import TinyResNet
 from torch import nn
 
 import qat
+from qat.core.quantizer import Quantizer
 from qat.errors import ConfigError, QATError
 from qat.export import ort_kernels, sidecar
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
 from qat.preparation.prepare import needs_example_inputs
-from qat.core.quantizer import Quantizer
 from qat.preparation.residuals import OUTPUT_QUANTIZER
 
 RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "(model\\.)?stem\\.0", "weight": {"bits": 7}}], "residuals": True}

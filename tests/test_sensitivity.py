@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import qat
-from qat.lightning import QuantizationAwareTraining
 from qat.analysis.mixed_precision import layer_cost
 from qat.analysis.sensitivity import other_bytes, set_weight_bits, weight_bytes
+from qat.lightning import QuantizationAwareTraining
 
 WEIGHTS_ONLY = {"weight": {"bits": 8}, "activation": None}
 

@@ -357,14 +357,3 @@ def _backward_node_names(loss: torch.Tensor) -> set[str]:
         todo.extend(next_node for next_node, _ in node.next_functions)
     return names
 
-
-def test_the_core_never_imports_the_speed_wing():
-    """Imported alone (in a fresh interpreter, without ``qat/__init__``'s registration running
-    first is impossible, so: the core's modules name no ``qat.speed`` import)."""
-    import ast
-
-    for path in Path(qat.core.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom | ast.Import):
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                assert not any(n.startswith(("qat.speed", "qat.app")) for n in names), (path.name, names)

@@ -8,10 +8,10 @@ from lightning_models import trainer
 
 import qat
 from qat.app.data import DigitsDataModule
-from qat.export.verify import verify_artifact
-from qat.lightning import ONNXExport, QuantizationAwareTraining
 from qat.app.models import create_model
 from qat.app.tasks import ImageClassifier
+from qat.export.verify import verify_artifact
+from qat.lightning import ONNXExport, QuantizationAwareTraining
 
 
 @pytest.mark.parametrize(("name", "message"), [

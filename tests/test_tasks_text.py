@@ -16,10 +16,10 @@ from lightning_models import trainer
 from torch.utils.data import DataLoader
 
 import qat
-from qat.lightning import ONNXExport, QuantizationAwareTraining
-from qat.modules import QuantizedLayer
 from qat.app.tasks import CausalLanguageModel, SentenceEmbeddingDistillation
 from qat.app.tasks.language_model import IGNORE_INDEX, param_groups
+from qat.lightning import ONNXExport, QuantizationAwareTraining
+from qat.modules import QuantizedLayer
 
 pytest.importorskip("transformers")
 

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from qat.analysis.sensitivity import SensitivityTable
 from qat.atomic import write_atomic
 from qat.errors import QATError
-from qat.analysis.sensitivity import SensitivityTable
 
 OBJECTIVES = ("auto", "metric", "output_noise")
 TIE_BREAK = 1e-6

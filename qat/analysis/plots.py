@@ -51,8 +51,8 @@ def weight_histogram(layer: Any, channel: int = 0, ax: Any = None, bins: int = 6
     """
     import torch
 
-    from qat.errors import QATError
     from qat.core.fake_quant import MIN_SCALE, broadcast_qparam
+    from qat.errors import QATError
 
     quantizer = layer.weight_quantizer
     if quantizer is None or not quantizer.calibrated:

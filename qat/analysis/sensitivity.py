@@ -30,14 +30,14 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
-from qat.training.batches import call_model, model_inputs
-from qat.training.calibrate import calibrate
-from qat.training.control import set_fake_quant
+from qat.core.quantizer import Quantizer
 from qat.errors import QATError
 from qat.modules import QuantizedLayer
 from qat.preparation.prepare import input_quantizers, is_prepared, prepare
-from qat.core.quantizer import Quantizer
 from qat.preparation.recipe import QuantRecipe
+from qat.training.batches import call_model, model_inputs
+from qat.training.calibrate import calibrate
+from qat.training.control import set_fake_quant
 
 DEFAULT_BITS = (8, 4)
 

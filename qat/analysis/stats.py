@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from qat.modules import QuantizedLayer
-from qat.core.quantizer import Quantizer
-from qat.preparation.residuals import OUTPUT_QUANTIZER
 from qat.analysis.summary import observed_range, weight_sqnr_db
+from qat.core.quantizer import Quantizer
+from qat.modules import QuantizedLayer
+from qat.preparation.residuals import OUTPUT_QUANTIZER
 
 
 class ClipTracker:

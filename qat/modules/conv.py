@@ -28,7 +28,21 @@ from torch import Tensor, nn
 from qat.core.fake_quant import export_face
 from qat.core.snapshot import snapshot
 from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
-from qat.preparation.bn_fold import bn_tail
+
+# the BatchNorm each convolution folds: what the twin takes in as ``bn`` and what qat.preparation.bn_fold looks for
+FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+def bn_tail(module: nn.Module) -> list[nn.Module] | None:
+    """What a foldable BatchNorm does after normalising: ``[]`` for torch's BatchNorm1d/2d/3d,
+    ``[drop, act]`` for timm's ``BatchNormAct2d`` family (BatchNorm → dropout → activation); None
+    for anything else, which is not folded."""
+    if type(module) in FOLDABLE.values():
+        return []
+    is_bn_act = isinstance(module, tuple(FOLDABLE.values())) and type(module).__name__.startswith("BatchNormAct")
+    if is_bn_act and isinstance(getattr(module, "drop", None), nn.Module) and isinstance(getattr(module, "act", None), nn.Module):
+        return [module.drop, module.act]
+    return None
 
 
 class DivideChannels(torch.autograd.Function):

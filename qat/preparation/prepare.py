@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from qat.preparation.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
+from qat.core.quantizer import Quantizer
 from qat.errors import ConfigError, QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
-from qat.core.quantizer import Quantizer
+from qat.preparation.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
 from qat.preparation.recipe import QuantRecipe
 from qat.preparation.residuals import OUTPUT_QUANTIZER, attach_output_quantizer, find_residuals
 from qat.version import __version__

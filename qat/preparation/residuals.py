@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from qat.preparation.bn_fold import trace_example
-from qat.errors import QATError
 from qat.core.quantizer import Quantizer
 from qat.core.spec import QuantSpec
+from qat.errors import QATError
+from qat.preparation.bn_fold import trace_example
 
 OUTPUT_QUANTIZER = "output_quantizer"
 

@@ -20,9 +20,9 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
+from qat.errors import QATError
 from qat.training.batches import call_model, model_inputs
 from qat.training.control import set_fake_quant, set_observers
-from qat.errors import QATError
 
 
 @torch.no_grad()

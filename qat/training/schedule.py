@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 from torch import nn
 
-from qat.training.control import freeze_bn_stats, quantizers
 from qat.errors import ConfigError
 from qat.preparation.recipe import _check_keys
+from qat.training.control import freeze_bn_stats, quantizers
 
 Unit = Literal["steps", "epochs"]
 UNITS = ("steps", "epochs")
