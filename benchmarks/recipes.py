@@ -96,7 +96,7 @@ TABLES = {
                         "llm/minilm_w4a8_distill.yaml", [Row("W4A8")], qat_fraction=1.0,
                         note="No target in issue 5. The float row is the teacher itself (cosine 1). ORT = PyTorch is the "
                              "cosine between the two runtimes' embeddings of each test sentence: the export checks embedding "
-                             "models by the mean per-sentence distance (docs/export.md, 'Verification'), because a relative 10⁻⁶ nudge to "
+                             "models by the mean per-sentence distance (docs/guide/export.md, 'Verification'), because a relative 10⁻⁶ nudge to "
                              "the embedding layer's output moves a few sentences of this uint8 per-tensor model by several "
                              "percent, in PyTorch alone."),
 }

@@ -119,7 +119,7 @@ def main() -> None:
     results = []
     for bits in args.bits:
         # first conv at 7 bits, not 8: 8-bit weights with uint8 inputs run on ONNX Runtime's u8·s8
-        # kernels, which saturate on x86 CPUs without VNNI (docs/core.md, "Export")
+        # kernels, which saturate on x86 CPUs without VNNI (docs/design/core.md, "Export")
         recipe = {"weight": {"bits": bits}, "rules": [{"names": "0", "weight": {"bits": 7}}]}
         model = qat.prepare(copy.deepcopy(float_model), recipe, example_inputs=example)
         qat.calibrate(model, batches(*train_data, shuffle=True), num_batches=8)  # PTQ: observe ranges, then freeze them

@@ -64,7 +64,7 @@ def test_evaluating_turns_observers_off_and_restores_them():
 
 
 def plain_loop(steps: int) -> nn.Module:
-    """What docs/python-api.md shows for a loop without Lightning: prepare, apply the schedule before
+    """What docs/guide/python-api.md shows for a loop without Lightning: prepare, apply the schedule before
     each step, evaluate with the observers off."""
     pl.seed_everything(0, verbose=False)
     module = LitClassifier()

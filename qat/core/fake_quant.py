@@ -192,7 +192,8 @@ def fake_quantize(
         scale: float scale: ``()``, ``(C,)`` along ``axis``, or blocked (``x``'s rank).
         zero_point: same shape as ``scale``, integer-valued (a real-valued learnable zero point
             is rounded in the forward pass, straight-through in the backward pass); None for 0.
-        qmin, qmax: the integer code range, e.g. ``-8, 7`` for int4.
+        qmin: the lowest integer code, e.g. ``-8`` for int4.
+        qmax: the highest integer code, e.g. ``7`` for int4.
         axis: the per-channel or block axis (negative counts from the end).
         block_size: elements per block along ``axis``; 0 for per-tensor / per-channel.
         grad_factor: multiplies the scale and zero-point gradients (LSQ gradient scaling).
