@@ -189,3 +189,47 @@ def test_a_model_in_its_calibration_phase_is_exported_quantized(tmp_path):
     assert len(result.integer_weights) == 4
     np.testing.assert_allclose(reference_run(result.path, x), quantized, rtol=0, atol=1e-5)
     assert not any(q.fake_quant_enabled for _, q in qat.quantizers(model))  # the switches are restored
+
+
+class RenamedQuantizer(qat.Quantizer):
+    """A quantizer class that lives elsewhere, under another name."""
+
+
+def test_the_sidecar_lists_every_quantizer_whatever_its_class(tmp_path):
+    """The exporter carries each quantizer's module path through the fake-quantize op, not its
+    class: a quantizer class moved or renamed cannot empty the sidecar."""
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(TinyCNN(), {"weight": {"bits": 4}}, x)
+    for _, q in qat.quantizers(model):
+        q.__class__ = RenamedQuantizer
+    result = qat.export_onnx(model, x, tmp_path / "cnn.onnx", artifacts=["device"])
+    tensors = read_resolved(result.path)["tensors"]
+    assert sorted(entry["quantizer"] for entry in tensors.values()) == sorted(name for name, _ in qat.quantizers(model))
+    assert len(result.integer_weights) == 4
+    assert all("export_name" not in vars(q) for _, q in qat.quantizers(model))  # the names are put back
+
+
+def test_a_fake_quantization_outside_a_quantizer_is_refused(tmp_path):
+    class Stray(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return qat.fake_quantize(self.fc(x), torch.tensor(0.1), None, -8, 7)
+
+    model = calibrated(Stray(), {"weight": {"bits": 4}}, torch.randn(4, 8))
+    with pytest.raises(qat.QATError, match=r"fake quantization in `Stray` reached the ONNX export without a quantizer name"):
+        qat.export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_narrow_activation_ranges_export_with_a_dynamic_batch(tmp_path):
+    """3-bit activations are clipped by bounds computed from the input's shape; with a dynamic batch
+    those stay in the graph and must not be taken for the quantizer's own tensors."""
+    x = torch.randn(4, 3, 8, 8)
+    model = calibrated(TinyCNN(), {"weight": {"bits": 3}, "activation": {"bits": 3}}, x)
+    result = qat.export_onnx(model, x, tmp_path / "cnn.onnx", artifacts=["device"], dynamic_batch=True)
+    layers = read_resolved(result.path)["layers"]
+    assert {layer: (entry["weight"], entry["input"]) for layer, entry in layers.items()} == {
+        name: (f"{name}.weight_quantized", f"{name}.input_quantized") for name in ("conv1", "dw", "fc1", "fc2")}

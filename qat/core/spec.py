@@ -93,6 +93,18 @@ MAX_RANK = 8
 """``axis`` lies in [-MAX_RANK, MAX_RANK): no layer has a tensor of higher rank."""
 
 
+def integer_range(bits: int, signed: bool) -> tuple[int, int]:
+    """``(low, high)``: the codes a ``bits``-wide integer type holds, two's complement when ``signed``.
+
+    The one derivation of integer bounds: quantization ranges, ONNX containers and code storage use it.
+
+    Example:
+        >>> integer_range(4, signed=True), integer_range(8, signed=False), integer_range(16, signed=True)
+        ((-8, 7), (0, 255), (-32768, 32767))
+    """
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Numeric format of one quantizer (see the module docstring for granularity shapes).
@@ -162,13 +174,12 @@ class QuantSpec:
     @property
     def qmin(self) -> int:
         """Smallest integer code."""
-        low = -(2 ** (self.bits - 1)) if self.signed else 0
-        return low + int(self.narrow_range)
+        return integer_range(self.bits, self.signed)[0] + int(self.narrow_range)
 
     @property
     def qmax(self) -> int:
         """Largest integer code."""
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return integer_range(self.bits, self.signed)[1]
 
     @property
     def symmetric_zero_point(self) -> int:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qat.atomic import write_atomic
+from qat.core.spec import integer_range
 from qat.errors import QATError
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ def _numbers(name: str, entry: dict, key: str) -> list:
 def _grid(name: str, entry: dict) -> tuple[int, int, list[float], list[int]]:
     """``(bits, low, scale, zero_point)`` after checking the entry describes a ``bits``-bit grid."""
     bits, qmin, qmax, signed = (_field(name, entry, k) for k in ("bits", "qmin", "qmax", "signed"))
-    low = -(2 ** (bits - 1)) if signed else 0
-    if qmax != low + 2**bits - 1 or qmin not in (low, low + 1):
+    low, high = integer_range(bits, signed)
+    if qmax != high or qmin not in (low, low + 1):
         raise QATError(f"tensor `{name}`: codes [{qmin}, {qmax}] are not a {bits}-bit {'signed' if signed else 'unsigned'} range")
     scale = [float(s) for s in _numbers(name, entry, "scale")]
     zero_point = [int(z) for z in _numbers(name, entry, "zero_point")]

@@ -64,17 +64,17 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from qat import atomic
-from qat.training.control import deployed, quantizers
+from qat.core.fake_quant import exporting
+from qat.core.observers import Observer
+from qat.core.quantizer import Quantizer
 from qat.errors import QATError
 from qat.export import ort_kernels, ort_layout, parity, sidecar
 from qat.export.names import find_quantized_tensors, layer_inputs, name_quantized_tensors, rename_outputs
 from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
 from qat.export.weights import lower_weights
-from qat.core.fake_quant import exporting
 from qat.modules import QuantizedLayer
-from qat.core.observers import Observer
 from qat.preparation.prepare import is_prepared
-from qat.core.quantizer import Quantizer
+from qat.training.control import deployed, quantizers
 
 ARTIFACTS = ("device", "ort")
 DEFAULT_RTOL = 0.05
@@ -82,7 +82,6 @@ DEFAULT_RTOL = 0.05
 largest output magnitude. ORT's fused integer kernels round differently from the float Q/DQ
 reference, which can move a value by a quantization step of an intermediate tensor."""
 
-_WRAPPED = "model."
 _log = logging.getLogger(__name__)
 
 
@@ -339,10 +338,29 @@ def _quiet_constant_folding() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _named_quantizers(model: nn.Module) -> Iterator[None]:
+    """Give every quantizer of ``model`` its module path as :attr:`~qat.core.quantizer.Quantizer.export_name`
+    while tracing: the fake-quantize op carries it into the graph, where it names the quantizer's
+    tensors (:mod:`qat.export.names`). Each quantizer's own value is put back afterwards."""
+    named = list(quantizers(model))
+    own = [vars(q).get("export_name") for _, q in named]
+    try:
+        for name, q in named:
+            q.export_name = name
+        yield
+    finally:
+        for (_, q), previous in zip(named, own, strict=True):
+            if previous is None:
+                del q.export_name
+            else:
+                q.export_name = previous
+
+
 def _trace(traced: TracedModel, args: tuple[Any, ...], kwargs: dict[str, Any], *, opset: int, dynamic_batch: bool,
            input_names: list[str] | None) -> ir.Model:
     try:
-        with deployed(traced.model), torch.no_grad(), exporting(), _quiet_constant_folding():
+        with deployed(traced.model), torch.no_grad(), exporting(), _named_quantizers(traced.model), _quiet_constant_folding():
             program = torch.onnx.export(traced, args, kwargs=kwargs or None, dynamo=True, verbose=False, opset_version=opset,
                                         input_names=input_names, custom_translation_table=CUSTOM_TRANSLATION_TABLE,
                                         dynamic_shapes=_dynamic_batch(args, kwargs) if dynamic_batch else None)
@@ -460,7 +478,7 @@ def export_onnx(
         graph = _trace(traced, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, input_names=_input_names(model, args, kwargs))
     finally:
         model.train(training)
-    name_quantized_tensors(graph, strip=_WRAPPED)
+    name_quantized_tensors(graph)
     rename_outputs(graph, output_names)
     order = [value.name for value in graph.graph.inputs]
     # keyword inputs in the graph's order, whatever order the mapping had
@@ -494,7 +512,7 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
     final = artifact_path(target, kind)
     config: dict[str, str] = {}
     graph = ir.serde.deserialize_model(ir.serde.serialize_model(graph))  # each artifact rewrites its own copy
-    tensors = find_quantized_tensors(graph.graph, strip=_WRAPPED)
+    tensors = find_quantized_tensors(graph.graph)
     if kind == "ort":
         ort_layout.widen_small_weights(tensors)
         ort_layout.widen_small_activations(tensors)
@@ -504,26 +522,36 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
         onnxscript.optimizer.remove_unused_nodes(graph)
     tensors = [t for t in tensors if t.dequantize.graph is not None]
     config.update(ort_layout.session_options_for(tensors, kind))
-    qparams = sidecar.build_qparams(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
+    entries = sidecar.describe_graph(model, graph, tensors, layer_inputs(tensors), normalization=normalization)
     for node in ir.traversal.RecursiveGraphIterator(graph.graph):
         node.metadata_props.clear()  # the exporter's per-node trace (module path, stack): a third of a small model's bytes
     temporary = atomic.temporary_path(final)
     try:
         ir.save(graph, temporary)
         atomic.fsync_file(temporary)
-        checked = _verify(temporary, final, kind, qparams, feeds, references, rtol, min_top1, config, model, output_kind)
-        qparams["model"] = {"file": final.name, "artifact": kind, "opset": graph.opset_imports.get("", OPSET),
-                            "sha256": sidecar.sha256(temporary), "session_config": config}
+        measured, report = _verify(temporary, final, kind, entries.layer_weights, feeds, references, rtol, min_top1, config, model,
+                                   output_kind)
+        qparams = sidecar.build_qparams(
+            entries,
+            artifact={"file": final.name, "artifact": kind, "opset": graph.opset_imports.get("", OPSET),
+                      "sha256": sidecar.sha256(temporary), "session_config": config},
+            verification={"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
+                          **parity.to_dict(measured, rtol, min_top1), "kernels": report.counts, "float_fallback": report.float_fallback},
+            kernels=report.layers)
         sidecar.validate(qparams, f"{sidecar.sidecar_path(final)}")
+        checked = Artifact(kind, final, sidecar.sidecar_path(final), temporary.stat().st_size, entries.integer_weights,
+                           report.layers, measured, config)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return checked, temporary, qparams
 
 
-def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: list[list[np.ndarray]],
+def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], feeds: list[list[np.ndarray]],
             references: list[list[np.ndarray]], rtol: float, min_top1: float | None, config: dict[str, str], model: nn.Module,
-            output_kind: str | None) -> Artifact:
+            output_kind: str | None) -> tuple[parity.Parity, ort_kernels.KernelReport]:
+    """Run ``file`` in ONNX Runtime on ``feeds`` against PyTorch's ``references`` and read the kernel
+    each layer runs on; a QATError, with what may explain it, when they differ beyond ``rtol``."""
     try:
         session = ort.InferenceSession(str(file), ort_kernels.session_options(config), providers=["CPUExecutionProvider"])
         outputs = [parity.run_session(session, f) for f in feeds]
@@ -557,14 +585,7 @@ def _verify(file: Path, final: Path, kind: str, qparams: dict[str, Any], feeds: 
                  "PyTorch does, and ORT's fused kernels round intermediate tensors differently (expected for an untrained model "
                  "with tiny outputs; pass a larger rtol)") if unfused is not None and unfused.within(rtol, min_top1) else ""
         raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written{hint}")
-    report = ort_kernels.kernel_report(file, sidecar.layer_weights(qparams), config)
-    for layer, kernel in report.layers.items():
-        qparams["layers"][layer]["kernel"] = kernel
-    qparams["verification"] = {"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
-                               **parity.to_dict(measured, rtol, min_top1), "kernels": report.counts,
-                               "float_fallback": report.float_fallback}
-    integer = [name for name, entry in qparams["tensors"].items() if entry["role"] == "weight"]
-    return Artifact(kind, final, sidecar.sidecar_path(final), file.stat().st_size, integer, report.layers, measured, config)
+    return measured, ort_kernels.kernel_report(file, layer_weights, config)
 
 
 def _warn_fallback(result: ExportResult) -> None:
@@ -572,7 +593,8 @@ def _warn_fallback(result: ExportResult) -> None:
     if artifact is not None and artifact.float_fallback:
         layers = ", ".join(f"{layer} ({artifact.kernels[layer]})" for layer in artifact.float_fallback)
         warnings.warn(f"{len(artifact.float_fallback)} of {len(artifact.kernels)} quantized layers of `{artifact.path}` run in "
-                      f"float in ONNX Runtime, not in an integer kernel: {layers}. See docs/export.md, 'Which ONNX Runtime kernels run'.",
+                      f"float in ONNX Runtime, not in an integer kernel: {layers}. See docs/guide/export.md, "
+                      "'Which ONNX Runtime kernels run'.",
                       FloatFallbackWarning, stacklevel=3)
 
 

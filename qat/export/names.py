@@ -14,8 +14,10 @@ quantizer ``conv1.input_quantizer`` (prefix ``conv1.input``):
 =======================  ===============================================================
 
 A weight's prefix is the parameter's name (``conv1.weight``), so its codes are
-``conv1.weight_quantized``. The quantizer of each QuantizeLinear/DequantizeLinear is read from
-the ``namespace`` metadata the exporter records on every node (the module path of the call).
+``conv1.weight_quantized``. The quantizer of each QuantizeLinear/DequantizeLinear is the ``name``
+argument of the ``qat::fake_quantize`` op it was lowered from (:attr:`Quantizer.export_name
+<qat.core.quantizer.Quantizer.export_name>`), which the lowering records in the node's
+:data:`QUANTIZER_METADATA`.
 Identical quantizations of one tensor (q/k/v projections reading the same hidden state) are
 merged by the exporter; the merged tensor keeps the first quantizer's name and
 :func:`layer_inputs` maps every layer to it.
@@ -29,7 +31,9 @@ import onnx_ir as ir
 
 from qat.errors import QATError
 
-QUANTIZER_CLASS = "qat.core.quantizer.Quantizer"
+QUANTIZER_METADATA = "qat.quantizer"
+"""Node metadata key holding the module path of the quantizer a QuantizeLinear/DequantizeLinear
+lowers (:func:`qat.export.qdq.fake_quantize_to_qdq`); :func:`qat.export_onnx` clears it before saving."""
 
 
 @dataclass
@@ -89,26 +93,37 @@ class QuantizedTensor:
         return self.dequantize.inputs[index] if len(self.dequantize.inputs) > index else None
 
 
-def node_quantizer(node: ir.Node, strip: str = "") -> str | None:
-    """The module path of the quantizer that emitted ``node``, from its ``namespace`` metadata.
+def node_quantizer(node: ir.Node) -> str | None:
+    """The module path of the quantizer that emitted ``node`` (:data:`QUANTIZER_METADATA`); None for
+    a node no fake quantization emitted.
 
-    The namespace reads ``": Model/conv1: QuantConv2d/conv1.input_quantizer: qat.core.quantizer.Quantizer/…"``:
-    one ``path: class`` pair per module on the call stack. ``strip`` removes a wrapper's prefix.
+    Raises:
+        QATError: the fake quantization had no quantizer name: it was not called by a
+            :class:`~qat.core.quantizer.Quantizer` that the exporter named.
     """
-    for scope in node.metadata_props.get("namespace", "").split("/"):
-        path, _, cls = scope.rpartition(": ")
-        if cls == QUANTIZER_CLASS:
-            return path.removeprefix(strip)
-    return None
+    name = node.metadata_props.get(QUANTIZER_METADATA)
+    if name == "":
+        module = _innermost_module(node.metadata_props.get("namespace", ""))
+        raise QATError(f"a fake quantization{f' in `{module}`' if module else ''} reached the ONNX export without a quantizer "
+                       "name: only a Quantizer submodule of the exported model is named (Quantizer.export_name); call fake "
+                       "quantization through one")
+    return name
 
 
-def find_quantized_tensors(graph: ir.Graph, strip: str = "") -> list[QuantizedTensor]:
+def _innermost_module(namespace: str) -> str:
+    """The class name of the innermost module in a node's ``namespace`` metadata
+    (``": Model/conv1: torch.nn.modules.conv.Conv2d/fake_quantize: qat.fake_quantize.default"`` → ``Conv2d``)."""
+    classes = [scope.rpartition(": ")[2] for scope in namespace.split("/")[:-1]]
+    return classes[-1].rpartition(".")[2] if classes else ""
+
+
+def find_quantized_tensors(graph: ir.Graph) -> list[QuantizedTensor]:
     """Every DequantizeLinear emitted by a quantizer, with its QuantizeLinear when one runs."""
     found = []
     for node in graph:
         if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx"):
             continue
-        quantizer = node_quantizer(node, strip)
+        quantizer = node_quantizer(node)
         if quantizer is None:
             continue
         producer = node.inputs[0].producer()
@@ -132,11 +147,11 @@ def _own(graph: ir.Graph, value: ir.Value | None, name: str, owner: set[ir.Node]
             user.replace_input_with(index, copy)
 
 
-def name_quantized_tensors(model: ir.Model, strip: str = "") -> list[QuantizedTensor]:
+def name_quantized_tensors(model: ir.Model) -> list[QuantizedTensor]:
     """Rename every quantizer's tensors as the module docstring says; returns them, in graph order."""
     graph = model.graph
     protected = {v.name for v in (*graph.inputs, *graph.outputs)}
-    found = find_quantized_tensors(graph, strip)
+    found = find_quantized_tensors(graph)
     taken: set[str] = set()
     for tensor in found:
         p = tensor.prefix

@@ -1,7 +1,7 @@
 """The *ort* artifact: the device graph's numbers laid out for ONNX Runtime's fast CPU kernels.
 
 ONNX Runtime fuses QuantizeLinear/DequantizeLinear patterns into integer kernels only for some
-layouts (docs/numeric-contract.md, "Export facts"). Four passes rewrite the device graph into those layouts
+layouts (docs/design/numeric-contract.md, "Export facts"). Four passes rewrite the device graph into those layouts
 without changing a single weight or activation value:
 
 - :func:`widen_small_weights`: a 4-bit (or narrower) weight read by Conv, ConvTranspose, Gemm or
@@ -30,8 +30,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qat.export.names import QuantizedTensor, consumers_through
 from qat.core.fake_quant import MIN_SCALE
+from qat.core.spec import integer_range
+from qat.export.names import QuantizedTensor, consumers_through
 
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 """ORT session options the *ort* artifact is meant to run with (recorded in its sidecar)."""
@@ -147,7 +148,7 @@ def widen_small_activations(tensors: list[QuantizedTensor]) -> list[str]:
             continue  # a scale computed at run time: not a static activation
         z = zero_point.const_value.numpy()
         s = np.maximum(scale.const_value.numpy().astype(np.float32), np.float32(MIN_SCALE))
-        low, high = (-8, 7) if zero_point.dtype == ir.DataType.INT4 else (0, 15)
+        low, high = integer_range(4, signed=zero_point.dtype == ir.DataType.INT4)
         graph = q.graph
         bounds = []
         for code, which in ((low, "low"), (high, "high")):

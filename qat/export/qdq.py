@@ -28,19 +28,22 @@ import torch
 from onnx import TensorProto
 from onnxscript import opset21 as op
 
-from qat.errors import QATError
 from qat.core.fake_quant import MIN_SCALE
+from qat.core.spec import integer_range
+from qat.errors import QATError
+from qat.export.names import QUANTIZER_METADATA
 
 OPSET = 21
 
-_CONTAINERS = (
-    (-8, 7, TensorProto.INT4),
-    (0, 15, TensorProto.UINT4),
-    (-128, 127, TensorProto.INT8),
-    (0, 255, TensorProto.UINT8),
-    (-32768, 32767, TensorProto.INT16),
-    (0, 65535, TensorProto.UINT16),
-)
+_CONTAINERS = tuple((*integer_range(bits, signed), dtype) for bits, signed, dtype in (
+    (4, True, TensorProto.INT4),
+    (4, False, TensorProto.UINT4),
+    (8, True, TensorProto.INT8),
+    (8, False, TensorProto.UINT8),
+    (16, True, TensorProto.INT16),
+    (16, False, TensorProto.UINT16),
+))
+"""``(type_min, type_max, onnx_dtype)`` of the ONNX integer types, smallest first."""
 
 
 def onnx_container(qmin: int, qmax: int) -> tuple[int, int, int]:
@@ -53,7 +56,9 @@ def onnx_container(qmin: int, qmax: int) -> tuple[int, int, int]:
 
 def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, block_size: int, name: str = ""):
     """onnxscript translation of ``qat::fake_quantize`` (see the module docstring). ``name`` (the
-    quantizer's module path) is read from the traced program by the exporter, not emitted."""
+    quantizer's module path) is recorded on the QuantizeLinear and DequantizeLinear as node metadata
+    (:data:`qat.export.names.QUANTIZER_METADATA`), not emitted: the exporter names the graph's
+    tensors after it and clears it before saving."""
     dtype, type_min, type_max = onnx_container(qmin, qmax)
     s = op.Max(scale, op.Constant(value_float=MIN_SCALE))
     z_float = op.Clip(op.Round(zero_point), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
@@ -69,7 +74,10 @@ def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, 
     # no output_dtype: the zero point's type says it, and ONNX Runtime's S8→U8 rewrite on x86
     # changes the zero point but not the attribute, then rejects its own graph (seen with ORT 1.32)
     q = op.QuantizeLinear(x, s, z, axis=axis, block_size=block_size)
-    return op.DequantizeLinear(q, s, z, axis=axis, block_size=block_size)
+    y = op.DequantizeLinear(q, s, z, axis=axis, block_size=block_size)
+    for value in (q, y):
+        value.producer().metadata_props[QUANTIZER_METADATA] = name
+    return y
 
 
 CUSTOM_TRANSLATION_TABLE = {torch.ops.qat.fake_quantize.default: fake_quantize_to_qdq}

@@ -22,6 +22,7 @@ import json
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,14 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from qat.training.control import quantizers
+from qat.analysis.summary import weight_sqnr_db
+from qat.core.quantizer import Quantizer
+from qat.core.spec import integer_range
 from qat.errors import QATError
 from qat.export.names import QuantizedTensor
 from qat.modules import QuantizedLayer
-from qat.core.quantizer import Quantizer
-from qat.analysis.summary import weight_sqnr_db
 from qat.text_files import read_text
+from qat.training.control import quantizers
 from qat.version import __version__
 
 FORMAT = "lightning-qat.core.qparams"
@@ -50,8 +52,7 @@ INLINE_LIMIT = 1024
 and zero points are stored by reference and its observed range summarised. 1024 keeps the
 per-channel scales of common vision models readable in the JSON."""
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-DTYPE_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127), "uint8": (0, 255), "int16": (-32768, 32767),
-                "uint16": (0, 65535)}
+DTYPE_RANGES = {f"{'' if signed else 'u'}int{bits}": integer_range(bits, signed) for bits in (4, 8, 16) for signed in (True, False)}
 """The codes each stored integer type holds; ``qmin..qmax`` must lie inside."""
 
 
@@ -187,7 +188,11 @@ def to_json(data: dict[str, Any]) -> str:
 
 def layer_weights(qparams: dict[str, Any]) -> dict[str, str]:
     """Layer → the name of its integer weight, for every layer with a weight in the graph."""
-    return {layer: entry["weight"] for layer, entry in qparams["layers"].items() if entry["weight"]}
+    return _layer_weights(qparams["layers"])
+
+
+def _layer_weights(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return {layer: entry["weight"] for layer, entry in layers.items() if entry["weight"]}
 
 
 def read_qparams(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -323,9 +328,31 @@ def io_entries(values: Sequence[ir.Value], normalization: dict[str, Any] | None 
              **({"normalization": normalization} if normalization else {})} for v in values]
 
 
-def build_qparams(model: nn.Module, onnx_model: ir.Model, tensors: list[QuantizedTensor], inputs_of: dict[str, QuantizedTensor],
-                  *, normalization: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The sidecar of ``onnx_model`` (``model``, ``verification`` and layer kernels are filled in later)."""
+@dataclass(frozen=True)
+class GraphEntries:
+    """What a sidecar says about its graph: ``inputs``, ``outputs``, ``tensors`` and ``layers``
+    (without kernels). Read by :func:`describe_graph` while the graph still carries the exporter's
+    node metadata; :func:`build_qparams` writes it out with what verification found."""
+
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    tensors: dict[str, dict[str, Any]]
+    layers: dict[str, dict[str, Any]]
+
+    @property
+    def layer_weights(self) -> dict[str, str]:
+        """Layer → the name of its integer weight, for every layer with a weight in the graph."""
+        return _layer_weights(self.layers)
+
+    @property
+    def integer_weights(self) -> list[str]:
+        """The integer weights, in the order of ``tensors``."""
+        return [name for name, entry in self.tensors.items() if entry["role"] == "weight"]
+
+
+def describe_graph(model: nn.Module, onnx_model: ir.Model, tensors: list[QuantizedTensor], inputs_of: dict[str, QuantizedTensor],
+                   *, normalization: dict[str, Any] | None = None) -> GraphEntries:
+    """The entries of ``onnx_model``'s sidecar that come from the graph and ``model``'s quantizers."""
     by_name = dict(quantizers(model))
     modules = dict(model.named_modules())
     entries, layers = {}, {}
@@ -342,12 +369,20 @@ def build_qparams(model: nn.Module, onnx_model: ir.Model, tensors: list[Quantize
         sqnr = weight_sqnr_db(layer)
         layers[tensor.layer] = {"type": layer.float_cls.__name__, "weight": tensor.quantized.name,
                                 "input": source.quantized.name if source is not None else None,
-                                "weight_sqnr_db": round(sqnr, 3) if sqnr is not None else None, "kernel": None}
+                                "weight_sqnr_db": round(sqnr, 3) if sqnr is not None else None}
     graph = onnx_model.graph
+    return GraphEntries(io_entries(graph.inputs, normalization), io_entries(graph.outputs), entries, layers)
+
+
+def build_qparams(entries: GraphEntries, *, artifact: dict[str, Any], verification: dict[str, Any],
+                  kernels: dict[str, str]) -> dict[str, Any]:
+    """The sidecar, whole: the graph's ``entries``, the ``artifact`` (``model``: file, kind, opset,
+    sha256, session options), the ``verification`` results and each layer's ONNX Runtime kernel."""
     return {
         "format": FORMAT, "version": VERSION,
         "producer": {"name": "lightning-qat", "version": __version__, "torch": torch.__version__.split("+")[0]},
-        "model": {},
-        "inputs": io_entries(graph.inputs, normalization), "outputs": io_entries(graph.outputs),
-        "tensors": entries, "layers": layers, "verification": {},
+        "model": artifact,
+        "inputs": entries.inputs, "outputs": entries.outputs, "tensors": entries.tensors,
+        "layers": {layer: {**entry, "kernel": kernels.get(layer)} for layer, entry in entries.layers.items()},
+        "verification": verification,
     }

@@ -303,8 +303,8 @@ def _against_model(name: str, qparams: dict[str, Any], feeds: list[np.ndarray], 
     """:func:`verify_against_model` on ONNX Runtime's ``outputs`` for ``feeds``, already computed."""
     import torch
 
-    from qat.training.control import deployed
     from qat.export.exporter import TracedModel, numpy_leaves
+    from qat.training.control import deployed
 
     named = {meta["name"]: array for meta, array in zip(qparams["inputs"], feeds, strict=True)}
     traced, training = TracedModel(model).eval(), model.training

@@ -10,11 +10,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch.utils._pytree import tree_leaves, tree_map
+from typing_extensions import override
 
-from qat.training.batches import batch_inputs, model_inputs, rebatch
 from qat.errors import QATError
 from qat.export.exporter import ARTIFACTS, DEFAULT_RTOL, ExportResult, check_write_target, export_onnx
-from qat.lightning.quantization_aware_training import first_batch
+from qat.lightning.quantization_aware_training import stage_dataloaders
+from qat.training.batches import batch_inputs, first_batch, model_inputs, rebatch
 
 
 class ONNXExport(pl.Callback):
@@ -91,7 +92,7 @@ class ONNXExport(pl.Callback):
         elif pl_module.example_input_array is not None:
             inputs = pl_module.example_input_array
         else:
-            inputs = batch_inputs(first_batch(trainer, "fit"))
+            inputs = batch_inputs(first_batch(stage_dataloaders(trainer, "fit")))
         if isinstance(inputs, Mapping):
             inputs = model_inputs(inputs)  # without the targets
         return tree_map(lambda t: t.detach().cpu() if isinstance(t, torch.Tensor) else t, inputs)
@@ -106,6 +107,7 @@ class ONNXExport(pl.Callback):
             raise QATError(f"ONNXExport cannot create the folder `{path.parent}` for `{path}`: {error.strerror or error}") from None
         return check_write_target(path, self.artifacts)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -119,6 +121,7 @@ class ONNXExport(pl.Callback):
         if problem is not None:
             raise QATError(problem)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
             path = self.target(trainer)

@@ -27,7 +27,7 @@ What it does, and when:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import Any
 
@@ -38,16 +38,17 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info
 from rich.console import Console
 from torch import nn
+from typing_extensions import override
 
-from qat.speed import allocator
-from qat.training.batches import batch_inputs
-from qat.training.control import evaluating, quantizers, set_weight_reuse
+from qat.analysis.stats import ClipTracker, layer_stats
+from qat.analysis.summary import summary
 from qat.errors import ConfigError, QATError
 from qat.preparation.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
 from qat.preparation.recipe import QuantRecipe
+from qat.speed import allocator
+from qat.training.batches import batch_inputs, first_batch
+from qat.training.control import evaluating, quantizers, set_weight_reuse
 from qat.training.schedule import MAX_POSITION, Phase, QATSchedule
-from qat.analysis.stats import ClipTracker, layer_stats
-from qat.analysis.summary import summary
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
@@ -83,9 +84,9 @@ def _register_with_jsonargparse() -> None:
 _register_with_jsonargparse()
 
 
-def first_batch(trainer: pl.Trainer, stage: str) -> Any:
-    """One batch of the dataloader the Trainer is about to run for ``stage``, leaving the global RNG
-    as it was (a shuffling sampler draws its seed from it: the run must not depend on this peek)."""
+def stage_dataloaders(trainer: pl.Trainer, stage: str) -> Callable[[], Any]:
+    """What makes the dataloader(s) the Trainer is about to run for ``stage``: pass it to
+    :func:`~qat.training.batches.first_batch` for an example batch."""
     loop = {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop,
             "predict": trainer.predict_loop}[stage]
     # Lightning has no public "dataloader of this stage before it runs"; every 2.x loop keeps it here.
@@ -93,13 +94,7 @@ def first_batch(trainer: pl.Trainer, stage: str) -> Any:
     if not source.is_defined():
         raise QATError(f"no {stage} dataloader to take an example batch from; set `example_input_array` on the LightningModule "
                        "or pass example_inputs= to QuantizationAwareTraining")
-    with torch.random.fork_rng(devices=[]):
-        loaders = source.dataloader()
-        if isinstance(loaders, Mapping):
-            loaders = next(iter(loaders.values()))
-        elif isinstance(loaders, Sequence):
-            loaders = loaders[0]
-        return next(iter(loaders))
+    return source.dataloader
 
 
 def check_strategy(strategy: Any) -> None:
@@ -187,6 +182,7 @@ class QuantizationAwareTraining(Callback):
 
     # -- setup: prepare the model before the optimizer and DDP see it ------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         count = sum(isinstance(c, QuantizationAwareTraining) for c in trainer.callbacks)
         if count > 1:
@@ -226,7 +222,7 @@ class QuantizationAwareTraining(Callback):
             return self.example_inputs
         if pl_module.example_input_array is not None:
             return pl_module.example_input_array
-        return batch_inputs(first_batch(trainer, stage))
+        return batch_inputs(first_batch(stage_dataloaders(trainer, stage)))
 
     # -- training: the schedule, logging, summaries --------------------------------------------------
 
@@ -252,6 +248,7 @@ class QuantizationAwareTraining(Callback):
         if self.print_summary and trainer.is_global_zero:
             Console().print(summary(pl_module))
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_quantizers_fp32(pl_module)
         # micro-batches between two optimizer steps share their weights: fake-quantize them once
@@ -262,6 +259,7 @@ class QuantizationAwareTraining(Callback):
         self._apply_phase(trainer, pl_module)
         self._print_summary(trainer, pl_module)
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         set_weight_reuse(pl_module, False)  # frees the kept weights
         self._print_summary(trainer, pl_module)
@@ -269,6 +267,7 @@ class QuantizationAwareTraining(Callback):
     def _stats_interval(self, trainer: pl.Trainer) -> int:
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._apply_phase(trainer, pl_module)
         interval, step = self._stats_interval(trainer), trainer.global_step
@@ -279,6 +278,7 @@ class QuantizationAwareTraining(Callback):
             self._clips = None if compiled else ClipTracker(pl_module).__enter__()
             self._stats_pending = True
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._stats_pending:
             return
@@ -301,20 +301,31 @@ class QuantizationAwareTraining(Callback):
                                f"checkpoint to {trainer.state.fn}(ckpt_path=...), or fit() first")
         self._evaluation.enter_context(evaluating(pl_module))
 
-    def _end_evaluation(self, *args: Any) -> None:
-        self._evaluation.close()
-
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_evaluation(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_evaluation(trainer, pl_module)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_evaluation(trainer, pl_module)
 
-    on_validation_end = on_test_end = on_predict_end = _end_evaluation
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluation.close()
 
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluation.close()
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._evaluation.close()
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._evaluation.close()  # an exception mid-evaluation must not leave the observers off
         if self._clips is not None:
@@ -323,6 +334,7 @@ class QuantizationAwareTraining(Callback):
 
     # -- checkpoints ------------------------------------------------------------------------------------
 
+    @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {
             **getattr(pl_module, STATE_NAME).to_dict(),
@@ -330,6 +342,7 @@ class QuantizationAwareTraining(Callback):
             "phase": self._phase.name if self._phase is not None else None,
         }
 
+    @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is None:

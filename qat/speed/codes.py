@@ -10,6 +10,10 @@ import torch
 from torch import Tensor
 
 from qat.core.fake_quant import host_reads_are_free
+from qat.core.spec import integer_range
+
+_INT8_MIN, _INT8_MAX = integer_range(8, signed=True)
+_UINT8_MIN, _UINT8_MAX = integer_range(8, signed=False)
 
 
 class QuantizedCodes:
@@ -56,13 +60,14 @@ class QuantizedCodes:
     @staticmethod
     def carries_mask(qmin: int, qmax: int) -> bool:
         """Whether codes of ``[qmin, qmax]`` are kept one step wider, carrying the mask."""
-        return qmin - 1 >= -128 and qmax + 1 <= 127
+        return qmin - 1 >= _INT8_MIN and qmax + 1 <= _INT8_MAX
 
     def keep(self, clamped: Tensor, s: Tensor, z: Tensor | None, dtype: torch.dtype, qmin: int, qmax: int) -> None:
         """Keep ``clamped`` (the codes as float32 before the zero point is taken off, clamped to
         ``[qmin, qmax]``, or one step wider where :meth:`carries_mask`) in a byte, with the guarded
         ``s`` and ``z`` and the value's dtype, if it can be done exactly."""
-        code_dtype = torch.int8 if qmin >= -128 and qmax <= 127 else torch.uint8 if qmin >= 0 and qmax <= 255 else None
+        code_dtype = (torch.int8 if qmin >= _INT8_MIN and qmax <= _INT8_MAX
+                      else torch.uint8 if qmin >= _UINT8_MIN and qmax <= _UINT8_MAX else None)
         if code_dtype is None or not host_reads_are_free(clamped):
             return
         # a clamped code is finite unless it is NaN, and a sum of codes cannot overflow float32; a

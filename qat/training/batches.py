@@ -6,7 +6,7 @@ batches, whose ``labels`` are targets).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,28 @@ def batch_inputs(batch: Any) -> Any:
         return batch[0]
     raise QATError(f"cannot tell the model inputs in a batch of type {type(batch).__name__}; set `example_input_array` on the "
                    "LightningModule or pass example_inputs= to QuantizationAwareTraining")
+
+
+def first_batch(dataloaders: Callable[[], Any]) -> Any:
+    """The first batch of the dataloader that ``dataloaders()`` makes (of the first one, for a
+    mapping or sequence of them, as Lightning allows), leaving the global RNG as it was: a
+    shuffling sampler draws its seed from it, and a run must not depend on this peek. The
+    dataloader is made inside too, so a ``*_dataloader()`` hook that draws random numbers leaves
+    no trace either.
+
+    Example:
+        >>> loader = torch.utils.data.DataLoader(torch.arange(6.0), batch_size=4, shuffle=True)
+        >>> rng = torch.random.get_rng_state()
+        >>> first_batch(lambda: loader).shape, torch.equal(rng, torch.random.get_rng_state())
+        (torch.Size([4]), True)
+    """
+    with torch.random.fork_rng(devices=[]):
+        loaders = dataloaders()
+        if isinstance(loaders, Mapping):
+            loaders = next(iter(loaders.values()))
+        elif isinstance(loaders, Sequence):
+            loaders = loaders[0]
+        return next(iter(loaders))
 
 
 def model_inputs(batch: Any) -> Any:
