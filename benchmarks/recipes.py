@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 from results_md import write_block
 
-from qat.app.compare import format_metric, load_results
-from qat.app.run import RunSettings, ort_agreement, run_recipe
+from qat.app.results import format_metric, load_results, ort_agreement
+from qat.app.run import RunSettings, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -96,9 +96,9 @@ TABLES = {
                         "llm/minilm_w4a8_distill.yaml", [Row("W4A8")], qat_fraction=1.0,
                         note="No target in issue 5. The float row is the teacher itself (cosine 1). ORT = PyTorch is the "
                              "cosine between the two runtimes' embeddings of each test sentence: the export checks embedding "
-                             "models by the mean per-sentence distance (docs/guide/export.md, 'Verification'), because a relative 10⁻⁶ nudge to "
-                             "the embedding layer's output moves a few sentences of this uint8 per-tensor model by several "
-                             "percent, in PyTorch alone."),
+                             "models by the mean per-sentence distance (docs/guide/export.md, 'Verification'), because a "
+                             "relative 10⁻⁶ nudge to the embedding layer's output moves a few sentences of this uint8 "
+                             "per-tensor model by several percent, in PyTorch alone."),
 }
 
 

@@ -72,7 +72,7 @@ def test_readme_main_job_runs_short(tmp_path):
     """The README's first quick-start command, `qat run <default recipe>`, with the run shortened."""
     pytest.importorskip("mlxtend")
     from qat.app.cli import main
-    from qat.app.compare import load_results
+    from qat.app.results import load_results
 
     bash = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     command = bash.splitlines()[0].split("&&")[1].split("#")[0].split()

@@ -11,9 +11,9 @@ from lightning_models import MODELS, LitClassifier, MemoryLogger, quantizer_stat
 from torch import nn
 
 import qat
-from qat.speed import allocator
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
 from qat.modules import QuantConvNd, QuantizedLayer
+from qat.speed import allocator
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
 

@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console, Group
+from rich.measure import Measurement
 from rich.table import Table
 from torch import Tensor, nn
 
+from qat.core.quantizer import Quantizer
 from qat.errors import QATError
 from qat.modules import QuantConvNd, QuantizedLayer
 from qat.preparation.prepare import STATE_NAME, QATState, input_quantizers, replace_children
-from qat.core.quantizer import Quantizer
 from qat.preparation.residuals import OUTPUT_QUANTIZER, detach_output_quantizer
 
 
@@ -76,10 +77,26 @@ class QuantSummary:
         return Group(table, outputs, left)
 
     def __str__(self) -> str:
-        console = Console(width=160, record=True, file=None, force_terminal=False)
+        """The tables as plain text at their natural width: every layer name whole."""
+        console = Console(force_terminal=False, width=_UNBOUNDED)
+        width = Measurement.get(console, console.options, self.__rich__()).maximum
+        console = Console(force_terminal=False, width=width)
         with console.capture() as capture:
             console.print(self)
         return capture.get()
+
+    def show(self, console: Console | None = None) -> None:
+        """Print the tables: fitted to a terminal's width, but at their natural width elsewhere (a log
+        file, a pipe, where rich would assume 80 columns and cut the layer names)."""
+        console = console or Console()
+        if console.is_terminal or console.is_jupyter:
+            console.print(self)
+        else:
+            console.out(str(self), end="", highlight=False)
+
+
+_UNBOUNDED = 10_000
+"""A width no table of a model reaches: what a table measures within it is its natural width."""
 
 
 def _range(r: tuple[float, float] | None) -> str:
@@ -115,7 +132,8 @@ def summary(model: nn.Module) -> QuantSummary:
     """Per-layer table of a prepared model: specs, observed ranges, weight SQNR, float layers.
 
     Ranges and SQNR appear once the quantizers have observed data (a forward pass in training
-    or calibration). ``print(qat.summary(model))`` prints it; ``rich.print`` prints it in colour.
+    or calibration). ``print(qat.summary(model))`` prints it as plain text, every layer name whole;
+    ``qat.summary(model).show()`` in colour on a terminal.
     """
     state = _state(model)
     modules = dict(model.named_modules())

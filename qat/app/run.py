@@ -15,7 +15,8 @@ of the recipe's own model, data and trainer:
    (schedule included) for ``qat_fraction`` of the float run, at ``qat_lr_scale`` × the recipe's
    learning rate; tested.
 4. **export**: ONNXExport at the end of QAT writes both artifacts, compared with PyTorch on the
-   whole test split in ONNX Runtime; each is re-checked by :func:`qat.export.verify.verify_artifact`
+   test split in ONNX Runtime (cut into batches of the graph's fixed size, the incomplete last
+   batch left out); each is re-checked by :func:`qat.export.verify.verify_artifact`
    and timed.
 5. ``results.json`` and ``results.md`` in the output folder; the table printed.
 
@@ -33,11 +34,9 @@ from __future__ import annotations
 import copy
 import datetime
 import io
-import json
 import math
 import os
 import platform
-import sys
 import time
 import warnings
 from collections import Counter
@@ -45,28 +44,27 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import lightning.pytorch as pl
 import onnxruntime
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch.utils._pytree import tree_leaves
 
+from qat.app.quiet import args_on_purpose
+from qat.app.results import RESULTS_VERSION, results_table, write_results
 from qat.atomic import write_atomic
-from qat.training.batches import model_inputs
-from qat.training.calibrate import calibrate
-from qat.app.compare import RESULTS_VERSION, format_metric
 from qat.errors import ConfigError, QATError
-from qat.export.ort_kernels import float_fallback
-from qat.export.latency import median_latency_ms
 from qat.export.exporter import FloatFallbackWarning, load_session
+from qat.export.latency import median_latency_ms
+from qat.export.ort_kernels import float_fallback
 from qat.export.verify import verify_artifact
 from qat.lightning import ONNXExport, QuantizationAwareTraining
 from qat.lightning.checkpoint import read_torch_file
 from qat.preparation.prepare import prepare
 from qat.text_files import read_text
+from qat.training.batches import model_inputs
+from qat.training.calibrate import calibrate
 from qat.version import __version__
 
 
@@ -114,8 +112,7 @@ def _lightning_cli(recipe: Path, overrides: Sequence[str]) -> Any:
     :class:`~qat.lightning.cli.QATLightningCLI`)."""
     from qat.lightning.cli import QATLightningCLI
 
-    # LightningCLI warns when it is given args while sys.argv holds others (qat run's own)
-    with mock.patch.object(sys, "argv", sys.argv[:1]):
+    with args_on_purpose():
         return QATLightningCLI(args=["--config", str(recipe), *overrides], run=False, subclass_mode_model=True,
                                subclass_mode_data=True, save_config_callback=None)
 
@@ -282,6 +279,8 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
     # 2. PTQ: the same quantizers, calibrated on training batches, weights untouched
     console.rule("post-training quantization")
     clock = time.perf_counter()
+    # not training.batches.first_batch, which leaves the RNG untouched: this peek draws a shuffling
+    # sampler's seed, and the calibration batches below (so the published PTQ figures) follow that draw
     example = quantizing.example_inputs if quantizing.example_inputs is not None else model_inputs(next(iter(data.train_dataloader())))
     try:
         ptq = prepare(copy.deepcopy(module), quantizing.recipe, example)
@@ -336,8 +335,7 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
         "verified_inputs": verified_inputs,
         "seconds": time.perf_counter() - started,
     }
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", results_markdown(results))
+    write_results(out, results)
     console.print(results_table(results))
     for kind, entry in artifacts.items():
         console.print(f"ONNX {kind}: {entry['path']} + {entry['qparams']}", soft_wrap=True)
@@ -345,70 +343,3 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
     if not all(entry["verified"] for entry in artifacts.values()):
         raise QATError(f"an artifact failed verification: {[e['problems'] for e in artifacts.values() if not e['verified']]}")
     return results
-
-
-def _rows(results: dict[str, Any], detailed: bool) -> tuple[list[str], list[list[str]]]:
-    """The results table as cells: one row per stage, the artifacts' figures on the QAT rows;
-    ``detailed`` adds the max |ORT − PyTorch| and kernel columns (markdown)."""
-    metric, stages = results["metric"]["name"], results["stages"]
-    float_bytes = stages["float"]["bytes"]
-    header = ["model", metric, "MB", "ORT = PyTorch", "ORT ms", "integer layers"]
-    if detailed:
-        header[3:3] = ["× float size"]
-        header[5:5] = ["max abs ORT − PyTorch"]
-    rows = []
-    for name, size in (("float", float_bytes), ("PTQ", None)):
-        row = [name, format_metric(metric, stages[name.lower()]["metric"]), f"{size / 1e6:.2f}" if size else "", "", "", ""]
-        if detailed:
-            row[3:3] = ["1.000" if size else ""]
-            row[5:5] = [""]
-        rows.append(row)
-    for kind, entry in results["artifacts"].items():
-        row = [f"QAT, {kind}", format_metric(metric, stages["qat"]["metric"]), f"{entry['bytes'] / 1e6:.2f}", ort_agreement(entry),
-               f"{entry['latency_ms']:.1f}", f"{entry['layers'] - len(entry['float_layers'])} of {entry['layers']}"]
-        if detailed:
-            row[3:3] = [f"{entry['bytes'] / float_bytes:.3f}"]
-            row[5:5] = [f"{entry['max_abs_diff']:.3g} of {entry['output_scale']:.3g}"]
-        rows.append(row)
-    return header, rows
-
-
-def ort_agreement(entry: dict[str, Any]) -> str:
-    """How an artifact's ONNX Runtime outputs agree with PyTorch, by the task's own measure:
-    top-1 agreement, perplexity, or embedding cosine ("" for plain tensors)."""
-    if entry["top1_agreement"] is not None:
-        return f"{100 * entry['top1_agreement']:.1f} % top-1"
-    if entry["perplexity"]:
-        return f"ppl Δ {entry['perplexity']['delta']:+.3g}"  # ONNX Runtime − PyTorch
-    if entry.get("embedding"):  # results written before embeddings had their own measure have none
-        return f"cosine {entry['embedding']['cosine_mean']:.4f} (min {entry['embedding']['cosine_min']:.3f})"
-    return ""
-
-
-def results_table(results: dict[str, Any]) -> Table:
-    """The results as a rich table (what ``qat run`` prints)."""
-    header, rows = _rows(results, detailed=False)
-    table = Table(title=f"{Path(results['recipe']).stem}: float → PTQ → QAT → ONNX, test split", title_justify="left")
-    for i, column in enumerate(header):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    stages = results["stages"]
-    batch = next(iter(results["artifacts"].values()))["latency_batch"]
-    table.caption = (f"ORT = PyTorch: on {results['verified_inputs']} test inputs; ORT ms: batch of {batch}, median; integer "
-                     f"layers: run on ONNX Runtime's integer kernels. float {stages['float']['seconds']:.0f} s, PTQ "
-                     f"{stages['ptq']['seconds']:.0f} s, QAT + export {stages['qat']['seconds']:.0f} s")
-    return table
-
-
-def results_markdown(results: dict[str, Any]) -> str:
-    """The results as a markdown table with the machine and date (what ``results.md`` holds)."""
-    header, rows = _rows(results, detailed=True)
-    lines = [f"# {Path(results['recipe']).stem}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    machine = results["machine"]
-    lines += ["", f"Recipe `{results['recipe']}`{' with ' + ' '.join(results['overrides']) if results['overrides'] else ''}; "
-              f"{results['created']}; {machine['processor']} × {machine['cpu_count']} ({machine['accelerator']}), torch "
-              f"{machine['torch']}, onnxruntime {machine['onnxruntime']}; {results['seconds']:.0f} s in all.", ""]
-    return "\n".join(lines)

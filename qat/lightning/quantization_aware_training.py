@@ -36,7 +36,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
-from rich.console import Console
 from torch import nn
 from typing_extensions import override
 
@@ -246,7 +245,7 @@ class QuantizationAwareTraining(Callback):
 
     def _print_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_summary and trainer.is_global_zero:
-            Console().print(summary(pl_module))
+            summary(pl_module).show()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -39,8 +39,8 @@ from typing import Any
 import yaml
 from torch import nn
 
-from qat.errors import ConfigError, QATError
 from qat.core.spec import Granularity, ObserverKind, QuantSpec, Role
+from qat.errors import ConfigError, QATError
 from qat.text_files import read_text
 
 DEFAULT_WEIGHT = QuantSpec(bits=8, granularity=Granularity.PER_CHANNEL)

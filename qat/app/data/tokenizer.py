@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rich.progress import Progress
 
-from qat.atomic import write_atomic
 from qat.app.data.corpus import FORMAT, cache_root
+from qat.atomic import write_atomic
 from qat.errors import QATError
 
 if TYPE_CHECKING:

