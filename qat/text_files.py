@@ -1,4 +1,4 @@
-"""Reading a text file a user named (a recipe, a sidecar, a results file) with one-line errors.
+"""Reading a text or JSON file a user named (a recipe, a sidecar, a results file) with one-line errors.
 
 ``Path.read_text`` raises ``IsADirectoryError`` for a folder and ``UnicodeDecodeError`` for bytes
 that are not UTF-8, and neither names the file in a way a CLI can print as one line.
@@ -6,8 +6,10 @@ that are not UTF-8, and neither names the file in a way a CLI can print as one l
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from qat.errors import QATError
 
@@ -35,3 +37,15 @@ def read_text(path: str | os.PathLike[str], kind: str) -> str:
         line = data[: err.start].count(b"\n") + 1
         raise QATError(f"cannot read {kind} `{path}`: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
                        "save it as UTF-8") from None
+
+
+def read_json(path: str | os.PathLike[str], kind: str) -> Any:
+    """The JSON value in ``path``, read as :func:`read_text` reads it; a missing file or text that is
+    not JSON raises a :class:`QATError` naming the file as a ``kind``."""
+    path = Path(path)
+    if not path.exists():
+        raise QATError(f"{kind} `{path}` does not exist")
+    try:
+        return json.loads(read_text(path, kind))
+    except json.JSONDecodeError as error:
+        raise QATError(f"{kind} `{path}` is not valid JSON: {error}") from None

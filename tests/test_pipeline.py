@@ -185,7 +185,7 @@ def test_rebatch_cuts_to_a_fixed_size_and_keeps_structure():
 
 
 def test_the_shipped_baseline_is_a_valid_results_file():
-    """The CI step in docs/cli.md compares against it."""
+    """The CI step in docs/guide/ci.md compares against it."""
     baseline = load_results(ROOT / "benchmarks" / "baselines" / "resnet18_mnist5k_w4a8.json")
     assert baseline["recipe"] == "recipes/vision/resnet18_mnist5k_w4a8.yaml"
     assert all(check.ok for check in compare(baseline, baseline))

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from qat.atomic import write_atomic
 from qat.errors import QATError
-from qat.text_files import read_text
+from qat.text_files import read_json
 
 RESULTS_VERSION = 1
 """Version of the ``results.json`` layout that :func:`run_recipe` writes (:func:`load_results` checks it)."""
@@ -66,13 +66,7 @@ def write_results(folder: Path, results: dict[str, Any]) -> None:
 
 def load_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A ``results.json``, checked against :data:`RESULTS_SCHEMA`; errors name the file and key."""
-    path = Path(path)
-    if not path.exists():
-        raise QATError(f"`{path}` does not exist")
-    try:
-        results = json.loads(read_text(path, "results file"))
-    except json.JSONDecodeError as error:
-        raise QATError(f"`{path}` is not JSON: {error}") from None
+    results = read_json(path, "results file")
     try:
         jsonschema.validate(results, RESULTS_SCHEMA)
     except jsonschema.ValidationError as error:

@@ -40,7 +40,7 @@ from qat.core.spec import integer_range
 from qat.errors import QATError
 from qat.export.names import QuantizedTensor
 from qat.modules import QuantizedLayer
-from qat.text_files import read_text
+from qat.text_files import read_json
 from qat.training.control import quantizers
 from qat.version import __version__
 
@@ -197,13 +197,7 @@ def _layer_weights(layers: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 def read_qparams(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and validate a sidecar."""
-    path = Path(path)
-    if not path.exists():
-        raise QATError(f"calibration metadata `{path}` does not exist")
-    try:
-        data = json.loads(read_text(path, "calibration metadata file"))
-    except json.JSONDecodeError as error:
-        raise QATError(f"`{path}` is not valid JSON: {error}") from None
+    data = read_json(path, "calibration metadata file")
     validate(data, str(path))
     return data
 
