@@ -23,6 +23,11 @@ WEIGHT_FORMATS = {
     "int8 per-group 32": ({"bits": 8, "granularity": "per_group", "group_size": 32}, onnx.TensorProto.INT8),
     "int3 per-channel": ({"bits": 3}, onnx.TensorProto.INT4),
     "int7 per-channel": ({"bits": 7}, onnx.TensorProto.INT8),
+    # ONNX Runtime's int4 rule: each block's largest-magnitude weight on the grid, zero points 0 or -1
+    "int4 per-group 32 extreme on grid": ({"bits": 4, "granularity": "per_group", "group_size": 32, "extreme_on_grid": True},
+                                          onnx.TensorProto.INT4),
+    "int4 per-group 32 extreme on grid, mse": ({"bits": 4, "granularity": "per_group", "group_size": 32, "extreme_on_grid": True,
+                                                "observer": "mse"}, onnx.TensorProto.INT4),
     # codes 0..3 fit int4, the first (smallest) type that holds them
     "uint2 affine per-group 16": ({"bits": 2, "signed": False, "symmetric": False, "granularity": "per_group", "group_size": 16},
                                   onnx.TensorProto.INT4),
@@ -88,6 +93,18 @@ def test_round_trip_per_format(weight, activation, tmp_path):
         assert entry["bits"] == spec["bits"] and entry["float_tensor"] == f"{layer}.weight"
         np.testing.assert_array_equal(np.array(entry["scale"], np.float32), quantizer.scale.reshape(-1).numpy())
     assert result.max_abs_diff <= qat.export.exporter.DEFAULT_RTOL * result.output_scale
+
+
+def test_extreme_on_grid_zero_points_reach_the_sidecar_as_not_symmetric(tmp_path):
+    """The zero point varies per block (0 or -1), so a device runtime must read it: the sidecar
+    says ``symmetric: false`` and lists the zero points the graph holds."""
+    x = torch.randn(8, 64)
+    model = calibrated(mlp(), {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32, "extreme_on_grid": True}}, x)
+    result = qat.export_onnx(model, x, tmp_path / "mlp.onnx")
+    entry = read_resolved(result.path)["tensors"]["0.weight_quantized"]
+    zero_points = model.get_submodule("0.weight_quantizer").zero_point
+    assert entry["symmetric"] is False and set(entry["zero_point"]) == {-1, 0}
+    np.testing.assert_array_equal(entry["zero_point"], zero_points.reshape(-1).numpy())
 
 
 def test_conv_net_folds_batchnorm_into_one_conv(tmp_path):

@@ -152,3 +152,32 @@ def test_weight_reuse_leaves_observers_that_move_on_every_call_alone():
     model(x).sum().backward()
     model(x).sum().backward()
     assert not qat.speed.wing.is_kept(model[0].weight_quantizer)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_extreme_on_grid_puts_each_blocks_largest_weight_on_the_grid(sign):
+    """ONNX Runtime's int4 rule: ``s = amax / 8``, the zero point 0 (negative extreme: code -8) or
+    -1 (positive extreme: code 7, one level above the symmetric grid's top), so the block's
+    largest-magnitude weight survives fake quantization exactly, whatever its sign."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 64).clamp(-3.5, 3.5)
+    w[:, ::32] = sign * 4.0  # each block's extreme, of one sign
+    spec = QuantSpec(bits=4, granularity="per_group", group_size=32, axis=1, extreme_on_grid=True)
+    q = Quantizer(spec, w.shape, role="weight")
+    q(w)
+    q.enable_observer(False)
+    assert torch.equal(q.scale, torch.full((16, 2), 0.5))
+    assert torch.equal(q.zero_point, torch.full((16, 2), -1.0 if sign > 0 else 0.0))
+    y = q(w)
+    assert torch.equal(y[:, ::32], w[:, ::32])
+    plain = Quantizer(QuantSpec(bits=4, granularity="per_group", group_size=32, axis=1), w.shape, role="weight")
+    plain(w)
+    plain.enable_observer(False)
+    assert (y - w).norm() < (plain(w) - w).norm()  # 16 levels instead of 15 over the same range
+
+
+def test_extreme_on_grid_needs_a_symmetric_full_range_grid():
+    for bad in ({"symmetric": False}, {"narrow_range": True}):
+        with pytest.raises(qat.ConfigError, match="extreme_on_grid"):
+            QuantSpec(bits=4, extreme_on_grid=True, **bad)
+

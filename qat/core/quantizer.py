@@ -89,7 +89,7 @@ class Quantizer(nn.Module):
             self.zero_point = nn.Parameter(zero_point)
         else:
             self.register_buffer("zero_point", zero_point)
-        self.zero_point_is_zero = spec.symmetric and spec.symmetric_zero_point == 0
+        self.zero_point_is_zero = spec.fixed_zero_point and spec.symmetric_zero_point == 0
 
     # -- switches ------------------------------------------------------------------------------
 

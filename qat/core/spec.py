@@ -126,6 +126,13 @@ class QuantSpec:
         percentile: the upper percentile kept by the ``percentile`` observer; the lower one is
             ``100 - percentile``.
         learnable: train scale (and zero point when affine) with LSQ / LSQ+ gradients.
+        extreme_on_grid: symmetric only: each scale's largest-magnitude value lands exactly on
+            the grid's outer level, using all ``2**bits`` levels (ONNX Runtime's int4 rule):
+            ``s = amax / 2**(bits-1)``, and where that value is positive the zero point is one
+            below the symmetric one (int4: codes minus the zero point span [-7, 8] instead of
+            [-8, 7]). A plain symmetric grid (``amax / 7.5`` for int4) puts no level on either
+            extreme. The zero point then varies per scale, so the sidecar records the format as
+            not symmetric (:attr:`fixed_zero_point`).
     """
 
     bits: int = 8
@@ -139,6 +146,7 @@ class QuantSpec:
     averaging_constant: float = 0.01
     percentile: float = 99.99
     learnable: bool = False
+    extreme_on_grid: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalise str → enum in place
@@ -147,8 +155,11 @@ class QuantSpec:
         if not _is_int(self.bits) or self.bits not in BITS:
             allowed = ", ".join(map(str, BITS))
             raise ConfigError("bits", f"must be one of {allowed} (16 for activations only); got `{self.bits!r}`")
-        for name in ("signed", "symmetric", "narrow_range", "learnable"):
+        for name in ("signed", "symmetric", "narrow_range", "learnable", "extreme_on_grid"):
             _require_bool(name, getattr(self, name))
+        if self.extreme_on_grid and (not self.symmetric or self.narrow_range):
+            raise ConfigError("extreme_on_grid", "needs `symmetric: true` and `narrow_range: false` (it shifts the symmetric grid "
+                              "by one level towards each scale's largest-magnitude value)")
         grouped = self.granularity is Granularity.PER_GROUP
         if self.axis is not None:
             if not _is_int(self.axis) or not -MAX_RANK <= self.axis < MAX_RANK:
@@ -180,6 +191,12 @@ class QuantSpec:
     def qmax(self) -> int:
         """Largest integer code."""
         return integer_range(self.bits, self.signed)[1]
+
+    @property
+    def fixed_zero_point(self) -> bool:
+        """True when every zero point is :attr:`symmetric_zero_point` (symmetric, not
+        :attr:`extreme_on_grid`)."""
+        return self.symmetric and not self.extreme_on_grid
 
     @property
     def symmetric_zero_point(self) -> int:

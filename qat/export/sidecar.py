@@ -305,7 +305,7 @@ def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer, layer_name: str)
         "zero_point_tensor": tensor.zero_point.name if tensor.zero_point is not None and tensor.zero_point.const_value is not None
         else None,
         "dtype": _dtype_name(tensor.quantized), "bits": spec.bits, "qmin": spec.qmin, "qmax": spec.qmax,
-        "signed": spec.signed, "symmetric": spec.symmetric, "granularity": spec.granularity.value,
+        "signed": spec.signed, "symmetric": spec.fixed_zero_point, "granularity": spec.granularity.value,
         "axis": -1 if spec.dynamic else (axis.as_int() if axis is not None and scale_shape else None),
         "block_size": block.as_int() if block is not None and block.as_int() > 0 and not spec.dynamic else None,
         "dynamic": spec.dynamic,
