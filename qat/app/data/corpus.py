@@ -219,6 +219,21 @@ def stdlib_corpus(max_chars: int | None = 2_000_000, fractions: Sequence[float] 
     return corpus
 
 
+# ---- Python's documentation topics ---------------------------------------------------------------
+
+
+def pydoc_corpus(max_chars: int | None = None, fractions: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0) -> TextCorpus:
+    """The topics of Python's manual that ``help()`` shows (``pydoc_data.topics``: English prose with
+    code), one document per topic, split by topic (``datasets/pydoc_topics.md``). Not cached: it is
+    one module already in memory."""
+    from pydoc_data.topics import topics
+
+    documents = [Document(name, text) for name, text in sorted(topics.items()) if text.strip()]
+    return TextCorpus.from_documents(split_documents(documents, fractions, seed, max_chars), source="pydoc", format=FORMAT,
+                                     python=platform.python_version(), max_chars=max_chars,
+                                     fractions=list(check_fractions(fractions)), seed=seed, documents=len(documents))
+
+
 # ---- your files ----------------------------------------------------------------------------------
 
 
@@ -320,9 +335,11 @@ def file_corpus(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
 def load_corpus(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] = "stdlib", max_chars: int | None = 2_000_000,
                 fractions: Sequence[float] = (0.9, 0.05, 0.05), seed: int = 0,
                 cache_dir: str | os.PathLike[str] | None = None) -> TextCorpus:
-    """:func:`stdlib_corpus` for ``source="stdlib"``, else :func:`file_corpus`."""
+    """:func:`stdlib_corpus` for ``source="stdlib"``, :func:`pydoc_corpus` for ``"pydoc"``, else :func:`file_corpus`."""
     if isinstance(source, str) and source == "stdlib":
         return stdlib_corpus(max_chars, fractions, seed, cache_dir)
+    if isinstance(source, str) and source == "pydoc":
+        return pydoc_corpus(max_chars, fractions, seed)
     return file_corpus(source, max_chars, fractions, seed)
 
 

@@ -105,11 +105,13 @@ class TextDataModule(_SplitDataModule):
     shorter than ``seq_len`` is dropped; blocks do not overlap.
 
     Args:
-        source: ``"stdlib"`` (the standard library's sources, see ``datasets/python_stdlib.md``), a
+        source: ``"stdlib"`` (the standard library's sources, see ``datasets/python_stdlib.md``),
+            ``"pydoc"`` (the topics of Python's manual, ``datasets/pydoc_topics.md``), a
             ``.txt`` file, a folder of them, a ``.jsonl`` file with a ``text`` field, a folder saved by
             ``datasets.Dataset.save_to_disk``, or a list of these.
         tokenizer: ``"byte"`` (UTF-8 bytes, vocabulary 256), ``"bpe"`` (a byte-level BPE trained on the
-            train split and cached) or the path of a ``tokenizer.json`` / local Hugging Face tokenizer folder.
+            train split and cached), the path of a ``tokenizer.json`` / local Hugging Face tokenizer
+            folder / GGUF file, or a packaged model's name (``smollm2-135m-instruct``).
         vocab_size: size of the BPE to train (default 512); only with ``tokenizer="bpe"``. After
             setup, the :attr:`vocab_size` property is the tokenizer's real size.
         seq_len: tokens per block (the model's context length).
@@ -138,7 +140,7 @@ class TextDataModule(_SplitDataModule):
                  fractions: tuple[float, float, float] = (0.9, 0.05, 0.05), seed: int = 0, num_workers: int = 0,
                  cache_dir: str | None = None) -> None:
         super().__init__()
-        if not (isinstance(source, str) and source == "stdlib"):
+        if not (isinstance(source, str) and source in ("stdlib", "pydoc")):
             source_paths(source)
         if tokenizer not in ("byte", "bpe"):
             check_tokenizer_path(tokenizer)

