@@ -12,7 +12,8 @@ The numeric core, used by everything else:
 - :class:`QATSchedule` — the phases of a run by step or epoch; :func:`layer_stats` — what to log;
 - :func:`sensitivity` — each layer quantized alone at each bit width; :func:`mixed_precision` —
   per-layer bit widths under a size budget, as a recipe;
-- ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use).
+- ``export_onnx`` — the ONNX file with integer weights, verified in ONNX Runtime (imported on first use);
+- ``export_genai`` — a Llama-family LLM as an onnxruntime-genai folder: int4 MatMulNBits, a key-value cache.
 
 The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 """
@@ -47,6 +48,7 @@ __all__ = [
     "ClipTracker",
     "ConfigError",
     "ExportResult",
+    "GenaiExport",
     "Granularity",
     "LayerRule",
     "MixedPrecision",
@@ -63,6 +65,7 @@ __all__ = [
     "calibrate",
     "deployed",
     "evaluating",
+    "export_genai",
     "export_onnx",
     "exporting",
     "fake_quantize",
@@ -89,4 +92,8 @@ def __getattr__(name: str):
         from qat.export import exporter
 
         return getattr(exporter, name)
+    if name in ("export_genai", "GenaiExport"):
+        from qat.export import genai
+
+        return getattr(genai, name)
     raise AttributeError(f"module 'qat' has no attribute {name!r}")

@@ -110,12 +110,12 @@ class DigitsClassifier(LitClassifier):
 
 
 class LitLlama(pl.LightningModule):
-    def __init__(self, lr: float = 3e-3, batch_size: int = 8) -> None:
+    def __init__(self, lr: float = 3e-3, batch_size: int = 8, heads: int = 4) -> None:
         super().__init__()
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=64)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
+                             num_key_value_heads=heads // 2, max_position_embeddings=64)
         self.model = LlamaForCausalLM(config)
         self.lr, self.batch_size = lr, batch_size
 

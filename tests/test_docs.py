@@ -27,6 +27,9 @@ CHECKS = {
     "docs/guide/python-api.md": ("program", lambda program: len(program.model_proto.graph.node) > 0),
     "docs/guide/cli.md": ("task", lambda task: task is not None),
     "docs/guide/export.md": ("trainer", lambda trainer: trainer is not None),
+    # a fresh model (norm weights all ones under a quantized embedding) has exact int8 ties: docs/guide/llm-on-device.md
+    "docs/guide/llm-on-device.md": ("result", lambda result: (result.folder / "genai_config.json").is_file()
+                                    and result.cached_max_abs_diff <= 0.05 * result.parity.output_scale),
     "docs/guide/sensitivity.md": ("choice", lambda choice: choice.model_bytes > 0),
     "docs/design/speed.md": ("plain", lambda plain: plain.shape == (4, 8)),
 }

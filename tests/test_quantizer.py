@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qat
-from qat import QuantSpec
+from qat import ConfigError, QuantSpec
 from qat.core.quantizer import Quantizer
 
 SPECS = {
@@ -181,3 +181,19 @@ def test_extreme_on_grid_needs_a_symmetric_full_range_grid():
         with pytest.raises(qat.ConfigError, match="extreme_on_grid"):
             QuantSpec(bits=4, extreme_on_grid=True, **bad)
 
+
+
+def test_per_token_blocks_scale_each_block_of_the_last_dimension():
+    """``per_token`` with ``group_size``: one dynamic scale per block of the last dimension, as ONNX
+    Runtime's MatMulNBits quantizes its input for int8 products (symmetric, ``amax / 127``)."""
+    spec = QuantSpec(bits=8, granularity="per_token", group_size=4, narrow_range=True)
+    assert spec.describe() == "int8 per_token(4) sym narrow" and spec.qparam_shape((2, 3, 8), axis=2) == (2, 3, 2)
+    q = Quantizer(spec, role="activation")
+    x = torch.randn(2, 3, 8)
+    blocks = x.reshape(2, 3, 2, 4)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    expected = ((blocks / scale).round().clamp(-127, 127) * scale).reshape(2, 3, 8)
+    assert torch.equal(q(x), expected)
+    assert torch.equal(q.fake_quantize(x), expected)
+    with pytest.raises(ConfigError, match=r"group_size.*per_group` or `per_token"):
+        QuantSpec(bits=8, group_size=4)

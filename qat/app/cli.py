@@ -190,10 +190,28 @@ def _check_example(model: Any, example: Any, args: argparse.Namespace) -> None:
         model.train(training)
 
 
+def _export_genai(args: argparse.Namespace) -> int:
+    from qat.app.models import resolve_model
+    from qat.export.genai import check_folder, export_genai
+    from qat.lightning import load_checkpoint
+
+    if not args.tokenizer:
+        raise QATError("--genai needs --tokenizer: the model's tokenizer folder, tokenizer.json, GGUF file or packaged model name")
+    check_folder(Path(args.output))  # before the model is built and the checkpoint read
+    model = _build_model(args.model, args.init_args)
+    load_checkpoint(model, args.checkpoint)
+    print(export_genai(model, args.output, tokenizer=resolve_model(args.tokenizer), context_length=args.context_length, rtol=args.rtol))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
+    if args.genai:
+        return _export_genai(args)
     from qat.export.exporter import check_write_target, export_onnx
     from qat.lightning import load_checkpoint
 
+    if args.tokenizer or args.context_length:
+        raise QATError("--tokenizer and --context-length are for --genai exports")
     check_write_target(args.output, args.artifacts)  # before the model is built and the checkpoint read
     model = _build_model(args.model, args.init_args)
     example = _example_inputs(args)
@@ -201,6 +219,13 @@ def _export(args: argparse.Namespace) -> int:
     load_checkpoint(model, args.checkpoint, example_inputs=example if not isinstance(example, dict) else None)
     export_onnx(model, example, args.output, artifacts=args.artifacts, dynamic_batch=args.dynamic_batch, rtol=args.rtol,
                 min_top1=args.min_top1, verbose=True)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from qat.app.generate import generate
+
+    generate(args.folder, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.raw)
     return 0
 
 
@@ -324,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free")
     export.add_argument("--rtol", type=float, default=0.05, help="allowed ORT vs PyTorch difference (share of the largest output)")
     export.add_argument("--min-top1", type=float, help="least ORT = PyTorch top-1 agreement for a classifier (default 1 − 2·rtol)")
+    export.add_argument("--genai", action="store_true",
+                        help="an onnxruntime-genai folder (-o names it) for a Llama, Mistral or Qwen2 language model, with a KV cache")
+    export.add_argument("--tokenizer", help="--genai: the tokenizer folder, tokenizer.json, GGUF file or packaged model name")
+    export.add_argument("--context-length", type=int, help="--genai: the longest sequence (default the model's)")
     export.set_defaults(run=_export)
 
     run = commands.add_parser("run", allow_abbrev=False, help="a recipe's whole job: float → PTQ → QAT → export → verify → results table",
@@ -360,6 +389,13 @@ def main(argv: list[str] | None = None) -> int:
     verify.add_argument("--init-args", help="JSON keyword arguments for the model's constructor")
     verify.add_argument("--checkpoint", help="the Lightning checkpoint the files were exported from")
     verify.set_defaults(run=_verify)
+
+    generate = commands.add_parser("generate", help="stream text from a folder written by qat export --genai (onnxruntime-genai)")
+    generate.add_argument("folder", help="the exported folder")
+    generate.add_argument("--prompt", required=True, help="the text to answer (through the chat template when there is one)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate (default 128)")
+    generate.add_argument("--raw", action="store_true", help="feed the prompt as is, without the chat template")
+    generate.set_defaults(run=_generate)
 
     args, unknown = parser.parse_known_args(argv)
     if unknown and not getattr(args, "overrides", False):

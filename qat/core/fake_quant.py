@@ -75,10 +75,16 @@ def host_reads_are_free(t: Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+def integer_codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """The codes ``q = clamp(round_half_to_even(x / s) + z, qmin, qmax)``, float32 with integer
+    values, for parameters already :func:`guarded` and broadcastable against ``x``."""
+    return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax)
+
+
 def fake_quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """The forward value, with ``scale`` and ``zero_point`` already broadcastable against ``x``."""
     s, z = guarded(scale, zero_point, qmin, qmax)
-    q = torch.clamp(torch.round(x.float() / s) + z, qmin, qmax)
+    q = integer_codes(x, s, z, qmin, qmax)
     y = (q - z) * s
     # no `.to()` when the dtype already matches: a no-op `.to` as an autograd.Function's output
     # makes Dynamo before torch 2.13 drop the custom backward's gradient (zero gradients, seen with 2.11)

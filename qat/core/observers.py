@@ -57,14 +57,14 @@ def reduce_groups(x: Tensor, spec: QuantSpec, axis: int, reduce: Callable[[Tenso
         rows, restore = x.reshape(-1), lambda t: t
     elif gran is Granularity.PER_CHANNEL:
         rows, restore = x.movedim(axis, 0).reshape(x.shape[axis], -1), lambda t: t
-    elif gran is Granularity.PER_GROUP:
+    elif gran is Granularity.PER_GROUP or spec.group_size is not None:  # blocks (per-token ones run along the last axis)
         rows = x.movedim(axis, -1)
         pad = -rows.shape[-1] % spec.group_size
         if pad:
             rows = F.pad(rows, (0, pad), value=float("nan"))
         rows = rows.reshape(*rows.shape[:-1], -1, spec.group_size)  # (..., n_blocks, group_size)
         restore = lambda t: t.movedim(-1, axis)  # noqa: E731
-    else:  # per_token: rows are the last dimension
+    else:  # per_token, whole rows: the last dimension
         rows, restore = x, lambda t: t.unsqueeze(-1)
     out = reduce(rows)
     return tuple(map(restore, out)) if isinstance(out, tuple) else restore(out)

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from qat.core import faster
-from qat.core.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize
+from qat.core.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize, guarded, integer_codes
 from qat.core.observers import finite_range_checked, make_observer, reduce_groups
 from qat.core.qparams import qparams_from_range
 from qat.core.snapshot import snapshot
@@ -125,7 +125,8 @@ class Quantizer(nn.Module):
         return 1.0 / math.sqrt(per_scale * max(1, self.spec.qmax))
 
     def dynamic_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-token scale and zero point of ``x`` (shape ``(..., 1)``), from its own range.
+        """Per-token scale and zero point of ``x`` (shape ``(..., 1)``, or one per block of the last
+        dimension with ``group_size``), from its own range.
 
         Snapshotted so a compiled backward reuses them: recomputed there with other arithmetic,
         a row's maximum — which sits exactly on the tie ``(qmax - qmin) / 2`` — can round the
@@ -145,11 +146,15 @@ class Quantizer(nn.Module):
         scale, zero_point = qparams_from_range(low, high, self.spec)
         return snapshot(scale), snapshot(zero_point), finite[0]
 
+    def token_block(self, x: Tensor) -> int:
+        """Elements of ``x``'s last dimension that share a dynamic scale: the spec's ``group_size``, or the whole row."""
+        return self.spec.group_size or x.shape[-1]
+
     def fake_quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` with the current parameters, without observing it."""
         if self.spec.dynamic:
             scale, zero_point = self.dynamic_qparams(x)
-            axis, block_size = -1, x.shape[-1]
+            axis, block_size = -1, self.token_block(x)
         else:
             # scale / zero_point are buffers this forward may have just updated: see qat.core.snapshot
             scale, zero_point, axis, block_size = snapshot(self.scale), snapshot(self.zero_point), self.axis, self.block_size
@@ -158,11 +163,23 @@ class Quantizer(nn.Module):
                              grad_factor=grad_factor, name=self.export_name)
 
     @torch.no_grad()
+    def codes(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(codes, scale, zero_point)`` of ``x`` with the current parameters (a static spec),
+        each in ``x``'s shape: int32 codes, the float32 scale and int32 zero point that apply to
+        each element, so ``(codes - zero_point) * scale`` is :meth:`fake_quantize`'s value. What an
+        exporter writes when it stores a weight in another layout than ONNX's (MatMulNBits blocks)."""
+        if self.spec.dynamic:
+            raise QATError("a per-token quantizer has no fixed codes: its scales come from each input")
+        s, z = guarded(self.scale, self.zero_point, self.spec.qmin, self.spec.qmax)
+        s, z = (broadcast_qparam(p, x, self.axis, self.block_size).expand_as(x) for p in (s, z))
+        return integer_codes(x, s, z, self.spec.qmin, self.spec.qmax).int(), s, z.int()
+
+    @torch.no_grad()
     def clipped_fraction(self, x: Tensor) -> Tensor:
         """Fraction of ``x`` saturated at the ends of the grid (error beyond half a step), with
         the current parameters, as a 0-dim tensor (no host read)."""
         if self.spec.dynamic:
-            scale, axis, block_size = self.dynamic_qparams(x)[0], x.ndim - 1, x.shape[-1]
+            scale, axis, block_size = self.dynamic_qparams(x)[0], x.ndim - 1, self.token_block(x)
         else:
             scale, axis, block_size = self.scale, self.axis, self.block_size
         half_step = broadcast_qparam(scale.float().clamp_min(MIN_SCALE), x, axis, block_size) / 2

@@ -13,7 +13,10 @@ Granularity, with the shape of the scale for an input of shape ``x``:
   the scale has ``x``'s shape with ``x.shape[axis]`` replaced by ``ceil(x.shape[axis] /
   group_size)`` (ONNX ``block_size``). ``(out=8, in=64)`` with group 32 along axis 1 → ``(8, 2)``.
 - ``per_token``: dynamic, for activations: one scale per row of the last dimension, computed
-  from the tensor itself at every call; ``(B, T, H)`` → ``(B, T, 1)``.
+  from the tensor itself at every call; ``(B, T, H)`` → ``(B, T, 1)``. With ``group_size``, one
+  scale per block of ``group_size`` along the last dimension: ``(B, T, H)`` → ``(B, T,
+  ceil(H / group_size))``. That is how ONNX Runtime's MatMulNBits quantizes its input when it
+  computes in int8 (symmetric int8 blocks of the weight's group size).
 
 Example:
     >>> from qat import QuantSpec
@@ -118,7 +121,8 @@ class QuantSpec:
         granularity: ``per_tensor`` | ``per_channel`` | ``per_group`` | ``per_token``.
         axis: channel axis (``per_channel``) or the axis blocks run along (``per_group``);
             ``None`` lets the layer choose (output channels / input features); -8 to 7.
-        group_size: elements per block for ``per_group``, 1 to 2^20.
+        group_size: elements per block for ``per_group`` (required) or ``per_token`` (optional:
+            blocks of the last dimension instead of whole rows), 1 to 2^20.
         observer: ``minmax`` | ``moving_average_minmax`` | ``percentile`` (activations) |
             ``mse`` (weights).
         averaging_constant: weight of the newest batch in ``moving_average_minmax`` and
@@ -169,8 +173,8 @@ class QuantSpec:
         if grouped and self.group_size is None:
             raise ConfigError("group_size", "is required with granularity `per_group` (e.g. 32, 64 or 128)")
         if self.group_size is not None:
-            if not grouped:
-                raise ConfigError("group_size", f"is only used with granularity `per_group`, not `{self.granularity.value}`")
+            if self.granularity not in (Granularity.PER_GROUP, Granularity.PER_TOKEN):
+                raise ConfigError("group_size", f"is only used with granularity `per_group` or `per_token`, not `{self.granularity.value}`")
             if not _is_int(self.group_size) or not 1 <= self.group_size <= MAX_GROUP_SIZE:
                 raise ConfigError("group_size", f"must be an integer from 1 to {MAX_GROUP_SIZE} (2^20); got `{self.group_size!r}`")
         if self.granularity is Granularity.PER_TOKEN and self.learnable:
@@ -236,7 +240,7 @@ class QuantSpec:
             blocked = list(shape)
             blocked[axis] = math.ceil(shape[axis] / self.group_size)
             return tuple(blocked)
-        return (*shape[:-1], 1)
+        return (*shape[:-1], 1 if self.group_size is None else math.ceil(shape[-1] / self.group_size))
 
     def check_role(self, role: Role) -> None:
         """Raise :class:`ConfigError` when this spec cannot quantize a ``role`` tensor."""
@@ -274,7 +278,7 @@ class QuantSpec:
     def describe(self) -> str:
         """Short human label, e.g. ``int4 per_group(32) sym mse``."""
         gran = self.granularity.value
-        if self.granularity is Granularity.PER_GROUP:
+        if self.group_size is not None:
             gran += f"({self.group_size})"
         parts = [self.dtype_name, gran, "sym" if self.symmetric else "affine"]
         if self.narrow_range:

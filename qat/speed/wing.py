@@ -134,7 +134,7 @@ def _per_token_shared(q: Quantizer, x: Tensor, codes: QuantizedCodes | None) -> 
     if codes is not None:  # the tokens' range check has seen whether x is all finite: see _pass_finiteness
         codes.input_finite = finite
     y = fake_quantize_fixed(x, scale, None if q.zero_point_is_zero else zero_point, q.spec.qmin, q.spec.qmax,
-                            axis=-1, block_size=x.shape[-1], codes=codes)
+                            axis=-1, block_size=q.token_block(x), codes=codes)
     if shared:
         _per_token[x] = (key, y)
     return y
@@ -249,7 +249,8 @@ def _replay(q: Quantizer, source: Callable[[], Tensor]) -> Callable[[], Tensor]:
         x = source()
         if scale is None:
             s, z, _ = q.dynamic_qparams_checked(x)
-            return fake_quantize_fixed(x, s, None if q.zero_point_is_zero else z, q.spec.qmin, q.spec.qmax, axis=-1, block_size=x.shape[-1])
+            zero = None if q.zero_point_is_zero else z
+            return fake_quantize_fixed(x, s, zero, q.spec.qmin, q.spec.qmax, axis=-1, block_size=q.token_block(x))
         z = None if q.zero_point_is_zero else broadcast_qparam(zero_point, x, q.axis, q.block_size)
         s = broadcast_qparam(scale, x, q.axis, q.block_size)
         if q.spec.learnable:  # what the plain FakeQuantizeFunction's forward computed

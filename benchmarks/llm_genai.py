@@ -1,0 +1,214 @@
+"""SmolLM2-135M through onnxruntime-genai: post-training formats and decode speed, ours against the genai model builder's.
+
+Every model is measured in the deployed artifact, through onnxruntime-genai (perplexity from the
+runtime's own logits), and in PyTorch where one exists:
+
+- float: the de-quantized SmolLM2 (its weights came from Q4_1; ``datasets/smollm2_135m_instruct.md``),
+  exported with ``qat.export_genai`` unquantized (plain MatMuls);
+- the builder's int4 at its default (symmetric round-to-nearest, the best pure-int4 setting) and
+  at ``algo_config=k_quant_mixed`` (some layers and the head in int8), built here from the same folder;
+- our PTQ: ``qat.prepare`` + ``qat.calibrate`` + ``qat.export_genai``, W4 g32 on every projection,
+  the head and the tied embedding, input in int8 blocks of 32 (MatMulNBits' int8 path, as the
+  builder's), in several weight rules: symmetric ``amax / 7.5`` (min/max), ONNX Runtime's
+  ``extreme_on_grid`` (min/max and MSE), and uint4 with integer zero points (min/max).
+
+Texts: the held-out split of Python's documentation topics (``TextDataModule(source="pydoc")``'s
+test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--window`` tokens.
+Speed: batch 1, one process, runs alternating, median of ``--repeats``: decode tokens/s for 128
+new tokens after a 16-token prompt, and the prefill time of a ``--window``-token prompt.
+
+    python benchmarks/llm_genai.py --write       # about 15 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+import torch
+from results_md import cpu_description, write_block
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import qat
+from qat.app.data.corpus import pydoc_corpus
+from qat.app.data.tokenizer import load_tokenizer
+from qat.app.models import resolve_model
+from qat.app.tasks.language_model import hf_model
+from qat.export.parity import perplexity
+
+MODEL = "smollm2-135m-instruct"
+W4G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
+INT8_BLOCKS = {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True, "granularity": "per_token", "group_size": 32}
+OURS = {
+    "ours PTQ, symmetric amax/7.5, min/max": {**W4G32},
+    "ours PTQ, extreme on grid, min/max": {**W4G32, "extreme_on_grid": True},
+    "ours PTQ, extreme on grid, MSE": {**W4G32, "extreme_on_grid": True, "observer": "mse"},
+    "ours PTQ, uint4 zero points, min/max": {**W4G32, "signed": False, "symmetric": False},
+}
+BUILDER = {"builder int4 (default: symmetric RTN)": [],
+           "builder k_quant_mixed (int8 head and sensitive layers)": ["algo_config=k_quant_mixed"]}
+
+
+def windows(ids: list[int], length: int, count: int) -> list[np.ndarray]:
+    usable = len(ids) // length
+    return [np.asarray(ids[i * length:(i + 1) * length], dtype=np.int64) for i in range(min(usable, count))]
+
+
+def ppl_torch(model: torch.nn.Module, chunks: list[np.ndarray]) -> float:
+    with torch.no_grad(), qat.deployed(model):
+        return float(np.mean([perplexity(model(torch.from_numpy(c)[None]).logits.numpy(), c[None], None) for c in chunks]))
+
+
+def ppl_genai(folder: Path, chunks: list[np.ndarray]) -> float:
+    model = og.Model(str(folder))
+    values = []
+    for chunk in chunks:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(chunk) + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(chunk.astype(np.int32)[None])
+        values.append(perplexity(np.asarray(generator.get_output("logits")), chunk[None], None))
+    return float(np.mean(values))
+
+
+def decode_speed(model: og.Model, prompt: np.ndarray, new_tokens: int = 128) -> float:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.astype(np.int32)[None])
+    start, count = time.perf_counter(), 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def prefill_seconds(model: og.Model, prompt: np.ndarray) -> float:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 1, do_sample=False)
+    generator = og.Generator(model, params)
+    start = time.perf_counter()
+    generator.append_tokens(prompt.astype(np.int32)[None])
+    return time.perf_counter() - start
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+
+
+def hf_folder(model: torch.nn.Module, tokenizer_path: Path, out: Path) -> Path:
+    """The float model as a plain Hugging Face folder (``save_pretrained`` refuses a GGUF-loaded model)."""
+    if not (out / "config.json").exists():
+        fresh = LlamaForCausalLM(model.config)
+        fresh.load_state_dict(model.state_dict())
+        fresh.config.quantization_config = None
+        fresh.save_pretrained(out)
+        config = json.loads((out / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(tokenizer_path.parent), gguf_file=tokenizer_path.name).save_pretrained(out)
+    return out
+
+
+def build_with_builder(source: Path, out: Path, options: list[str]) -> Path:
+    if not (out / "genai_config.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out), "-p", "int4", "-e", "cpu"]
+        if options:
+            command += ["--extra_options", *options]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qat-llm-genai"), help="where the exported folders go")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--windows", type=int, default=10, help="windows per text")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="write the table into RESULTS.md")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+
+    gguf = Path(resolve_model(MODEL))
+    tokenizer = load_tokenizer(gguf)
+    corpus = pydoc_corpus()
+    license_text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    texts = {"pydoc held-out": windows(tokenizer.encode(corpus.text("test")), args.window, args.windows),
+             "LICENSE.txt": windows(tokenizer.encode(license_text), args.window, args.windows)}
+    calibration = [torch.from_numpy(c[None]) for c in windows(tokenizer.encode(corpus.text("train")), 256, 4)]
+    float_model = hf_model(MODEL, AutoModelForCausalLM).eval()
+
+    rows, folders = [], {}
+
+    def measure(name: str, folder: Path, model: torch.nn.Module | None) -> None:
+        folders[name] = folder
+        row = {"name": name, "bytes": folder_bytes(folder)}
+        for text, chunks in texts.items():
+            row[f"{text} genai"] = ppl_genai(folder, chunks)
+            row[f"{text} torch"] = ppl_torch(model, chunks) if model is not None else None
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def export(name: str, model: torch.nn.Module, folder_name: str) -> Path:
+        folder = args.work / folder_name
+        if not (folder / "genai_config.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            print(qat.export_genai(model, folder, tokenizer=gguf), flush=True)
+        return folder
+
+    measure("float (de-quantized Q4_1)", export("float", float_model, "float"), float_model)
+    source = hf_folder(float_model, gguf, args.work / "hf")
+    for index, (name, options) in enumerate(BUILDER.items()):
+        measure(name, build_with_builder(source, args.work / f"builder{index}", options), None)
+    for index, (name, weight) in enumerate(OURS.items()):
+        model = qat.prepare(copy.deepcopy(float_model), {"weight": weight, "activation": INT8_BLOCKS})
+        qat.calibrate(model, calibration)
+        measure(name, export(name, model, f"ours{index}"), model)
+        del model
+
+    speed_names = ["float (de-quantized Q4_1)", "builder int4 (default: symmetric RTN)", "ours PTQ, extreme on grid, MSE"]
+    models = {name: og.Model(str(folders[name])) for name in speed_names}
+    prompt = texts["pydoc held-out"][0]
+    decode, prefill = {n: [] for n in speed_names}, {n: [] for n in speed_names}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            decode[name].append(decode_speed(model, prompt[:16]))
+            prefill[name].append(prefill_seconds(model, prompt))
+    speed = {n: (statistics.median(decode[n]), statistics.median(prefill[n])) for n in speed_names}
+    print(json.dumps(speed), flush=True)
+
+    text_names = list(texts)
+    lines = ["| model | size (MiB) | " + " | ".join(f"{t}: genai / PyTorch" for t in text_names) + " |",
+             "|---|---:|" + "---:|" * len(text_names)]
+    for row in rows:
+        cells = [f"{row[f'{t} genai']:.2f} / {row[f'{t} torch']:.2f}" if row[f"{t} torch"] is not None else f"{row[f'{t} genai']:.2f} / –"
+                 for t in text_names]
+        lines.append(f"| {row['name']} | {row['bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |")
+    builder = speed["builder int4 (default: symmetric RTN)"][0]
+    lines += ["", "| artifact | decode (tokens/s) | vs builder int4 | prefill of a window (s) |", "|---|---:|---:|---:|"]
+    for name, (tokens_per_second, seconds) in speed.items():
+        lines.append(f"| {name} | {tokens_per_second:.1f} | {tokens_per_second / builder:.2f}× | {seconds:.3f} |")
+    lines += ["", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "
+              f"alternating runs. Command: `python benchmarks/llm_genai.py --write`; {cpu_description()}; onnxruntime-genai "
+              f"{og.__version__}, torch {torch.__version__.split('+')[0]}; {time.strftime('%Y-%m-%d')}."]
+    print("\n".join(lines))
+    if args.write:
+        write_block("llm-genai", lines)
+
+
+if __name__ == "__main__":
+    main()
