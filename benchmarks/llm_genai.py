@@ -17,7 +17,8 @@ test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--wind
 Speed: batch 1, one process, runs alternating, median of ``--repeats``: decode tokens/s for 128
 new tokens after a 16-token prompt, and the prefill time of a ``--window``-token prompt.
 
-    python benchmarks/llm_genai.py --write       # about 15 minutes on 2 CPU cores
+    python benchmarks/llm_genai.py --write                      # PTQ and speed: about 25 minutes on 2 CPU cores
+    python benchmarks/llm_genai.py --qat-steps 100 --write      # and float fine-tuning and QAT for 100 steps each
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ OURS = {
     "ours PTQ, extreme on grid, MSE": {**W4G32, "extreme_on_grid": True, "observer": "mse"},
     "ours PTQ, uint4 zero points, min/max": {**W4G32, "signed": False, "symmetric": False},
 }
+BEST_PTQ = "ours PTQ, extreme on grid, min/max"
+"""The PTQ that QAT starts from and is compared with (the lowest perplexity of OURS in the first run)."""
 BUILDER = {"builder int4 (default: symmetric RTN)": [],
            "builder k_quant_mixed (int8 head and sensitive layers)": ["algo_config=k_quant_mixed"]}
 
@@ -132,12 +135,39 @@ def build_with_builder(source: Path, out: Path, options: list[str]) -> Path:
     return out
 
 
+def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Namespace, recipe: dict | None) -> torch.nn.Module:
+    """``args.qat_steps`` AdamW steps of next-token loss on random ``args.batch × args.seq`` windows of
+    the training split, the same windows for every model (a fixed seed): QAT when ``model`` is
+    prepared, the fair float baseline when it is not."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor(train_ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    model.train()
+    if recipe is not None:
+        qat.set_observers(model, False)  # ranges from calibration; learnable scales train from there
+    start = time.perf_counter()
+    for step in range(args.qat_steps):
+        starts = torch.randint(0, len(ids) - args.seq - 1, (args.batch,), generator=generator)
+        batch = torch.stack([ids[s:s + args.seq] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 0 or step == args.qat_steps - 1:
+            print(f"{'QAT' if recipe else 'float'} step {step}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+    return model.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/qat-llm-genai"), help="where the exported folders go")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=10, help="windows per text")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--qat-steps", type=int, default=0, help="also fine-tune float and QAT for this many steps (0: PTQ only)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--write", action="store_true", help="write the table into RESULTS.md")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -180,7 +210,20 @@ def main() -> None:
         measure(name, export(name, model, f"ours{index}"), model)
         del model
 
-    speed_names = ["float (de-quantized Q4_1)", "builder int4 (default: symmetric RTN)", "ours PTQ, extreme on grid, MSE"]
+    if args.qat_steps:
+        train_ids = tokenizer.encode(corpus.text("train"))
+        ptq_name = BEST_PTQ
+        qat_recipe = {"weight": {**OURS[ptq_name], "learnable": True}, "activation": INT8_BLOCKS}
+        tuned = fine_tune(copy.deepcopy(float_model), train_ids, args, None)
+        measure(f"float fine-tuned ({args.qat_steps} steps)", export("float-ft", tuned, "float-ft"), tuned)
+        del tuned
+        model = qat.prepare(copy.deepcopy(float_model), qat_recipe)
+        qat.calibrate(model, calibration)
+        model = fine_tune(model, train_ids, args, qat_recipe)
+        measure(f"ours QAT, extreme on grid, learnable scales ({args.qat_steps} steps)", export("qat", model, "qat"), model)
+        del model
+
+    speed_names = ["float (de-quantized Q4_1)", "builder int4 (default: symmetric RTN)", BEST_PTQ]
     models = {name: og.Model(str(folders[name])) for name in speed_names}
     prompt = texts["pydoc held-out"][0]
     decode, prefill = {n: [] for n in speed_names}, {n: [] for n in speed_names}
@@ -202,8 +245,19 @@ def main() -> None:
     lines += ["", "| artifact | decode (tokens/s) | vs builder int4 | prefill of a window (s) |", "|---|---:|---:|---:|"]
     for name, (tokens_per_second, seconds) in speed.items():
         lines.append(f"| {name} | {tokens_per_second:.1f} | {tokens_per_second / builder:.2f}× | {seconds:.3f} |")
+    by_name = {row["name"]: row for row in rows}
+    qat_rows = [row for row in rows if row["name"].startswith("ours QAT")]
+    if qat_rows:
+        tuned, ptq = by_name[f"float fine-tuned ({args.qat_steps} steps)"], by_name[BEST_PTQ]
+        lines += ["", "| text | PTQ → QAT gap recovered (genai), against the float fine-tuned for the same steps |", "|---|---:|"]
+        for t in text_names:
+            gap = ptq[f"{t} genai"] - tuned[f"{t} genai"]
+            lines.append(f"| {t} | {(ptq[f'{t} genai'] - qat_rows[0][f'{t} genai']) / gap:.0%} |")
+        lines += ["", f"QAT and the float fine-tune: {args.qat_steps} AdamW steps (lr {args.lr}) of {args.batch} × {args.seq} tokens "
+                  "of the pydoc training split, the same windows for both; QAT from the best PTQ model, its scales learned."]
+    command = f"python benchmarks/llm_genai.py{f' --qat-steps {args.qat_steps}' if args.qat_steps else ''} --write"
     lines += ["", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "
-              f"alternating runs. Command: `python benchmarks/llm_genai.py --write`; {cpu_description()}; onnxruntime-genai "
+              f"alternating runs. Command: `{command}`; {cpu_description()}; onnxruntime-genai "
               f"{og.__version__}, torch {torch.__version__.split('+')[0]}; {time.strftime('%Y-%m-%d')}."]
     print("\n".join(lines))
     if args.write:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -113,13 +114,25 @@ def test_logits_match_pytorch_whole_and_cached(tmp_path, name):
 
 def test_int4_container_and_fused_projections(tmp_path):
     result = qat.export_genai(prepared(FORMATS["w4g32"]), tmp_path / "out", tokenizer=byte_tokenizer())
-    graph = __import__("onnx").load(str(result.folder / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(result.folder / "model.onnx"), load_external_data=False).graph
     ops = [node.op_type for node in graph.node]
     assert ops.count("GroupQueryAttention") == 2 and ops.count("GatherBlockQuantized") == 1
     assert ops.count("MatMulNBits") == 2 * 5 + 1  # fused q/k/v, o, gate, up, down per layer, and the head (sharing the table)
     nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
     assert {a.i for node in nbits for a in node.attribute if a.name in ("bits", "block_size")} == {4, 32}
     assert result.bytes < 0.5 * sum(p.numel() for p in tiny_llama().parameters()) * 4 / 2  # well under float32
+
+
+def test_extreme_on_grid_stores_mirrored_blocks_and_no_zero_points(tmp_path):
+    """Blocks whose largest-magnitude weight is positive (zero point one below the mid-point) are
+    stored with mirrored codes and a negative scale, ONNX Runtime's own int4 layout: the same values."""
+    result = qat.export_genai(prepared(FORMATS["w4g32_extreme_on_grid"]), tmp_path / "out", tokenizer=byte_tokenizer())
+    assert result.parity.max_abs_diff <= 1e-5 * result.parity.output_scale
+    graph = onnx.load(str(result.folder / "model.onnx")).graph
+    nbits = [node for node in graph.node if node.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert nbits and all(len(node.input) == 3 for node in nbits)  # no zero points
+    scales = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.endswith(".scales")}
+    assert all((s < 0).any() and (s > 0).any() for s in scales.values())
 
 
 @pytest.mark.parametrize("name", ["w4g32", "w4g32_a8_blocks"])

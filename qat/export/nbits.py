@@ -13,7 +13,10 @@ into that layout without changing one value:
   uint4 ``q + 8``, ``z + 8``), which leaves ``q - z`` unchanged;
 - 2- and 3-bit codes are stored in 4-bit containers, 5- to 7-bit ones in 8-bit containers;
 - per-channel and per-tensor scales, and groups larger than the block, repeat their scale in
-  every block they cover: the block size only has to divide the group (:func:`block_size_for`).
+  every block they cover: the block size only has to divide the group (:func:`block_size_for`);
+- with ``extreme_on_grid`` every zero point is the mid-point or one below it; a block one below is
+  stored with mirrored codes and a negative scale (the same values), so no zero points are stored
+  at all, as in ONNX Runtime's own int4 files.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class BlockedWeight:
 
     Attributes:
         codes: uint8 ``(N, n_blocks, block_size * bits / 8)``, packed.
-        scales: float32 ``(N, n_blocks)``.
+        scales: float32 ``(N, n_blocks)`` (negative for a mirrored block).
         zero_points: uint8 ``(N, ceil(n_blocks * bits / 8))``, packed; None when all are the default.
         bits: the container's width, 4 or 8.
         block_size: elements of ``K`` per block.
@@ -124,11 +127,21 @@ def blocked_weight(layer: str, weight: Tensor, quantizer: Quantizer, block_size:
     unsigned = codes + offset
     if pad:  # the padding dequantizes to 0
         unsigned = np.concatenate([unsigned, np.repeat(block_zero[:, -1:] + offset, pad, axis=1)], axis=1)
-    packed = _pack(unsigned.reshape(n, n_blocks, block_size), bits)
+    unsigned = unsigned.reshape(n, n_blocks, block_size)
     zero = block_zero + offset
+    block_scale = block_scale.astype(np.float32)
     default = 2 ** (bits - 1)
+    below = zero == default - 1
+    if np.isin(zero, (default, default - 1)).all() and below.any():
+        # extreme_on_grid: a block whose zero point is one below the mid-point holds the same values
+        # with its codes mirrored and its scale negated, (top - q - mid)·(-s) = (q - (mid - 1))·s, so
+        # every zero point is the default and none is stored (ONNX Runtime's own int4 rule, its layout)
+        top = 2**bits - 1
+        unsigned = np.where(below[..., None], top - unsigned, unsigned)
+        block_scale = np.where(below, -block_scale, block_scale)
+        zero = np.full_like(zero, default)
     zero_points = None if (zero == default).all() else _pack(zero, bits)
-    return BlockedWeight(packed, block_scale.astype(np.float32), zero_points, bits, block_size, k)
+    return BlockedWeight(_pack(unsigned, bits), block_scale, zero_points, bits, block_size, k)
 
 
 def concatenate(weights: list[BlockedWeight]) -> BlockedWeight:
