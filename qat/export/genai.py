@@ -19,7 +19,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,6 +35,7 @@ from torch import nn
 from qat.errors import QATError
 from qat.export.genai_graph import SUPPORTED, DecoderGraph, causal_lm
 from qat.export.parity import Parity, perplexity
+from qat.export.sidecar import sha256
 from qat.training.control import deployed
 from qat.version import __version__
 
@@ -171,14 +171,6 @@ def verify_decoder(lm: nn.Module, onnx_path: Path, ids: np.ndarray, prefix: int)
     return parity, float(np.abs(cached - reference).max())
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sidecar(model: nn.Module, graph: DecoderGraph, folder: Path, verification: dict[str, Any]) -> dict[str, Any]:
     modules = dict(model.named_modules())
     layers = {}
@@ -190,7 +182,7 @@ def _sidecar(model: nn.Module, graph: DecoderGraph, folder: Path, verification: 
     return {"format": FORMAT, "version": VERSION,
             "producer": {"name": "lightning-qat", "version": __version__, "torch": torch.__version__.split("+")[0]},
             "model": {"file": MODEL_FILE, "kind": "genai", "type": SUPPORTED[graph.config.model_type],
-                      "sha256": _sha256(folder / MODEL_FILE), "data_sha256": _sha256(folder / DATA_FILE)},
+                      "sha256": sha256(folder / MODEL_FILE), "data_sha256": sha256(folder / DATA_FILE)},
             "layers": layers, "verification": verification}
 
 

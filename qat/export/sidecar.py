@@ -69,7 +69,12 @@ def sidecar_path(onnx_path: str | os.PathLike[str]) -> Path:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The file's SHA-256, read in 1 MiB chunks (an LLM's weights need not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def validate(qparams: dict[str, Any], where: str = "qparams") -> None:
