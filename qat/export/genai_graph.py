@@ -96,6 +96,15 @@ class _Projection:
         return ("nbits", self.blocked.bits, self.blocked.block_size, self.accuracy_level, self.bias is None)
 
 
+def _same_blocks(a: BlockedWeight, b: BlockedWeight | None) -> bool:
+    """Whether two blocked weights hold the same codes, scales and zero points in the same layout."""
+    if b is None or (a.bits, a.block_size) != (b.bits, b.block_size):
+        return False
+    zeros_equal = (a.zero_points is None) == (b.zero_points is None) and (
+        a.zero_points is None or np.array_equal(a.zero_points, b.zero_points))
+    return zeros_equal and np.array_equal(a.codes, b.codes) and np.array_equal(a.scales, b.scales)
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
@@ -127,8 +136,8 @@ class DecoderGraph:
     def __init__(self, lm: nn.Module, names: dict[nn.Module, str], context_length: int) -> None:
         self.lm, self.config, self.names, self.context_length = lm, lm.config, names, context_length
         self.g = _Graph()
-        self._tied_head: list[str] | None = None
-        """The embedding's stored codes, scales and zero points when the head shares them."""
+        self._tied_head: tuple[_Projection, list[str]] | None = None
+        """The head's projection and the embedding's stored codes, scales and zero points, when the head shares them."""
         self.layers: dict[str, dict[str, Any]] = {}
         """Per stored Linear or embedding: op, bits, block size, accuracy level, initializer names."""
         config = self.config
@@ -165,13 +174,14 @@ class DecoderGraph:
         names = [self.g.constant(f"{prefix}.codes", blocked.codes), self.g.constant(f"{prefix}.scales", blocked.scales)]
         return [*names, self.g.constant(f"{prefix}.zero_points", blocked.zero_points) if blocked.zero_points is not None else ""]
 
-    def matmul(self, x: str, projections: list[_Projection], prefix: str) -> str:
-        """``x @ W (+ b)`` for one projection or several stored alike (concatenated along N)."""
+    def matmul(self, x: str, projections: list[_Projection], prefix: str, stored: list[str] | None = None) -> str:
+        """``x @ W (+ b)`` for one projection or several stored alike (concatenated along N);
+        ``stored``: the initializers that already hold the blocked weight (a tied embedding's)."""
         first = projections[0]
         bias = None if first.bias is None else np.concatenate([p.bias for p in projections]).astype(np.float32)
         if first.blocked is not None:
             blocked = concatenate([p.blocked for p in projections]) if len(projections) > 1 else first.blocked
-            codes, scales, zero_points = self._store_blocked(prefix, blocked)
+            codes, scales, zero_points = stored or self._store_blocked(prefix, blocked)
             inputs = [x, codes, scales, zero_points]
             if bias is not None:
                 inputs += ["", self.g.constant(f"{prefix}.bias", bias)]
@@ -213,9 +223,10 @@ class DecoderGraph:
         if self.hidden % block:
             raise QATError(f"layer `{name}`: GatherBlockQuantized needs the hidden size {self.hidden} to be a multiple "
                            f"of the block size {block}")
-        tied = head.weight is module.weight and _quantized_weight(head) and self._same_blocks(blocked, head)
+        head_projection = self.projection(head) if head.weight is module.weight and _quantized_weight(head) else None
+        tied = head_projection is not None and _same_blocks(blocked, head_projection.blocked)
         codes, scales, zero_points = self._store_blocked("lm_head" if tied else "model.embed_tokens", blocked)
-        self._tied_head = [codes, scales, zero_points] if tied else None
+        self._tied_head = (head_projection, [codes, scales, zero_points]) if tied else None
         shape = self.g.constant("/model/embed_tokens/rows_shape", np.array(blocked.rows().shape, np.int64))
         (rows,) = self.g.node("Reshape", [codes, shape], "/model/embed_tokens/Reshape")
         inputs = [rows, "input_ids", scales] + ([zero_points] if zero_points else [])
@@ -224,14 +235,6 @@ class DecoderGraph:
         self.layers[name] = {"op": "GatherBlockQuantized", "node": "/model/embed_tokens/GatherBlockQuantized", "bits": blocked.bits,
                              "block_size": block, "codes": codes, "scales": scales, "zero_points": zero_points or None}
         return y
-
-    def _same_blocks(self, blocked: BlockedWeight, head: nn.Module) -> bool:
-        other = self.projection(head).blocked
-        if other is None or (other.bits, other.block_size) != (blocked.bits, blocked.block_size):
-            return False
-        zeros_equal = (other.zero_points is None and blocked.zero_points is None) or (
-            other.zero_points is not None and blocked.zero_points is not None and np.array_equal(other.zero_points, blocked.zero_points))
-        return zeros_equal and np.array_equal(other.codes, blocked.codes) and np.array_equal(other.scales, blocked.scales)
 
     # -- the model -------------------------------------------------------------------------------
 
@@ -314,18 +317,10 @@ class DecoderGraph:
         return self._model(len(layers))
 
     def _head(self, x: str) -> str:
-        head = self.lm.lm_head
         if self._tied_head:
-            codes, scales, zero_points = self._tied_head
-            embedding = self.layers[self.name(self.lm.model.embed_tokens)]
-            n, k = self.config.vocab_size, self.hidden
-            inputs = [x, codes, scales] + ([zero_points] if zero_points else [])
-            level = self.projection(head).accuracy_level
-            (y,) = self.g.node("MatMulNBits", inputs, "/lm_head/MatMulNBits", domain=MS, K=k, N=n, bits=embedding["bits"],
-                               block_size=embedding["block_size"], accuracy_level=level)
-            self.layers[self.name(head)] = {**embedding, "op": "MatMulNBits", "node": "/lm_head/MatMulNBits", "accuracy_level": level}
-            return y
-        return self.linears(x, [head], ["/lm_head"], "/lm_head")[0]
+            projection, stored = self._tied_head
+            return self.matmul(x, [projection], "/lm_head", stored=stored)
+        return self.linears(x, [self.lm.lm_head], ["/lm_head"], "/lm_head")[0]
 
     def _model(self, n_layers: int) -> onnx.ModelProto:
         float_type, int_type = TensorProto.FLOAT, TensorProto.INT64

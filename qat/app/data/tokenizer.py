@@ -202,7 +202,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> FastTokenizer:
     return FastTokenizer(hf.backend_tokenizer, str(path))
 
 
-
 def _gguf_tokenizer(path: Path) -> FastTokenizer:
     """The tokenizer a GGUF file carries, rebuilt by transformers as a fast tokenizer."""
     missing = [name for name in ("transformers", "gguf") if importlib.util.find_spec(name) is None]

@@ -16,9 +16,9 @@ torchvision``):
 - :class:`ImageFolderDataModule`: any ``root/<class>/<image>`` folder, decoded per batch.
 
 Both keep images as uint8 until a batch is collated, then convert, resize, augment and normalise
-the whole batch at once (:class:`BatchTransform`): on this 2-core CPU torchvision's per-image
-tensor transforms cost 0.5–1.2 ms an image (operator dispatch, not arithmetic), the batched ones
-0.03–0.16 ms (32 or 64 pixels, with or without augmentation).
+the whole batch at once (:class:`BatchTransform`): torchvision's per-image tensor transforms
+spend their time in operator dispatch, not arithmetic, so one call per batch costs a fraction of
+one call per image.
 
 Splits are stratified and deterministic (:func:`qat.app.data.splits.stratified_split`).
 ``image_size`` and ``channels`` adapt the images to ImageNet-style models (ResNet-18 wants 3
