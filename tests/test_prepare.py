@@ -289,6 +289,70 @@ def test_a_module_used_twice_gets_one_twin_at_both_places_and_tied_weights_stay_
     assert lm[0].weight is lm[1].weight
 
 
+def tied_lm() -> nn.Sequential:
+    emb, head = nn.Embedding(10, 8, padding_idx=3), nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    return nn.Sequential(emb, head)
+
+
+def test_a_tied_weight_quantized_alike_gets_one_quantizer_and_unlike_two():
+    """The embedding and the head that hold one table share its weight quantizer when the recipe
+    quantizes them alike (one table stored, one set of scales learned from both uses); given
+    different formats, each keeps its own; a state dict round-trips either way."""
+    spec = {"bits": 4, "granularity": "per_group", "group_size": 4, "learnable": True}
+    lm = qat.prepare(tied_lm(), {"rules": [{"types": ["Embedding", "Linear"], "weight": spec}]})
+    assert lm[0].weight_quantizer is lm[1].weight_quantizer
+    assert sum(1 for name, _ in lm.named_parameters() if name.endswith("scale")) == 1
+    ids = torch.tensor([[1, 2, 3, 1]])
+    qat.calibrate(lm, [ids])
+    lm(ids).sum().backward()
+    assert lm[0].weight_quantizer.scale.grad.abs().sum() > 0  # from both uses
+    fresh = qat.prepare(tied_lm(), {"rules": [{"types": ["Embedding", "Linear"], "weight": spec}]})
+    fresh.load_state_dict(lm.state_dict())
+    assert torch.equal(fresh(ids), lm(ids))
+    apart = qat.prepare(tied_lm(), {"rules": [{"types": ["Embedding"], "weight": spec},
+                                              {"types": ["Linear"], "weight": {**spec, "bits": 8}}]})
+    assert apart[0].weight_quantizer is not apart[1].weight_quantizer
+
+
+@pytest.mark.parametrize("weight", [
+    {"bits": 4, "granularity": "per_group", "group_size": 4, "learnable": True},
+    {"bits": 4, "granularity": "per_channel", "symmetric": False, "learnable": True},
+    {"bits": 8},
+])
+def test_an_embedding_fake_quantizes_the_rows_it_reads_as_the_whole_table(weight):
+    """The rows a batch reads, fake-quantized with their own scales: the values of quantizing the
+    whole table and looking up, bit for bit; the same gradients (the padding row's none), summed in
+    another order; the observer still sees the whole table."""
+    torch.manual_seed(0)
+    model = qat.prepare(nn.Sequential(nn.Embedding(50, 16, padding_idx=3)), {"rules": [{"types": ["Embedding"], "weight": weight}]})
+    ids = torch.randint(0, 25, (4, 20))  # rows 25 to 49 are never read
+    ids[0, :3] = 3
+    qat.calibrate(model, [ids])
+    whole_table = copy.deepcopy(model[0].weight_quantizer)
+    whole_table.observe(model[0].weight.detach())
+    assert torch.equal(whole_table.scale, model[0].weight_quantizer.scale)
+    qat.set_observers(model, False)
+    assert model[0]._rows_alone()
+    grad = torch.randn(4, 20, 16)
+    results = []
+    for rows in (True, False):
+        copy_ = copy.deepcopy(model)
+        if not rows:
+            copy_[0]._rows_alone = lambda: False
+        y = copy_(ids)
+        y.backward(grad)
+        results.append((y.detach(), {name: p.grad for name, p in copy_.named_parameters()}))
+    (y_rows, grads_rows), (y_table, grads_table) = results
+    assert torch.equal(y_rows, y_table)
+    assert grads_rows.keys() == grads_table.keys()
+    for name, g in grads_table.items():
+        torch.testing.assert_close(grads_rows[name], g, rtol=1e-5, atol=1e-6)
+    assert not grads_rows["0.weight"][3].any()
+    if "0.weight_quantizer.scale" in grads_rows and grads_rows["0.weight_quantizer.scale"].ndim:
+        assert not grads_rows["0.weight_quantizer.scale"][3].any()
+
+
 def test_prepared_model_state_dict_round_trips_into_a_fresh_prepared_model(tmp_path):
     x = torch.randn(4, 3, 8, 8)
     model = qat.prepare(TinyCNN(), EVERYTHING_RECIPE, example_inputs=x)

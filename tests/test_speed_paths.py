@@ -24,10 +24,10 @@ import qat.speed.functions
 import qat.speed.wing
 from qat import QATError, QuantSpec
 from qat.core import faster
-from qat.core.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize_math
+from qat.core.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize, fake_quantize_math
 from qat.core.quantizer import Quantizer
 from qat.speed.codes import QuantizedCodes
-from qat.speed.functions import fake_quantize_fixed, fake_quantize_folded
+from qat.speed.functions import fake_quantize_fixed, fake_quantize_folded, fake_quantize_learned
 from qat.speed.masks import fake_quantize_values, fake_quantize_with_mask
 
 
@@ -70,6 +70,25 @@ def test_fast_path_gives_the_reference_value_and_straight_through_mask(case):
         y_none, inside_none = fake_quantize_with_mask(x, s, None, qmin, qmax)
         assert torch.equal(y_none, y) and torch.equal(inside_none, inside)
         assert torch.equal(fake_quantize_values(x, s, None, qmin, qmax), y)
+
+
+@settings(max_examples=300)
+@given(fq_cases(), st.sampled_from([torch.float32, torch.bfloat16]), st.booleans())
+def test_learned_scales_give_the_core_value_and_gradients_bit_for_bit(case, dtype, learn_zero_point):
+    """Gradient terms made in the forward pass (LSQ, LSQ+): the value and the gradients of the
+    input, the scale and the zero point are the core's, bit for bit, ties, saturation, infinities
+    and tiny scales included."""
+    x, scale, zero_point, qmin, qmax, axis, block = case
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for function in (fake_quantize_learned, fake_quantize):
+        inputs = [torch.from_numpy(x).to(dtype).requires_grad_(), torch.from_numpy(scale).requires_grad_(),
+                  torch.from_numpy(zero_point).requires_grad_(learn_zero_point)]
+        y = function(*inputs, qmin, qmax, axis=axis or 0, block_size=block, grad_factor=0.25)
+        y.backward(grad_y)
+        results.append([y.detach()] + [t.grad for t in inputs])
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("zero_point", [None, torch.tensor(3.0)])
@@ -341,7 +360,8 @@ def test_training_steps_through_the_speed_wing_match_the_plain_core(make_model, 
     for key, value in plain_state.items():
         if torch.is_tensor(value):
             assert torch.equal(fast_state[key], value), key
-    wing_nodes = {"FixedFakeQuantizeFunctionBackward", "FoldedFakeQuantizeFunctionBackward", "_ReusedFakeQuantizeBackward"}
+    wing_nodes = {"FixedFakeQuantizeFunctionBackward", "FoldedFakeQuantizeFunctionBackward", "_ReusedFakeQuantizeBackward",
+                  "LearnedFakeQuantizeFunctionBackward"}
     assert node_names[0] & wing_nodes and not node_names[1] & wing_nodes
     assert "FakeQuantizeFunctionBackward" in node_names[1]
 

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -193,6 +193,26 @@ class Quantizer(nn.Module):
         scale, zero_point = self.observer.qparams()
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
+
+    def rows(self, table: Tensor, lookup: Callable[[Tensor], Tensor]) -> Tensor:
+        """``lookup(self(table))`` for a lookup that picks whole rows (an embedding's), with only
+        the picked rows fake-quantized: observe the whole table (when on), then fake-quantize
+        ``lookup(table)`` with ``lookup`` of the scale and zero point, laid out one row each.
+        For scales that are each row's own (per tensor, per channel along axis 0, per group along
+        axis 1); the values are those of quantizing the whole table, and the gradients the same
+        sums, added in another order."""
+        if self.observer_enabled:
+            self.observe(table)
+        picked = lookup(table)
+        if not self.fake_quant_enabled:
+            return picked
+        scale, zero_point, block_size = self.scale, self.zero_point, 0
+        if scale.ndim:  # one row of scales per table row: (num,) per channel, (num, groups) per group
+            scale, zero_point = (lookup(p.reshape(len(table), -1)) for p in (scale, zero_point))
+            block_size = self.block_size or table.shape[1]
+        grad_factor = self.grad_factor(table) if self.spec.learnable else 1.0
+        return fake_quantize(picked, scale, zero_point, self.spec.qmin, self.spec.qmax, axis=-1, block_size=block_size,
+                             grad_factor=grad_factor)
 
     def forward(self, x: Tensor, factor: Tensor | None = None, request: object = None) -> Tensor:
         """Observe (when on) and fake-quantize (when on) ``x``, or ``x * factor`` when a factor is

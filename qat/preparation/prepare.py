@@ -9,7 +9,7 @@ quantized, folded, or listed with its reason.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +214,7 @@ def prepare(
         raise QATError(f"the recipe quantizes no layer of {type(model).__name__}: no Linear, Conv, ConvTranspose2d or "
                        f"Embedding layer is selected (left float: {', '.join(list(float_layers)[:6]) or 'none'})")
 
+    _share_tied_quantizers(twins.values())
     plan = _residual_plan(model, recipe, example_inputs, residuals, twin_names, fold_pairs)
     bn_by_name = dict(model.named_modules())
     replacements: dict[int, nn.Module] = dict(twins)
@@ -231,6 +232,22 @@ def prepare(
     _quantize_outputs(model, recipe, plan, twin_names)
     setattr(model, STATE_NAME, QATState(recipe, float_layers, folded, plan))
     return model
+
+
+def _share_tied_quantizers(twins: Iterable[QuantizedLayer]) -> None:
+    """Layers that hold one weight tensor (an LLM's embedding tied to its output head) and quantize
+    it alike get one weight quantizer: the table is stored once when deployed, so it is trained
+    with one set of scales, each learned from both uses. Where the recipe quantizes the uses
+    differently, each keeps its own quantizer (and the weight is stored twice)."""
+    by_weight: dict[int, QuantizedLayer] = {}
+    for twin in twins:
+        q = twin.weight_quantizer
+        if q is None:
+            continue
+        first = by_weight.setdefault(id(twin.weight), twin)
+        shared = first.weight_quantizer
+        if first is not twin and (shared.spec, shared.axis, shared.scale.shape) == (q.spec, q.axis, q.scale.shape):
+            twin.weight_quantizer = shared
 
 
 def _residual_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, residuals: Mapping[str, Sequence[str]] | None,

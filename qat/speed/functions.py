@@ -1,7 +1,8 @@
 """Autograd functions of the speed wing: fixed-parameter fake quantization that saves a mask, its
 input or integer codes (:func:`fake_quantize_fixed`); BatchNorm folding and fake quantization as
 one node (:func:`fake_quantize_folded`); a weight's fake-quantized value kept and used again
-(:func:`fake_quantize_kept`, :func:`reuse_fake_quantized`). Each gives the values and gradients of
+(:func:`fake_quantize_kept`, :func:`reuse_fake_quantized`); learned scales whose gradient terms are
+made in the forward pass (:func:`fake_quantize_learned`). Each gives the values and gradients of
 :func:`qat.core.fake_quant.fake_quantize`, bit for bit."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qat.core.fake_quant import in_layout
+from qat.core.fake_quant import guarded, in_layout
 from qat.errors import QATError
 from qat.speed.codes import QuantizedCodes
 from qat.speed.masks import (
@@ -211,3 +212,62 @@ def reuse_fake_quantized(x: Tensor, y: Tensor, inside: Tensor) -> Tensor:
         tensor([1., 1., 0.])
     """
     return _ReusedFakeQuantize.apply(x, y, inside)
+
+
+class LearnedFakeQuantizeFunction(torch.autograd.Function):
+    """:class:`~qat.core.fake_quant.FakeQuantizeFunction` for learned scales (LSQ, LSQ+), with the
+    backward pass's per-element terms made in the forward pass, where the forward has ``x / s`` and
+    the clamped codes in hand: the straight-through mask (one byte an element) and the scale's
+    gradient term ``(q - z) - u`` inside the range, ``q - z`` outside (four bytes). The backward is
+    then two products and a sum, where the core's remakes ``x / s``, the codes and the mask first.
+    The cost is those five bytes an element held from forward to backward; a layer that recomputes
+    its operands (:func:`qat.set_recompute`) keeps the core's path, which saves nothing but its
+    input."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+        s, z = guarded(scale, zero_point, qmin, qmax)
+        u = x.float() / s
+        code = torch.round(u).add_(z)
+        shifted = code.clamp(qmin, qmax)
+        inside = shifted == code  # qmin <= code <= qmax in one pass (a NaN code is outside: NaN != NaN)
+        shifted.sub_(z)  # q - z
+        y = torch.mul(shifted, s, out=code)  # weight-sized buffers are made as few times as they can be
+        d_scale = shifted.sub_(u.masked_fill_(~inside, 0.0)) if ctx.needs_input_grad[1] else None
+        # the zero point's term, where(inside, 0, -s), is made from the mask and the scale when needed
+        ctx.save_for_backward(inside, d_scale, s if ctx.needs_input_grad[2] else None)
+        ctx.shapes, ctx.grad_factor = (scale.shape, zero_point.shape), grad_factor
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        inside, d_scale, s = ctx.saved_tensors
+        scale_shape, zero_point_shape = ctx.shapes
+        grad_x = grad_y * inside if ctx.needs_input_grad[0] else None
+        grad_scale = grad_zero_point = None
+        if ctx.needs_input_grad[1]:
+            grad_scale = (grad_y.float() * d_scale).sum_to_size(scale_shape) * ctx.grad_factor
+        if ctx.needs_input_grad[2]:
+            grad_zero_point = (grad_y.float() * torch.where(inside, 0.0, -s)).sum_to_size(zero_point_shape) * ctx.grad_factor
+        return grad_x, grad_scale, grad_zero_point, None, None, None
+
+
+def fake_quantize_learned(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, *, axis: int = 0, block_size: int = 0, grad_factor: float = 1.0
+) -> Tensor:
+    """:func:`qat.core.fake_quant.fake_quantize` for a scale (and zero point) that is learned: the
+    same value and the same gradients of ``x``, the scale and the zero point, bit for bit, in
+    fewer passes (:class:`LearnedFakeQuantizeFunction`). For training: it computes the gradient
+    terms whether or not a backward pass follows (the speed wing takes it with gradients on only).
+
+    Example:
+        >>> import torch
+        >>> from qat.speed.functions import fake_quantize_learned
+        >>> scale = torch.tensor(0.5, requires_grad=True)
+        >>> fake_quantize_learned(torch.tensor([0.26, -1.0, 9.0]), scale, torch.tensor(0.0), -8, 7).sum().backward()
+        >>> scale.grad  # (1 - 0.52) + (-2 + 2) + 7
+        tensor(7.4800)
+    """
+    axis = axis % x.ndim if x.ndim else 0
+    x_in, s, z, restore = in_layout(x, scale, zero_point, axis, block_size)
+    return restore(LearnedFakeQuantizeFunction.apply(x_in, s, z, qmin, qmax, grad_factor))

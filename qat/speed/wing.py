@@ -1,7 +1,9 @@
 """The speed wing's answer to the core (:class:`qat.core.faster.SpeedWing`): which faster path
 fits a quantizer's or a quantized layer's call, and the state those paths keep.
 
-For a :class:`~qat.core.quantizer.Quantizer` with fixed scales (not learnable, not exporting):
+For a :class:`~qat.core.quantizer.Quantizer` with learned scales, in eager training, the
+gradient terms made in the forward pass (:func:`~qat.speed.functions.fake_quantize_learned`).
+For one with fixed scales (not learnable, not exporting):
 
 - a weight kept by :attr:`~qat.core.quantizer.Quantizer.reuse_unchanged` is used again while the
   weight and the scale are unchanged (:func:`~qat.speed.functions.reuse_fake_quantized`);
@@ -34,7 +36,13 @@ from qat.core.quantizer import Quantizer
 from qat.core.snapshot import snapshot
 from qat.speed import fused_kernels, recompute
 from qat.speed.codes import QuantizedCodes
-from qat.speed.functions import fake_quantize_fixed, fake_quantize_folded, fake_quantize_kept, reuse_fake_quantized
+from qat.speed.functions import (
+    fake_quantize_fixed,
+    fake_quantize_folded,
+    fake_quantize_kept,
+    fake_quantize_learned,
+    reuse_fake_quantized,
+)
 from qat.speed.masks import fake_quantize_values
 
 _codes_of: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -90,10 +98,13 @@ class Wing:
 
 def _forward(quantizer: Quantizer, x: Tensor, factor: Tensor | None, keep_input: bool, codes: QuantizedCodes | None) -> Tensor | None:
     """:meth:`Quantizer.forward <qat.core.quantizer.Quantizer.forward>` on the fastest path that
-    fits; None for learnable scales and while exporting (the plain path)."""
+    fits; None where the plain path is the one (while exporting; learned scales outside eager
+    training or where the input is kept for a recomputing layer)."""
     q = quantizer
-    if q.spec.learnable or export_face():
+    if export_face():
         return None
+    if q.spec.learnable:
+        return _learned(q, x, factor) if _eager_training(q, keep_input) else None
     if factor is None and _reusable(q, x, keep_input):
         return _fake_quantize_reusing(q, x)
     if factor is not None and _folds_in_one_node(q, x, factor, keep_input):
@@ -118,6 +129,26 @@ def _forward(quantizer: Quantizer, x: Tensor, factor: Tensor | None, keep_input:
     zero_point = None if q.zero_point_is_zero else snapshot(q.zero_point)
     return fake_quantize_fixed(x, snapshot(q.scale), zero_point, q.spec.qmin, q.spec.qmax, axis=q.axis, block_size=q.block_size,
                                keep_input=keep_input, codes=codes)
+
+
+def _learned(q: Quantizer, x: Tensor, factor: Tensor | None) -> Tensor:
+    """The plain path's steps (the factor, observing, fake quantizing) with the learned scale's
+    gradient terms made in the forward pass (:func:`~qat.speed.functions.fake_quantize_learned`)."""
+    if factor is not None:
+        x = x * factor
+    if q.observer_enabled:
+        q.observe(x)
+    if not q.fake_quant_enabled:
+        return x
+    return fake_quantize_learned(x, q.scale, q.zero_point, q.spec.qmin, q.spec.qmax, axis=q.axis, block_size=q.block_size,
+                                 grad_factor=q.grad_factor(x))
+
+
+def _eager_training(q: Quantizer, keep_input: bool) -> bool:
+    """Whether a learned scale takes :func:`_learned`: eager mode with gradients on (a compiled
+    graph makes its own choice of what to save), the scale trained, and no input kept for a
+    recomputing layer (which would rather save nothing more)."""
+    return not torch.compiler.is_compiling() and torch.is_grad_enabled() and q.scale.requires_grad and not keep_input
 
 
 def _per_token_shared(q: Quantizer, x: Tensor, codes: QuantizedCodes | None) -> Tensor:
