@@ -14,6 +14,8 @@ runtime's own logits), and in PyTorch where one exists:
 
 Texts: the held-out split of Python's documentation topics (``TextDataModule(source="pydoc")``'s
 test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--window`` tokens.
+Generation: for every model with a PyTorch twin, the first tokens of a few held-out windows continued
+greedily through onnxruntime-genai and in PyTorch (:func:`qat.export.genai.check_generation`).
 Speed: batch 1, one process, runs alternating, median of ``--repeats``: decode tokens/s for 128
 new tokens after a 16-token prompt, and the prefill time of a ``--window``-token prompt.
 
@@ -45,6 +47,7 @@ from qat.app.data.corpus import pydoc_corpus
 from qat.app.data.tokenizer import load_tokenizer
 from qat.app.models import resolve_model
 from qat.app.tasks.language_model import hf_model
+from qat.export.genai import check_generation
 from qat.export.parity import perplexity
 
 MODEL = "smollm2-135m-instruct"
@@ -56,6 +59,8 @@ OURS = {
     "ours PTQ, extreme on grid, MSE": {**W4G32, "extreme_on_grid": True, "observer": "mse"},
     "ours PTQ, uint4 zero points, min/max": {**W4G32, "signed": False, "symmetric": False},
 }
+PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 4, 16, 32
+"""The generation check: the first tokens of this many held-out windows, continued greedily this far."""
 BEST_PTQ = "ours PTQ, extreme on grid, min/max"
 """The PTQ that QAT starts from and is compared with (the lowest perplexity of OURS in the first run)."""
 BUILDER = {"builder int4 (default: symmetric RTN)": [],
@@ -184,12 +189,17 @@ def main() -> None:
 
     rows, folders = [], {}
 
+    prompts = [chunk[:PROMPT_TOKENS].tolist() for chunk in texts["pydoc held-out"][:PROMPTS]]
+
     def measure(name: str, folder: Path, model: torch.nn.Module | None) -> None:
         folders[name] = folder
         row = {"name": name, "bytes": folder_bytes(folder)}
         for text, chunks in texts.items():
             row[f"{text} genai"] = ppl_genai(folder, chunks)
             row[f"{text} torch"] = ppl_torch(model, chunks) if model is not None else None
+        if model is not None:  # greedy continuations through the runtime against PyTorch's
+            check = check_generation(model, folder, prompts, GENERATED_TOKENS)
+            row["agreeing"], row["generated"] = sum(check.agreeing), sum(len(t) for t in check.pytorch)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -235,11 +245,12 @@ def main() -> None:
     print(json.dumps(speed), flush=True)
 
     text_names = list(texts)
-    lines = ["| model | size (MiB) | " + " | ".join(f"{t}: genai / PyTorch" for t in text_names) + " |",
-             "|---|---:|" + "---:|" * len(text_names)]
+    lines = ["| model | size (MiB) | " + " | ".join(f"{t}: genai / PyTorch" for t in text_names) + " | greedy tokens as PyTorch's |",
+             "|---|---:|" + "---:|" * len(text_names) + "---:|"]
     for row in rows:
         cells = [f"{row[f'{t} genai']:.2f} / {row[f'{t} torch']:.2f}" if row[f"{t} torch"] is not None else f"{row[f'{t} genai']:.2f} / –"
                  for t in text_names]
+        cells.append(f"{row['agreeing']} of {row['generated']}" if "agreeing" in row else "–")
         lines.append(f"| {row['name']} | {row['bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |")
     builder = speed["builder int4 (default: symmetric RTN)"][0]
     lines += ["", "| artifact | decode (tokens/s) | vs builder int4 | prefill of a window (s) |", "|---|---:|---:|---:|"]
@@ -256,7 +267,9 @@ def main() -> None:
         lines += ["", f"QAT and the float fine-tune: {args.qat_steps} AdamW steps (lr {args.lr}) of {args.batch} × {args.seq} tokens "
                   "of the pydoc training split, the same windows for both; QAT from the best PTQ model, its scales learned."]
     command = f"python benchmarks/llm_genai.py{f' --qat-steps {args.qat_steps}' if args.qat_steps else ''} --write"
-    lines += ["", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "
+    lines += ["", f"Greedy tokens as PyTorch's: the first {PROMPT_TOKENS} tokens of {PROMPTS} held-out windows continued "
+              f"{GENERATED_TOKENS} tokens through onnxruntime-genai and in PyTorch, the tokens that agree before the first difference.",
+              "", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "
               f"alternating runs. Command: `{command}`; {cpu_description()}; onnxruntime-genai "
               f"{og.__version__}, torch {torch.__version__.split('+')[0]}; {time.strftime('%Y-%m-%d')}."]
     print("\n".join(lines))

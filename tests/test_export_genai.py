@@ -8,6 +8,7 @@ must equal PyTorch's.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -221,6 +222,46 @@ def test_folder_that_is_not_empty(tmp_path):
 # -- the command line: qat export --genai, then qat generate -------------------------------------------
 
 
+LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+
+
+def save_letter_tokenizer(path) -> None:
+    """LitLlama's vocabulary is 64 tokens: a byte-level BPE over letters, the space and eight digits."""
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *LETTERS, "Ġ", *"01234567"])}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    tokenizer.save(str(path))
+
+
+def test_callback_writes_the_folder_when_training_ends_and_generates_as_pytorch(tmp_path):
+    """GenaiFolderExport in a Lightning run: the folder is written and verified when fit ends, and
+    greedy continuations through onnxruntime-genai equal PyTorch's token for token; a folder that
+    is not empty stops the run before its first step."""
+    pytest.importorskip("onnxruntime_genai")
+    from lightning_models import LitLlama, trainer
+
+    from qat.lightning import GenaiFolderExport, QuantizationAwareTraining
+
+    save_letter_tokenizer(tmp_path / "tokenizer.json")
+    torch.manual_seed(0)
+    export = GenaiFolderExport("genai", tokenizer=tmp_path / "tokenizer.json", prompts=["abc", "Hello world"], max_new_tokens=12)
+    quantize = QuantizationAwareTraining(FORMATS["w4g32_a8_blocks"], schedule={"fake_quant_from": 1}, print_summary=False)
+    trainer(max_steps=4, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[quantize, export]).fit(LitLlama(heads=2))
+    assert (tmp_path / "genai" / "genai_config.json").exists() and export.result.folder == tmp_path / "genai"
+    assert "16 of 16 layers on n-bit kernels" in str(export.result)
+    check = export.generation
+    assert [len(tokens) for tokens in check.pytorch] == [12, 12] and check.runtime == check.pytorch and check.agreeing == [12, 12]
+    assert "24 of 24 new tokens agree" in check.describe()
+
+    model = LitLlama(heads=2)
+    before = copy.deepcopy(model.state_dict())
+    again = GenaiFolderExport("genai", tokenizer=tmp_path / "tokenizer.json")
+    with pytest.raises(QATError, match=r"GenaiFolderExport: .*exists and is not empty"):
+        trainer(max_steps=4, limit_val_batches=0, default_root_dir=tmp_path, callbacks=[again]).fit(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # not one step was taken
+
+
 def test_cli_exports_a_checkpoint_and_generates_text(tmp_path, capsys):
     pytest.importorskip("onnxruntime_genai")
     from lightning_models import LitLlama, trainer
@@ -233,13 +274,7 @@ def test_cli_exports_a_checkpoint_and_generates_text(tmp_path, capsys):
             callbacks=[QuantizationAwareTraining(FORMATS["w4g32_a8_blocks"], schedule={"fake_quant_from": 1}, print_summary=False)]
             ).fit(LitLlama(heads=2))  # ONNX Runtime's GroupQueryAttention takes head sizes that are multiples of 16
     checkpoint = str(next(tmp_path.rglob("*.ckpt")))
-    # LitLlama's vocabulary is 64 tokens: a byte-level BPE over letters, the space and eight digits
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", *letters, "Ġ", *"01234567"])}
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    save_letter_tokenizer(tmp_path / "tokenizer.json")
     out = tmp_path / "genai"
     command = ["export", "--genai", "--model", "lightning_models:LitLlama", "--init-args", '{"heads": 2}', "--checkpoint", checkpoint,
                "-o", str(out)]
@@ -249,7 +284,7 @@ def test_cli_exports_a_checkpoint_and_generates_text(tmp_path, capsys):
     assert "16 of 16 layers on n-bit kernels" in capsys.readouterr().out  # 7 per layer, the embedding and the head
     assert main(["generate", str(out), "--prompt", "abc", "--raw", "--max-new-tokens", "6"]) == 0
     reply = capsys.readouterr().out
-    assert len(reply.strip()) >= 3 and set(reply.strip()) <= set("".join(letters) + " 01234567")
+    assert len(reply.strip()) >= 3 and set(reply.strip()) <= set("".join(LETTERS) + " 01234567")
     assert main([*command, "--tokenizer", str(tmp_path / "tokenizer.json")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--prompt", "abc"]) == 2

@@ -135,6 +135,52 @@ def test_compare_bad_input_names_the_file_and_key(tmp_path, capsys):
         load_results(broken)
 
 
+def test_run_stages_an_llm_recipe_into_an_onnxruntime_genai_folder(tmp_path):
+    """A recipe with GenaiFolderExport: QAT ends in an onnxruntime-genai folder (the ``genai``
+    artifact), its layers on n-bit kernels, its greedy continuations of test sequences equal to
+    PyTorch's, its decode loop timed; no ONNXExport artifact is added."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("transformers")
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_steps": 6, "limit_val_batches": 1, "limit_test_batches": 2, "accelerator": "cpu", "devices": 1, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+            "callbacks": [
+                {"class_path": "qat.lightning.QuantizationAwareTraining",
+                 "init_args": {"recipe": {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32, "extreme_on_grid": True},
+                                          "activation": {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True,
+                                                         "granularity": "per_token", "group_size": 32}},
+                               "schedule": {"calibrate_from": 0, "fake_quant_from": 1}, "print_summary": False}},
+                {"class_path": "qat.lightning.GenaiFolderExport", "init_args": {"folder": "genai"}},  # the data's tokenizer
+            ],
+        },
+        "model": {"class_path": "qat.app.tasks.CausalLanguageModel",
+                  "init_args": {"model": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                          "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": 512,
+                                          "max_position_embeddings": 128}, "lr": 0.003}},
+        "data": {"class_path": "qat.app.data.TextDataModule",
+                 "init_args": {"source": "stdlib", "tokenizer": "bpe", "vocab_size": 512, "seq_len": 32, "batch_size": 8,
+                               "max_chars": 300_000, "cache_dir": str(tmp_path / "cache")}},
+    }
+    recipe = tmp_path / "tiny_llm.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out), "--calibration-batches", "2"]) == 0
+    results = load_results(out / "results.json")
+    assert results["metric"]["name"] == "test_ppl" and set(results["artifacts"]) == {"genai"}
+    entry = results["artifacts"]["genai"]
+    assert (out / "genai" / "genai_config.json").is_file() and entry["verified"] and entry["latency_ms"] > 0
+    # verified on test sequences, whose perplexity is below a uniform guess over the 512 tokens (random tokens' is above it)
+    assert entry["perplexity"]["torch"] < 512 and abs(entry["perplexity"]["delta"]) < 1e-3 * entry["perplexity"]["torch"]
+    assert entry["float_layers"] == [] and entry["kernels"] == {"MatMulNBits": 15, "GatherBlockQuantized": 1}  # 7 per layer and the head
+    generation = entry["generation"]
+    assert [len(p) for p in generation["prompts"]] == [16, 16] and generation["runtime"] == generation["pytorch"]
+    assert generation["agreeing"] == [len(tokens) for tokens in generation["pytorch"]] and min(generation["agreeing"]) > 0
+    assert results["verified_inputs"] == 2 and "| QAT, genai |" in (out / "results.md").read_text()
+    assert not list(out.glob("*.onnx"))
+
+
 def test_run_rejects_a_recipe_without_the_callback(tmp_path, capsys):
     pytest.importorskip("sklearn")
     recipe = yaml.safe_load((tmp_path / tiny_recipe(tmp_path)).read_text())

@@ -122,11 +122,21 @@ def results_table(results: dict[str, Any]) -> Table:
     for row in rows:
         table.add_row(*row)
     stages = results["stages"]
-    batch = next(iter(results["artifacts"].values()))["latency_batch"]
-    table.caption = (f"ORT = PyTorch: on {results['verified_inputs']} test inputs; ORT ms: batch of {batch}, median; integer "
-                     f"layers: run on ONNX Runtime's integer kernels. float {stages['float']['seconds']:.0f} s, PTQ "
-                     f"{stages['ptq']['seconds']:.0f} s, QAT + export {stages['qat']['seconds']:.0f} s")
+    table.caption = (f"ORT = PyTorch: on {results['verified_inputs']} test inputs; ORT ms: {_latency_note(results['artifacts'])}; "
+                     f"integer layers: run on ONNX Runtime's integer (or n-bit) kernels. float {stages['float']['seconds']:.0f} s, "
+                     f"PTQ {stages['ptq']['seconds']:.0f} s, QAT + export {stages['qat']['seconds']:.0f} s")
     return table
+
+
+def _latency_note(artifacts: dict[str, Any]) -> str:
+    """What the latency column measures: a batch's median run, or (an onnxruntime-genai folder) the
+    time per new token of its generation loop at batch 1."""
+    notes = []
+    for kind, entry in artifacts.items():
+        note = f"{kind}, {entry['latency_unit']} at batch 1" if "latency_unit" in entry else f"batch of {entry['latency_batch']}, median"
+        if note not in notes:
+            notes.append(note)
+    return ", ".join(notes)
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -17,7 +17,9 @@ of the recipe's own model, data and trainer:
 4. **export**: ONNXExport at the end of QAT writes both artifacts, compared with PyTorch on the
    test split in ONNX Runtime (cut into batches of the graph's fixed size, the incomplete last
    batch left out); each is re-checked by :func:`qat.export.verify.verify_artifact`
-   and timed.
+   and timed. A recipe with :class:`~qat.lightning.GenaiFolderExport` (and no ONNXExport) writes
+   an onnxruntime-genai folder instead (the ``genai`` artifact), whose greedy continuations of
+   the first test sequences are checked against PyTorch and whose decode loop is timed.
 5. ``results.json`` and ``results.md`` in the output folder; the table printed.
 
 ``qat compare`` (:mod:`qat.app.compare`) gates a later ``results.json`` against a baseline.
@@ -56,10 +58,11 @@ from qat.app.results import RESULTS_VERSION, results_table, write_results
 from qat.atomic import write_atomic
 from qat.errors import ConfigError, QATError
 from qat.export.exporter import FloatFallbackWarning, load_session
+from qat.export.genai import NBIT_OPS, SIDECAR_FILE, check_generation
 from qat.export.latency import median_latency_ms
 from qat.export.ort_kernels import float_fallback
 from qat.export.verify import verify_artifact
-from qat.lightning import ONNXExport, QuantizationAwareTraining
+from qat.lightning import GenaiFolderExport, ONNXExport, QuantizationAwareTraining
 from qat.lightning.checkpoint import read_torch_file
 from qat.preparation.prepare import prepare
 from qat.text_files import read_text
@@ -117,15 +120,41 @@ def _lightning_cli(recipe: Path, overrides: Sequence[str]) -> Any:
                                subclass_mode_data=True, save_config_callback=None)
 
 
-def _split_callbacks(trainer: pl.Trainer, recipe: Path) -> tuple[QuantizationAwareTraining, ONNXExport | None]:
-    """Take the quantization callbacks out of ``trainer`` (the float stage runs without them)."""
+def _split_callbacks(trainer: pl.Trainer, recipe: Path) -> QuantizationAwareTraining:
+    """Take the quantization and export callbacks out of ``trainer`` (the float stage runs without
+    them) and return the quantization callback."""
     quantizing = [c for c in trainer.callbacks if isinstance(c, QuantizationAwareTraining)]
-    exporting = [c for c in trainer.callbacks if isinstance(c, ONNXExport)]
     if len(quantizing) != 1:
         raise QATError(f"recipe `{recipe}` must have one qat.lightning.QuantizationAwareTraining callback under "
                        f"trainer.callbacks; it has {len(quantizing)}")
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, QuantizationAwareTraining | ONNXExport)]
-    return quantizing[0], exporting[0] if exporting else None
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, QuantizationAwareTraining | ONNXExport | GenaiFolderExport)]
+    return quantizing[0]
+
+
+GENERATION_PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 2, 16, 32
+"""The genai artifact's checks: this many test sequences verify the logits, whole and through the
+cache, and their first tokens are continued this far."""
+
+
+def _genai_entry(module: pl.LightningModule, exporting: GenaiFolderExport, test_batch: Any) -> dict[str, Any]:
+    """The ``genai`` artifact's entry: the folder's size, verification and kernels, and a greedy
+    generation check against PyTorch on the first test sequences, whose decode loop is timed."""
+    result = exporting.result
+    ids = model_inputs(test_batch)["input_ids"][:GENERATION_PROMPTS, :PROMPT_TOKENS].tolist()
+    generation = check_generation(module, result.folder, ids, GENERATED_TOKENS)
+    parity = result.parity
+    kernels = {name: entry["op"] for name, entry in result.layers.items()}
+    return {
+        "path": str(result.folder), "qparams": str(result.folder / SIDECAR_FILE), "bytes": result.bytes,
+        "verified": True, "problems": [],  # export_genai raises where ONNX Runtime disagrees, whole or cached
+        "batches": parity.samples, "max_abs_diff": parity.max_abs_diff, "output_scale": parity.output_scale,
+        "top1_agreement": parity.top1_agreement, "perplexity": parity.perplexity, "embedding": None,
+        "latency_ms": generation.decode_ms_per_token, "latency_batch": 1, "latency_unit": "ms per new token",
+        "layers": len(kernels), "float_layers": [name for name, op in kernels.items() if op not in NBIT_OPS],
+        "kernels": dict(Counter(kernels.values())),
+        "generation": {"prompts": generation.prompts, "runtime": generation.runtime, "pytorch": generation.pytorch,
+                       "agreeing": generation.agreeing},
+    }
 
 
 FLOAT_WEIGHTS = "float_weights.pt"
@@ -263,7 +292,7 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
     clock = time.perf_counter()
     cli = _lightning_cli(recipe, [*overrides, f"--trainer.default_root_dir={out / 'float'}"])
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
-    quantizing, exporting = _split_callbacks(trainer, recipe)
+    quantizing = _split_callbacks(trainer, recipe)
     if settings.float_weights is None:
         if getattr(module, "needs_float_training", True):  # False: the model starts trained (a distillation student)
             trainer.fit(module, datamodule=data)
@@ -298,17 +327,21 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
     cli = _lightning_cli(recipe, [*overrides, *qat_overrides, f"--trainer.default_root_dir={out}"])
     trainer, module, data = cli.trainer, cli.model, cli.datamodule
     module.load_state_dict(float_state)
-    if exporting is None:
+    genai = next((c for c in trainer.callbacks if isinstance(c, GenaiFolderExport)), None)
+    exporting = next((c for c in trainer.callbacks if isinstance(c, ONNXExport)), None)
+    if exporting is None and genai is None:
         exporting = ONNXExport(f"{recipe.stem}.onnx")
         trainer.callbacks.append(exporting)
-    else:
-        exporting = next(c for c in trainer.callbacks if isinstance(c, ONNXExport))
-    exporting.verbose = False  # the results table below says what the per-layer report would
     for callback in trainer.callbacks:
         if isinstance(callback, QuantizationAwareTraining):
             callback.print_summary = False  # the per-layer table, twice, would bury the results (qat.summary prints it)
     data.setup("test")
-    exporting.verification_inputs = [model_inputs(batch) for batch in data.test_dataloader()]
+    test_batches = list(data.test_dataloader())
+    if exporting is not None:
+        exporting.verbose = False  # the results table below says what the per-layer report would
+        exporting.verification_inputs = [model_inputs(batch) for batch in test_batches]
+    if genai is not None:
+        genai.example_ids = model_inputs(test_batches[0])["input_ids"][:GENERATION_PROMPTS]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FloatFallbackWarning)  # the layers are listed in the results
         trainer.fit(module, datamodule=data)
@@ -316,12 +349,17 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
                      "overrides": qat_overrides}
 
     console.rule("ONNX Runtime: verification and latency")
-    example = exporting.example_inputs_for(trainer, module)
-    verified_inputs = sum(tree_leaves(batch)[0].shape[0] for batch in exporting.verification_inputs)
-    if not exporting.dynamic_batch:  # re-cut to the export's batch size, the remainder left out
-        size = tree_leaves(example)[0].shape[0]
-        verified_inputs = verified_inputs // size * size
-    artifacts = {kind: _artifact_entry(artifact, example, settings) for kind, artifact in exporting.result.artifacts.items()}
+    artifacts, verified_inputs = {}, 0
+    if exporting is not None:
+        example = exporting.example_inputs_for(trainer, module)
+        verified_inputs = sum(tree_leaves(batch)[0].shape[0] for batch in exporting.verification_inputs)
+        if not exporting.dynamic_batch:  # re-cut to the export's batch size, the remainder left out
+            size = tree_leaves(example)[0].shape[0]
+            verified_inputs = verified_inputs // size * size
+        artifacts = {kind: _artifact_entry(artifact, example, settings) for kind, artifact in exporting.result.artifacts.items()}
+    if genai is not None:
+        artifacts["genai"] = _genai_entry(module, genai, test_batches[0])
+        verified_inputs = verified_inputs or len(genai.example_ids)
     results = {
         "version": RESULTS_VERSION,
         "recipe": str(recipe),

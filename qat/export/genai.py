@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,8 @@ DEFAULT_RTOL = 0.05
 FORMAT = "lightning-qat.genai.qparams"
 VERSION = "1.0"
 MODEL_FILE, DATA_FILE, CONFIG_FILE, SIDECAR_FILE = "model.onnx", "model.onnx.data", "genai_config.json", "qparams.json"
+NBIT_OPS = ("MatMulNBits", "GatherBlockQuantized")
+"""The n-bit kernels a stored layer can run on (the others are float MatMul and Gather)."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class GenaiExport:
         return sum(size for name, size in self.files.items() if name.startswith("model.onnx"))
 
     def __str__(self) -> str:
-        nbits = sum(1 for entry in self.layers.values() if entry["op"] in ("MatMulNBits", "GatherBlockQuantized"))
+        nbits = sum(1 for entry in self.layers.values() if entry["op"] in NBIT_OPS)
         return (f"{self.folder}: {self.bytes / 2**20:.1f} MiB, {nbits} of {len(self.layers)} layers on n-bit kernels; "
                 f"{self.parity.describe()}, cached path {self.cached_max_abs_diff:.3g}")
 
@@ -259,3 +263,80 @@ def export_genai(
         raise
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     return GenaiExport(folder, files, graph.layers, parity, cached)
+
+
+@dataclass(frozen=True)
+class GenerationCheck:
+    """Greedy continuations of the same prompts through onnxruntime-genai and in PyTorch.
+
+    Attributes:
+        prompts: the prompts' token ids.
+        runtime: each prompt's new tokens from onnxruntime-genai's generation loop.
+        pytorch: each prompt's new tokens from ``generate`` of the model as trained.
+        decode_ms_per_token: the runtime's time per new token at batch 1 after the prompt
+            (median over the prompts).
+    """
+
+    prompts: list[list[int]]
+    runtime: list[list[int]]
+    pytorch: list[list[int]]
+    decode_ms_per_token: float
+
+    @property
+    def agreeing(self) -> list[int]:
+        """Per prompt, how many new tokens agree before the first that differs."""
+        return [next((i for i, (a, b) in enumerate(zip(r, p)) if a != b), min(len(r), len(p)))
+                for r, p in zip(self.runtime, self.pytorch)]
+
+    def describe(self) -> str:
+        total = sum(len(p) for p in self.pytorch)
+        return (f"greedy generation: {sum(self.agreeing)} of {total} new tokens agree with PyTorch before the first difference "
+                f"({len(self.prompts)} prompts); {self.decode_ms_per_token:.1f} ms per new token")
+
+
+def runtime_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[list[int], float]:
+    """The new tokens onnxruntime-genai's generation loop appends to ``prompt`` greedily (at most
+    ``max_new_tokens``, fewer where an end-of-sequence token comes first), and the seconds the
+    loop took per new token after the prompt. ``model``: an ``onnxruntime_genai.Model``."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + max_new_tokens, do_sample=False, batch_size=1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    start, count = time.perf_counter(), 0
+    while not generator.is_done():
+        generator.generate_next_token()
+        count += 1
+    seconds = (time.perf_counter() - start) / max(count, 1)
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):], seconds
+
+
+@torch.no_grad()
+def pytorch_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = None,
+                   pad_token_id: int | None = None) -> list[int]:
+    """The new tokens ``generate`` of the model as trained (its fake quantization on, no
+    observing) appends to ``prompt``, greedily, stopping at ``eos_token_id`` as the runtime does."""
+    lm = causal_lm(model)
+    ids = torch.tensor([prompt], device=next(lm.parameters()).device)
+    with deployed(model):
+        out = lm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return out[0, len(prompt):].tolist()
+
+
+def check_generation(model: nn.Module, folder: str | os.PathLike[str], prompts: list[list[int]],
+                     max_new_tokens: int = 32) -> GenerationCheck:
+    """Greedy continuations of ``prompts`` through the exported ``folder`` and in PyTorch, side by
+    side: the same tokens, up to the float rounding of the runtime's kernels (which, in a long
+    continuation, can tip a near-tie between two tokens one way or the other)."""
+    import onnxruntime_genai as og
+
+    if not prompts or not all(prompts):
+        raise QATError("check_generation needs at least one prompt, each of at least one token")
+    config = json.loads((Path(folder) / CONFIG_FILE).read_text())["model"]
+    runtime_model = og.Model(str(folder))
+    runtime = [runtime_greedy(runtime_model, list(p), max_new_tokens) for p in prompts]
+    pytorch = [pytorch_greedy(model, list(p), max_new_tokens, config.get("eos_token_id"), config.get("pad_token_id")) for p in prompts]
+    return GenerationCheck([list(p) for p in prompts], [tokens for tokens, _ in runtime], pytorch,
+                           1000 * statistics.median(seconds for _, seconds in runtime))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,20 @@ from qat.errors import QATError
 from qat.export.exporter import ARTIFACTS, DEFAULT_RTOL, ExportResult, check_write_target, export_onnx
 from qat.lightning.quantization_aware_training import stage_dataloaders
 from qat.training.batches import batch_inputs, first_batch, model_inputs, rebatch
+
+
+def check_on_rank_zero(trainer: pl.Trainer, check: Callable[[], object]) -> None:
+    """Run ``check`` on global rank zero (where the files are written) and raise the QATError it
+    raises on every rank: every rank stops, none waits for rank zero in vain."""
+    problem = None
+    if trainer.is_global_zero:
+        try:
+            check()
+        except QATError as error:
+            problem = str(error)
+    problem = trainer.strategy.broadcast(problem, src=0)
+    if problem is not None:
+        raise QATError(problem)
 
 
 class ONNXExport(pl.Callback):
@@ -111,15 +125,7 @@ class ONNXExport(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        problem = None
-        if trainer.is_global_zero:
-            try:
-                self.target(trainer)
-            except QATError as error:
-                problem = str(error)
-        problem = trainer.strategy.broadcast(problem, src=0)  # every rank stops, none waits for rank zero in vain
-        if problem is not None:
-            raise QATError(problem)
+        check_on_rank_zero(trainer, lambda: self.target(trainer))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

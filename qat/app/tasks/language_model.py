@@ -244,7 +244,8 @@ class CausalLanguageModel(pl.LightningModule):
         self.save_hyperparameters()
         from transformers import AutoModelForCausalLM
 
-        self.model: nn.Module = hf_model(model, AutoModelForCausalLM, attn_implementation)
+        # train mode, as a LightningModule starts: from_pretrained returns a model in eval mode
+        self.model: nn.Module = hf_model(model, AutoModelForCausalLM, attn_implementation).train()
         self.val_ppl = TokenPerplexity()
         self.test_ppl = TokenPerplexity()
 
