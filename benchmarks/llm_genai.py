@@ -47,7 +47,7 @@ from qat.app.data.corpus import pydoc_corpus
 from qat.app.data.tokenizer import load_tokenizer
 from qat.app.models import resolve_model
 from qat.app.tasks.language_model import hf_model
-from qat.export.genai import check_generation
+from qat.export.genai import check_generation, runtime_greedy
 from qat.export.parity import perplexity
 
 MODEL = "smollm2-135m-instruct"
@@ -90,15 +90,7 @@ def ppl_genai(folder: Path, chunks: list[np.ndarray]) -> float:
 
 
 def decode_speed(model: og.Model, prompt: np.ndarray, new_tokens: int = 128) -> float:
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt.astype(np.int32)[None])
-    start, count = time.perf_counter(), 0
-    while not generator.is_done():
-        generator.generate_next_token()
-        count += 1
-    return count / (time.perf_counter() - start)
+    return 1.0 / runtime_greedy(model, prompt.tolist(), new_tokens)[1]
 
 
 def prefill_seconds(model: og.Model, prompt: np.ndarray) -> float:

@@ -136,12 +136,12 @@ GENERATION_PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 2, 16, 32
 cache, and their first tokens are continued this far."""
 
 
-def _genai_entry(module: pl.LightningModule, exporting: GenaiFolderExport, test_batch: Any) -> dict[str, Any]:
+def _genai_entry(module: pl.LightningModule, exporting: GenaiFolderExport) -> dict[str, Any]:
     """The ``genai`` artifact's entry: the folder's size, verification and kernels, and a greedy
-    generation check against PyTorch on the first test sequences, whose decode loop is timed."""
+    generation check against PyTorch on the first tokens of the sequences it was verified on (the
+    first test sequences), whose decode loop is timed."""
     result = exporting.result
-    ids = model_inputs(test_batch)["input_ids"][:GENERATION_PROMPTS, :PROMPT_TOKENS].tolist()
-    generation = check_generation(module, result.folder, ids, GENERATED_TOKENS)
+    generation = check_generation(module, result.folder, exporting.example_ids[:, :PROMPT_TOKENS].tolist(), GENERATED_TOKENS)
     parity = result.parity
     kernels = {name: entry["op"] for name, entry in result.layers.items()}
     return {
@@ -358,7 +358,7 @@ def run_recipe(recipe: str | os.PathLike[str], settings: RunSettings | None = No
             verified_inputs = verified_inputs // size * size
         artifacts = {kind: _artifact_entry(artifact, example, settings) for kind, artifact in exporting.result.artifacts.items()}
     if genai is not None:
-        artifacts["genai"] = _genai_entry(module, genai, test_batches[0])
+        artifacts["genai"] = _genai_entry(module, genai)
         verified_inputs = verified_inputs or len(genai.example_ids)
     results = {
         "version": RESULTS_VERSION,

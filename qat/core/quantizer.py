@@ -206,7 +206,8 @@ class Quantizer(nn.Module):
         picked = lookup(table)
         if not self.fake_quant_enabled:
             return picked
-        scale, zero_point, block_size = self.scale, self.zero_point, 0
+        # buffers this call may have just updated: see qat.core.snapshot (as in fake_quantize)
+        scale, zero_point, block_size = snapshot(self.scale), snapshot(self.zero_point), 0
         if scale.ndim:  # one row of scales per table row: (num,) per channel, (num, groups) per group
             scale, zero_point = (lookup(p.reshape(len(table), -1)) for p in (scale, zero_point))
             block_size = self.block_size or table.shape[1]
