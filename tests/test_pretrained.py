@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import qat
 from qat import QATError
 from qat.app import models
 from qat.app.data.tokenizer import get_tokenizer
@@ -81,12 +82,23 @@ def test_a_gguf_files_tokenizer_feeds_the_text_data(tmp_path):
 
 
 def test_gguf_errors_name_the_file(tmp_path):
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    model = language_model.hf_model(str(tmp_path / "tiny.gguf"), AutoModelForCausalLM)
     with pytest.raises(QATError, match=r"GGUF file `.*missing\.gguf` does not exist"):
         language_model.hf_model(str(tmp_path / "missing.gguf"), AutoModelForCausalLM)
     for content in (b"not a gguf file at all", b"GGUF\x03\x00\x00\x00truncated"):
         (tmp_path / "broken.gguf").write_bytes(content)
         with pytest.raises(QATError, match=r"model: transformers cannot read GGUF file `.*broken\.gguf`"):
             language_model.hf_model(str(tmp_path / "broken.gguf"), AutoModelForCausalLM)
+        # the data modules and the exporter read a tokenizer through the same loader, with the same error
+        with pytest.raises(QATError, match=r"tokenizer: transformers cannot read `.*broken\.gguf`"):
+            get_tokenizer(str(tmp_path / "broken.gguf"))
+        with pytest.raises(QATError, match=r"tokenizer: transformers cannot read `.*broken\.gguf`"):
+            qat.export_genai(model, tmp_path / "out", tokenizer=tmp_path / "broken.gguf")
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QATError, match=r"tokenizer: transformers cannot read `.*empty`"):
+        get_tokenizer(str(tmp_path / "empty"))
 
 
 def test_a_packaged_model_that_is_not_installed_says_how_to_install_it(monkeypatch):

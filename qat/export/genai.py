@@ -38,6 +38,7 @@ from qat.errors import QATError
 from qat.export.genai_graph import SUPPORTED, DecoderGraph, causal_lm
 from qat.export.parity import Parity, perplexity
 from qat.export.sidecar import sha256
+from qat.tokenizer_files import load_hf_tokenizer
 from qat.training.control import deployed
 from qat.version import __version__
 
@@ -83,24 +84,14 @@ def _hf_tokenizer(tokenizer: Any) -> Any:
     if tokenizer is None:
         raise QATError("export_genai needs the model's tokenizer (tokenizer=folder, tokenizer.json, GGUF file or tokenizer object): "
                        "onnxruntime-genai reads it from the exported folder")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     if hasattr(tokenizer, "save_pretrained"):
         return tokenizer
     backend = getattr(tokenizer, "backend", tokenizer)
     if type(backend).__module__.startswith("tokenizers"):
+        from transformers import PreTrainedTokenizerFast
+
         return PreTrainedTokenizerFast(tokenizer_object=backend)
-    path = Path(tokenizer).expanduser()
-    if not path.exists():
-        raise QATError(f"tokenizer: `{path}` does not exist")
-    try:
-        if path.suffix == ".json":
-            return PreTrainedTokenizerFast(tokenizer_file=str(path))
-        if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError… for a folder it cannot read
-        raise QATError(f"tokenizer: cannot load `{path}` ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from e
+    return load_hf_tokenizer(Path(tokenizer).expanduser())
 
 
 def check_folder(folder: Path) -> None:

@@ -4,8 +4,9 @@
   and every string round-trips; sequences are ~2× longer than with a small BPE.
 - :func:`bpe_tokenizer`: a byte-level BPE trained with the ``tokenizers`` library on the train
   split only (never on val/test text), cached as ``tokenizer.json`` under the cache folder.
-- :func:`load_tokenizer`: a ``tokenizer.json`` file, or a local Hugging Face tokenizer folder
-  (``AutoTokenizer.from_pretrained(path, local_files_only=True)``).
+- :func:`load_tokenizer`: a ``tokenizer.json`` file, a local Hugging Face tokenizer folder or the
+  tokenizer a GGUF file carries (:func:`qat.tokenizer_files.load_hf_tokenizer`, which the
+  exporter uses too).
 
 Both kinds offer ``encode``, ``decode``, ``encode_all`` (many texts → one array of ids),
 ``vocab_size`` and ``fingerprint`` (what the token cache is keyed by).
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import struct
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +29,7 @@ from qat.app.data.corpus import FORMAT, cache_root
 from qat.app.models import resolve_model
 from qat.atomic import write_atomic
 from qat.errors import QATError
+from qat.tokenizer_files import load_hf_tokenizer
 
 if TYPE_CHECKING:
     import tokenizers
@@ -175,46 +176,18 @@ def check_tokenizer_path(path: str | os.PathLike[str]) -> Path:
 
 def load_tokenizer(path: str | os.PathLike[str]) -> FastTokenizer:
     """A saved tokenizer: a ``tokenizer.json`` file, or a folder or GGUF file loaded with
-    ``AutoTokenizer.from_pretrained(path, local_files_only=True)`` (its fast backend is used, so
-    batches encode in Rust); without ``transformers``, the folder's ``tokenizer.json``."""
+    :func:`qat.tokenizer_files.load_hf_tokenizer` (its fast backend is used, so batches encode in
+    Rust); without ``transformers``, the folder's ``tokenizer.json``."""
     path = check_tokenizer_path(path)
     tk = _require_tokenizers()
-    if path.suffix == ".gguf":
-        return _gguf_tokenizer(path)
-    if path.is_file():
+    if path.is_file() and path.suffix == ".json":
         try:
             return FastTokenizer(tk.Tokenizer.from_file(str(path)), str(path))
         except Exception as e:  # the Rust loader raises plain Exception
             raise QATError(f"tokenizer: `{path}` is not a valid tokenizer.json ({e})") from e
-    if importlib.util.find_spec("transformers") is None:
-        if (path / "tokenizer.json").is_file():
-            return load_tokenizer(path / "tokenizer.json")
-        raise QATError(f"tokenizer: the folder `{path}` has no tokenizer.json; loading it needs transformers: pip install transformers")
-    from transformers import AutoTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise QATError(f"tokenizer: cannot load the folder `{path}` with AutoTokenizer ({e})") from e
-    if not getattr(hf, "is_fast", False):
-        raise QATError(f"tokenizer: `{path}` has no fast (Rust) tokenizer; save one with tokenizer.save_pretrained() "
-                       "from a PreTrainedTokenizerFast")
-    return FastTokenizer(hf.backend_tokenizer, str(path))
-
-
-def _gguf_tokenizer(path: Path) -> FastTokenizer:
-    """The tokenizer a GGUF file carries, rebuilt by transformers as a fast tokenizer."""
-    missing = [name for name in ("transformers", "gguf") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise QATError(f"tokenizer: reading `{path.name}` needs {' and '.join(missing)}: pip install 'lightning-qat[gguf]'")
-    from transformers import AutoTokenizer
-
-    try:
-        hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except (OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error) as e:  # a damaged file, in gguf's reader
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise QATError(f"tokenizer: transformers cannot read the tokenizer of GGUF file `{path}` ({first_line})") from e
-    return FastTokenizer(hf.backend_tokenizer, str(path))
+    if path.is_dir() and importlib.util.find_spec("transformers") is None and (path / "tokenizer.json").is_file():
+        return load_tokenizer(path / "tokenizer.json")
+    return FastTokenizer(load_hf_tokenizer(path).backend_tokenizer, str(path))
 
 
 def get_tokenizer(name: str | os.PathLike[str], train_texts: Sequence[str] = (), vocab_size: int | None = None,
