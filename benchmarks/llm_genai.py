@@ -10,7 +10,11 @@ runtime's own logits), and in PyTorch where one exists:
 - our PTQ: ``qat.prepare`` + ``qat.calibrate`` + ``qat.export_genai``, W4 g32 on every projection,
   the head and the tied embedding, input in int8 blocks of 32 (MatMulNBits' int8 path, as the
   builder's), in several weight rules: symmetric ``amax / 7.5`` (min/max), ONNX Runtime's
-  ``extreme_on_grid`` (min/max and MSE), and uint4 with integer zero points (min/max).
+  ``extreme_on_grid`` (min/max and MSE), and uint4 with integer zero points (min/max); W4 per
+  channel, the harder format (its scales do not line up with the Q4_1 blocks the weights came
+  from); and mixed precision, int8 where the builder's ``k_quant_mixed`` puts int8;
+- with ``--qat-steps``: the float model fine-tuned for those steps (the fair baseline) and QAT at
+  W4 g32 and W4 per channel, each from its format's best PTQ.
 
 Texts: the held-out split of Python's documentation topics (``TextDataModule(source="pydoc")``'s
 test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--window`` tokens.
@@ -19,8 +23,10 @@ greedily through onnxruntime-genai and in PyTorch (:func:`qat.export.genai.check
 Speed: batch 1, one process, runs alternating, median of ``--repeats``: decode tokens/s for 128
 new tokens after a 16-token prompt, and the prefill time of a ``--window``-token prompt.
 
-    python benchmarks/llm_genai.py --write                      # PTQ and speed: about 25 minutes on 2 CPU cores
-    python benchmarks/llm_genai.py --qat-steps 100 --write      # and float fine-tuning and QAT for 100 steps each
+    python benchmarks/llm_genai.py --write                  # PTQ and speed: about 40 minutes on 2 CPU cores
+    python benchmarks/llm_genai.py --qat-steps 200 --write  # and fine-tuning: about 6 s a step per model on 2 CPU cores
+
+Rows are kept in ``--work`` as they are measured; a run that stops resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -40,29 +46,38 @@ import numpy as np
 import onnxruntime_genai as og
 import torch
 from results_md import cpu_description, write_block
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import qat
 from qat.app.data.corpus import pydoc_corpus
 from qat.app.data.tokenizer import load_tokenizer
 from qat.app.models import resolve_model
-from qat.app.tasks.language_model import hf_model
-from qat.export.genai import check_generation, runtime_greedy
+from qat.app.tasks.language_model import hf_model, save_hf_folder
+from qat.export.genai import check_generation, runtime_greedy, runtime_perplexity
 from qat.export.parity import perplexity
 
 MODEL = "smollm2-135m-instruct"
 W4G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
+W4PC = {"bits": 4, "granularity": "per_channel", "extreme_on_grid": True}
 INT8_BLOCKS = {"bits": 8, "signed": True, "symmetric": True, "narrow_range": True, "granularity": "per_token", "group_size": 32}
-OURS = {
-    "ours PTQ, symmetric amax/7.5, min/max": {**W4G32},
-    "ours PTQ, extreme on grid, min/max": {**W4G32, "extreme_on_grid": True},
-    "ours PTQ, extreme on grid, MSE": {**W4G32, "extreme_on_grid": True, "observer": "mse"},
-    "ours PTQ, uint4 zero points, min/max": {**W4G32, "signed": False, "symmetric": False},
+MIXED_LAYERS = [i for i in range(30) if i < 30 / 8 or i >= 7 * 30 / 8 or (i - round(30 / 8)) % 3 == 2]
+"""The layers whose q/k/v and down projections the builder's ``k_quant_mixed`` keeps in int8 (llama.cpp's choice)."""
+MIXED_RULES = [{"names": r"lm_head|model\.embed_tokens", "weight": {"bits": 8}},
+               {"names": rf"model\.layers\.({'|'.join(map(str, MIXED_LAYERS))})\.(self_attn\.[qkv]_proj|mlp\.down_proj)",
+                "weight": {"bits": 8}}]
+OURS = {  # name: (format, weight spec, rules)
+    "ours PTQ, symmetric amax/7.5, min/max": ("W4 g32", {**W4G32}, []),
+    "ours PTQ, extreme on grid, min/max": ("W4 g32", {**W4G32, "extreme_on_grid": True}, []),
+    "ours PTQ, extreme on grid, MSE": ("W4 g32", {**W4G32, "extreme_on_grid": True, "observer": "mse"}, []),
+    "ours PTQ, uint4 zero points, min/max": ("W4 g32", {**W4G32, "signed": False, "symmetric": False}, []),
+    "ours PTQ W4 per-channel, extreme on grid, min/max": ("W4 per-channel", {**W4PC}, []),
+    "ours PTQ W4 per-channel, extreme on grid, MSE": ("W4 per-channel", {**W4PC, "observer": "mse"}, []),
+    "ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, min/max": ("mixed", {**W4G32, "extreme_on_grid": True}, MIXED_RULES),
 }
+QAT_FORMATS = ("W4 g32", "W4 per-channel")
+"""The formats QAT runs at, each from its best PTQ (the lowest held-out perplexity through the runtime)."""
 PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 4, 16, 32
 """The generation check: the first tokens of this many held-out windows, continued greedily this far."""
-BEST_PTQ = "ours PTQ, extreme on grid, min/max"
-"""The PTQ that QAT starts from and is compared with (the lowest perplexity of OURS in the first run)."""
 BUILDER = {"builder int4 (default: symmetric RTN)": [],
            "builder k_quant_mixed (int8 head and sensitive layers)": ["algo_config=k_quant_mixed"]}
 
@@ -75,18 +90,6 @@ def windows(ids: list[int], length: int, count: int) -> list[np.ndarray]:
 def ppl_torch(model: torch.nn.Module, chunks: list[np.ndarray]) -> float:
     with torch.no_grad(), qat.deployed(model):
         return float(np.mean([perplexity(model(torch.from_numpy(c)[None]).logits.numpy(), c[None], None) for c in chunks]))
-
-
-def ppl_genai(folder: Path, chunks: list[np.ndarray]) -> float:
-    model = og.Model(str(folder))
-    values = []
-    for chunk in chunks:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(chunk) + 1)
-        generator = og.Generator(model, params)
-        generator.append_tokens(chunk.astype(np.int32)[None])
-        values.append(perplexity(np.asarray(generator.get_output("logits")), chunk[None], None))
-    return float(np.mean(values))
 
 
 def decode_speed(model: og.Model, prompt: np.ndarray, new_tokens: int = 128) -> float:
@@ -106,22 +109,6 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("model.onnx*"))
 
 
-def hf_folder(model: torch.nn.Module, tokenizer_path: Path, out: Path) -> Path:
-    """The float model as a plain Hugging Face folder (``save_pretrained`` refuses a GGUF-loaded model)."""
-    if not (out / "config.json").exists():
-        fresh = LlamaForCausalLM(model.config)
-        fresh.load_state_dict(model.state_dict())
-        fresh.config.quantization_config = None
-        fresh.save_pretrained(out)
-        config = json.loads((out / "config.json").read_text())
-        config.pop("quantization_config", None)
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(tokenizer_path.parent), gguf_file=tokenizer_path.name).save_pretrained(out)
-    return out
-
-
 def build_with_builder(source: Path, out: Path, options: list[str]) -> Path:
     if not (out / "genai_config.json").exists():
         shutil.rmtree(out, ignore_errors=True)
@@ -132,7 +119,7 @@ def build_with_builder(source: Path, out: Path, options: list[str]) -> Path:
     return out
 
 
-def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Namespace, recipe: dict | None) -> torch.nn.Module:
+def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Namespace, quantized: bool = False) -> torch.nn.Module:
     """``args.qat_steps`` AdamW steps of next-token loss on random ``args.batch × args.seq`` windows of
     the training split, the same windows for every model (a fixed seed): QAT when ``model`` is
     prepared, the fair float baseline when it is not."""
@@ -140,7 +127,7 @@ def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Names
     ids = torch.tensor(train_ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     model.train()
-    if recipe is not None:
+    if quantized:
         qat.set_observers(model, False)  # ranges from calibration; learnable scales train from there
     start = time.perf_counter()
     for step in range(args.qat_steps):
@@ -151,7 +138,7 @@ def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Names
         loss.backward()
         optimizer.step()
         if step % 10 == 0 or step == args.qat_steps - 1:
-            print(f"{'QAT' if recipe else 'float'} step {step}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
+            print(f"{'QAT' if quantized else 'float'} step {step}: loss {loss.item():.3f}, {time.perf_counter() - start:.0f} s", flush=True)
     return model.eval()
 
 
@@ -180,52 +167,77 @@ def main() -> None:
     float_model = hf_model(MODEL, AutoModelForCausalLM).eval()
 
     rows, folders = [], {}
-
     prompts = [chunk[:PROMPT_TOKENS].tolist() for chunk in texts["pydoc held-out"][:PROMPTS]]
+    cache_file = args.work / f"rows-{args.window}x{args.windows}.json"
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    """Rows measured by an earlier run with the same texts (a long run that stops resumes)."""
 
-    def measure(name: str, folder: Path, model: torch.nn.Module | None) -> None:
+    def cached(name: str, folder: Path) -> bool:
+        if name in cache and (folder / "genai_config.json").exists():
+            folders[name] = folder
+            rows.append(cache[name])
+            print(f"{name}: measured earlier ({cache_file})", flush=True)
+            return True
+        return False
+
+    def measure(name: str, folder: Path, model: torch.nn.Module | None, fmt: str | None = None) -> None:
         folders[name] = folder
-        row = {"name": name, "bytes": folder_bytes(folder)}
+        row = {"name": name, "format": fmt, "bytes": folder_bytes(folder)}
         for text, chunks in texts.items():
-            row[f"{text} genai"] = ppl_genai(folder, chunks)
+            row[f"{text} genai"] = runtime_perplexity(folder, chunks)
             row[f"{text} torch"] = ppl_torch(model, chunks) if model is not None else None
         if model is not None:  # greedy continuations through the runtime against PyTorch's
             check = check_generation(model, folder, prompts, GENERATED_TOKENS)
             row["agreeing"], row["generated"] = sum(check.agreeing), sum(len(t) for t in check.pytorch)
         rows.append(row)
+        cache[name] = row
+        cache_file.write_text(json.dumps(cache, indent=1))
         print(json.dumps(row), flush=True)
 
-    def export(name: str, model: torch.nn.Module, folder_name: str) -> Path:
-        folder = args.work / folder_name
+    def export(model: torch.nn.Module, folder: Path) -> Path:
         if not (folder / "genai_config.json").exists():
             shutil.rmtree(folder, ignore_errors=True)
             print(qat.export_genai(model, folder, tokenizer=gguf), flush=True)
         return folder
 
-    measure("float (de-quantized Q4_1)", export("float", float_model, "float"), float_model)
-    source = hf_folder(float_model, gguf, args.work / "hf")
-    for index, (name, options) in enumerate(BUILDER.items()):
-        measure(name, build_with_builder(source, args.work / f"builder{index}", options), None)
-    for index, (name, weight) in enumerate(OURS.items()):
-        model = qat.prepare(copy.deepcopy(float_model), {"weight": weight, "activation": INT8_BLOCKS})
+    def ptq(weight: dict, rules: list) -> torch.nn.Module:
+        model = qat.prepare(copy.deepcopy(float_model), {"weight": weight, "activation": INT8_BLOCKS, "rules": rules})
         qat.calibrate(model, calibration)
-        measure(name, export(name, model, f"ours{index}"), model)
-        del model
+        return model
+
+    name = "float (de-quantized Q4_1)"
+    if not cached(name, args.work / "float"):
+        measure(name, export(float_model, args.work / "float"), float_model)
+    source = args.work / "hf"
+    if not (source / "config.json").exists():
+        save_hf_folder(float_model, source, tokenizer=gguf)
+    for index, (name, options) in enumerate(BUILDER.items()):
+        if not cached(name, args.work / f"builder{index}"):
+            measure(name, build_with_builder(source, args.work / f"builder{index}", options), None)
+    for index, (name, (fmt, weight, rules)) in enumerate(OURS.items()):
+        if not cached(name, args.work / f"ours{index}"):
+            model = ptq(weight, rules)
+            measure(name, export(model, args.work / f"ours{index}"), model, fmt)
+            del model
+    best = {fmt: min((r for r in rows if r["format"] == fmt), key=lambda r: r["pydoc held-out genai"])["name"] for fmt in QAT_FORMATS}
 
     if args.qat_steps:
         train_ids = tokenizer.encode(corpus.text("train"))
-        ptq_name = BEST_PTQ
-        qat_recipe = {"weight": {**OURS[ptq_name], "learnable": True}, "activation": INT8_BLOCKS}
-        tuned = fine_tune(copy.deepcopy(float_model), train_ids, args, None)
-        measure(f"float fine-tuned ({args.qat_steps} steps)", export("float-ft", tuned, "float-ft"), tuned)
-        del tuned
-        model = qat.prepare(copy.deepcopy(float_model), qat_recipe)
-        qat.calibrate(model, calibration)
-        model = fine_tune(model, train_ids, args, qat_recipe)
-        measure(f"ours QAT, extreme on grid, learnable scales ({args.qat_steps} steps)", export("qat", model, "qat"), model)
-        del model
+        name = f"float fine-tuned ({args.qat_steps} steps)"
+        if not cached(name, args.work / f"float-ft{args.qat_steps}"):
+            tuned = fine_tune(copy.deepcopy(float_model), train_ids, args, None)
+            measure(name, export(tuned, args.work / f"float-ft{args.qat_steps}"), tuned)
+            del tuned
+        for index, fmt in enumerate(QAT_FORMATS):
+            _, weight, rules = OURS[best[fmt]]
+            name = f"ours QAT {fmt}, from the best PTQ, learnable scales ({args.qat_steps} steps)"
+            folder = args.work / f"qat{index}-{args.qat_steps}"
+            if not cached(name, folder):
+                model = fine_tune(ptq({**weight, "learnable": True}, rules), train_ids, args, True)
+                measure(name, export(model, folder), model, f"QAT {fmt}")
+                del model
 
-    speed_names = ["float (de-quantized Q4_1)", "builder int4 (default: symmetric RTN)", BEST_PTQ]
+    speed_names = ["float (de-quantized Q4_1)", "builder int4 (default: symmetric RTN)", best["W4 g32"]]
     models = {name: og.Model(str(folders[name])) for name in speed_names}
     prompt = texts["pydoc held-out"][0]
     decode, prefill = {n: [] for n in speed_names}, {n: [] for n in speed_names}
@@ -249,15 +261,18 @@ def main() -> None:
     for name, (tokens_per_second, seconds) in speed.items():
         lines.append(f"| {name} | {tokens_per_second:.1f} | {tokens_per_second / builder:.2f}× | {seconds:.3f} |")
     by_name = {row["name"]: row for row in rows}
-    qat_rows = [row for row in rows if row["name"].startswith("ours QAT")]
+    qat_rows = {row["format"][4:]: row for row in rows if (row["format"] or "").startswith("QAT ")}
     if qat_rows:
-        tuned, ptq = by_name[f"float fine-tuned ({args.qat_steps} steps)"], by_name[BEST_PTQ]
-        lines += ["", "| text | PTQ → QAT gap recovered (genai), against the float fine-tuned for the same steps |", "|---|---:|"]
-        for t in text_names:
-            gap = ptq[f"{t} genai"] - tuned[f"{t} genai"]
-            lines.append(f"| {t} | {(ptq[f'{t} genai'] - qat_rows[0][f'{t} genai']) / gap:.0%} |")
+        tuned = by_name[f"float fine-tuned ({args.qat_steps} steps)"]
+        lines += ["", "| format | text | best PTQ | QAT | float fine-tuned | PTQ → QAT gap recovered |", "|---|---|---:|---:|---:|---:|"]
+        for fmt, qat_row in qat_rows.items():
+            ptq_row = by_name[best[fmt]]
+            for t in text_names:
+                p, q, f = ptq_row[f"{t} genai"], qat_row[f"{t} genai"], tuned[f"{t} genai"]
+                lines.append(f"| {fmt} | {t} | {p:.2f} | {q:.2f} | {f:.2f} | {(p - q) / (p - f):.0%} |")
         lines += ["", f"QAT and the float fine-tune: {args.qat_steps} AdamW steps (lr {args.lr}) of {args.batch} × {args.seq} tokens "
-                  "of the pydoc training split, the same windows for both; QAT from the best PTQ model, its scales learned."]
+                  "of the pydoc training split, the same windows for both; QAT starts from its format's best PTQ model "
+                  "(lowest held-out perplexity through the runtime) and learns its scales. Perplexities through onnxruntime-genai."]
     command = f"python benchmarks/llm_genai.py{f' --qat-steps {args.qat_steps}' if args.qat_steps else ''} --write"
     lines += ["", f"Greedy tokens as PyTorch's: the first {PROMPT_TOKENS} tokens of {PROMPTS} held-out windows continued "
               f"{GENERATED_TOKENS} tokens through onnxruntime-genai and in PyTorch, the tokens that agree before the first difference.",

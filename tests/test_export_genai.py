@@ -18,6 +18,8 @@ import torch
 
 import qat
 from qat.errors import QATError
+from qat.export import genai
+from qat.export.parity import perplexity
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -173,6 +175,17 @@ def test_float_model_exports_with_plain_matmuls(tmp_path):
     result = qat.export_genai(model, tmp_path / "out", tokenizer=byte_tokenizer())
     assert {entry["op"] for entry in result.layers.values()} == {"MatMul", "Gather"}
     assert result.parity.max_abs_diff <= 1e-5 * result.parity.output_scale
+
+
+def test_runtime_perplexity_is_pytorchs_through_the_generation_loop(tmp_path):
+    model = prepared(FORMATS["w4g32"])
+    folder = qat.export_genai(model, tmp_path / "out", tokenizer=byte_tokenizer()).folder
+    windows = [np.arange(i, i + 24) % VOCAB for i in (3, 40)]
+    with torch.no_grad(), qat.deployed(model):
+        expected = np.mean([perplexity(model(torch.from_numpy(w)[None]).logits.numpy(), w[None], None) for w in windows])
+    assert genai.runtime_perplexity(folder, windows) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(QATError, match="at least one window, each of at least two tokens"):
+        genai.runtime_perplexity(folder, [np.arange(1)])
 
 
 # -- bad input: one line naming the problem, nothing left behind ---------------------------------------

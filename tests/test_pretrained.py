@@ -73,6 +73,20 @@ def test_a_gguf_file_loads_as_a_float_causal_lm(tmp_path):
     assert model(torch.tensor([[2, 3, 4]])).logits.shape == (1, 3, VOCAB)
 
 
+def test_a_gguf_model_saves_as_a_plain_hugging_face_folder(tmp_path):
+    """What onnxruntime-genai's model builder reads: transformers' own save_pretrained refuses a GGUF-loaded model."""
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf")
+    model = language_model.hf_model(str(tmp_path / "tiny.gguf"), AutoModelForCausalLM)
+    task = CausalLanguageModel(model=str(tmp_path / "tiny.gguf"))  # a LightningModule holding the model will do
+    folder = language_model.save_hf_folder(task, tmp_path / "hf", tokenizer=tmp_path / "tiny.gguf")
+    again = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ids = torch.tensor([[2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert "quantization_config" not in (folder / "config.json").read_text()
+    assert get_tokenizer(str(folder)).encode("ab cab") == get_tokenizer(str(tmp_path / "tiny.gguf")).encode("ab cab")
+
+
 def test_a_gguf_files_tokenizer_feeds_the_text_data(tmp_path):
     write_tiny_llama_gguf(tmp_path / "tiny.gguf")
     tokenizer = get_tokenizer(str(tmp_path / "tiny.gguf"))

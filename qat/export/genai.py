@@ -303,6 +303,31 @@ def runtime_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[
     return [int(t) for t in generator.get_sequence(0)][len(prompt):], seconds
 
 
+def runtime_perplexity(folder: str | os.PathLike[str], windows: list[np.ndarray]) -> float:
+    """Mean next-token perplexity of token ``windows`` (1-D id arrays) computed from the logits
+    onnxruntime-genai's generation loop produces for each whole window: the deployed model's own
+    numbers, for any folder the runtime loads (ours or its model builder's).
+
+    Example::
+
+        ids = np.asarray(tokenizer.encode(text))
+        runtime_perplexity("smollm2-int4", [ids[i:i + 1024] for i in range(0, len(ids) - 1023, 1024)])
+    """
+    import onnxruntime_genai as og
+
+    if not windows or any(len(w) < 2 for w in windows):
+        raise QATError("runtime_perplexity needs at least one window, each of at least two tokens")
+    model = og.Model(str(folder))
+    values = []
+    for window in windows:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(window) + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(window, dtype=np.int32)[None])
+        values.append(perplexity(np.asarray(generator.get_output("logits")), np.asarray(window)[None], None))
+    return float(np.mean(values))
+
+
 @torch.no_grad()
 def pytorch_greedy(model: nn.Module, prompt: list[int], max_new_tokens: int, eos_token_id: int | list[int] | None = None,
                    pad_token_id: int | None = None) -> list[int]:

@@ -1,13 +1,14 @@
 """`CausalLanguageModel`: next-token training of a Hugging Face causal LM, the module the LLM recipes train.
 
 Also home of :func:`hf_model` (a transformers model from a config mapping, a local folder, a GGUF
-file or the name of a packaged model) and
+file or the name of a packaged model), :func:`save_hf_folder` (such a model back as a plain folder) and
 :func:`warmup_cosine` (the learning-rate shape both text tasks use), shared with
 :mod:`qat.app.tasks.distillation`.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import os
@@ -23,6 +24,8 @@ from torchmetrics import MeanMetric
 
 from qat.app.models import resolve_model
 from qat.errors import QATError
+from qat.export.genai_graph import causal_lm
+from qat.tokenizer_files import load_hf_tokenizer
 from qat.training.control import quantizers
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -121,6 +124,32 @@ def _gguf_model(path: Path, auto_class: Any, attn_implementation: str, configure
     except (OSError, ValueError, KeyError, IndexError, RuntimeError, struct.error) as error:  # what a damaged file raises in gguf's reader
         lines = str(error).strip().splitlines() or [type(error).__name__]
         raise QATError(f"{argument}: transformers cannot read GGUF file `{path}`: {lines[0]}") from error
+
+
+def save_hf_folder(model: nn.Module, folder: str | os.PathLike[str], tokenizer: str | os.PathLike[str] | None = None) -> Path:
+    """Save a float causal LM (a ``…ForCausalLM``, or a module holding one) and its tokenizer
+    as a plain Hugging Face folder that other tools load, e.g. onnxruntime-genai's model builder.
+
+    ``save_pretrained`` refuses a model loaded from a GGUF file (its config keeps the file's
+    ``quantization_config`` though the weights are de-quantized floats), so the weights go into a
+    fresh model of the same class built from the config without it. ``tokenizer``: a
+    ``tokenizer.json``, a folder or a GGUF file (:func:`qat.tokenizer_files.load_hf_tokenizer`).
+
+    Example::
+
+        save_hf_folder(hf_model("smollm2-135m-instruct", AutoModelForCausalLM), "smollm2-hf", tokenizer="smollm2-135m-instruct")
+    """
+    lm = causal_lm(model)
+    config = copy.deepcopy(lm.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(lm)(config)
+    fresh.load_state_dict(lm.state_dict())
+    folder = Path(folder)
+    fresh.save_pretrained(folder)
+    if tokenizer is not None:
+        load_hf_tokenizer(Path(resolve_model(str(tokenizer)))).save_pretrained(folder)
+    return folder
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
