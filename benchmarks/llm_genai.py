@@ -14,7 +14,7 @@ runtime's own logits), and in PyTorch where one exists:
   channel, the harder format (its scales do not line up with the Q4_1 blocks the weights came
   from); and mixed precision, int8 where the builder's ``k_quant_mixed`` puts int8;
 - with ``--qat-steps``: the float model fine-tuned for those steps (the fair baseline) and QAT at
-  W4 g32 and W4 per channel, each from its format's best PTQ.
+  W4 g32, W4 per channel and mixed precision, each from its format's best PTQ.
 
 Texts: the held-out split of Python's documentation topics (``TextDataModule(source="pydoc")``'s
 test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--window`` tokens.
@@ -74,7 +74,7 @@ OURS = {  # name: (format, weight spec, rules)
     "ours PTQ W4 per-channel, extreme on grid, MSE": ("W4 per-channel", {**W4PC, "observer": "mse"}, []),
     "ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, min/max": ("mixed", {**W4G32, "extreme_on_grid": True}, MIXED_RULES),
 }
-QAT_FORMATS = ("W4 g32", "W4 per-channel")
+QAT_FORMATS = ("W4 g32", "W4 per-channel", "mixed")
 """The formats QAT runs at, each from its best PTQ (the lowest held-out perplexity through the runtime)."""
 PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 4, 16, 32
 """The generation check: the first tokens of this many held-out windows, continued greedily this far."""
@@ -256,20 +256,21 @@ def main() -> None:
                  for t in text_names]
         cells.append(f"{row['agreeing']} of {row['generated']}" if "agreeing" in row else "–")
         lines.append(f"| {row['name']} | {row['bytes'] / 2**20:.1f} | " + " | ".join(cells) + " |")
-    builder = speed["builder int4 (default: symmetric RTN)"][0]
-    lines += ["", "| artifact | decode (tokens/s) | vs builder int4 | prefill of a window (s) |", "|---|---:|---:|---:|"]
-    for name, (tokens_per_second, seconds) in speed.items():
-        lines.append(f"| {name} | {tokens_per_second:.1f} | {tokens_per_second / builder:.2f}× | {seconds:.3f} |")
+    builder, fp32 = speed["builder int4 (default: symmetric RTN)"][0], speed["float (de-quantized Q4_1)"][0]
+    lines += ["", "| artifact | decode (tokens/s) | vs builder int4 | vs float | prefill of a window (s) |", "|---|---:|---:|---:|---:|"]
+    for name, (rate, seconds) in speed.items():
+        lines.append(f"| {name} | {rate:.1f} | {rate / builder:.2f}× | {rate / fp32:.2f}× | {seconds:.3f} |")
     by_name = {row["name"]: row for row in rows}
     qat_rows = {row["format"][4:]: row for row in rows if (row["format"] or "").startswith("QAT ")}
     if qat_rows:
         tuned = by_name[f"float fine-tuned ({args.qat_steps} steps)"]
-        lines += ["", "| format | text | best PTQ | QAT | float fine-tuned | PTQ → QAT gap recovered |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| format | text | best PTQ | QAT | float fine-tuned | PTQ → QAT gap recovered | QAT vs float fine-tuned |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
         for fmt, qat_row in qat_rows.items():
             ptq_row = by_name[best[fmt]]
             for t in text_names:
                 p, q, f = ptq_row[f"{t} genai"], qat_row[f"{t} genai"], tuned[f"{t} genai"]
-                lines.append(f"| {fmt} | {t} | {p:.2f} | {q:.2f} | {f:.2f} | {(p - q) / (p - f):.0%} |")
+                lines.append(f"| {fmt} | {t} | {p:.2f} | {q:.2f} | {f:.2f} | {(p - q) / (p - f):.0%} | {q / f - 1:+.1%} |")
         lines += ["", f"QAT and the float fine-tune: {args.qat_steps} AdamW steps (lr {args.lr}) of {args.batch} × {args.seq} tokens "
                   "of the pydoc training split, the same windows for both; QAT starts from its format's best PTQ model "
                   "(lowest held-out perplexity through the runtime) and learns its scales. Perplexities through onnxruntime-genai."]
