@@ -14,7 +14,8 @@ runtime's own logits), and in PyTorch where one exists:
   channel, the harder format (its scales do not line up with the Q4_1 blocks the weights came
   from); and mixed precision, int8 where the builder's ``k_quant_mixed`` puts int8;
 - with ``--qat-steps``: the float model fine-tuned for those steps (the fair baseline) and QAT at
-  W4 g32, W4 per channel and mixed precision, each from its format's best PTQ.
+  the formats of ``--qat-formats``, each from its format's best PTQ (the lowest held-out
+  perplexity through the runtime).
 
 Texts: the held-out split of Python's documentation topics (``TextDataModule(source="pydoc")``'s
 test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--window`` tokens.
@@ -24,7 +25,7 @@ Speed: batch 1, one process, runs alternating, median of ``--repeats``: decode t
 new tokens after a 16-token prompt, and the prefill time of a ``--window``-token prompt.
 
     python benchmarks/llm_genai.py --write                  # PTQ and speed: about 40 minutes on 2 CPU cores
-    python benchmarks/llm_genai.py --qat-steps 200 --write  # and fine-tuning: about 6 s a step per model on 2 CPU cores
+    python benchmarks/llm_genai.py --qat-steps 150 --write  # and fine-tuning: 4-6 s a step per model on 2 CPU cores
 
 Rows are kept in ``--work`` as they are measured; a run that stops resumes where it stopped.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -74,8 +76,7 @@ OURS = {  # name: (format, weight spec, rules)
     "ours PTQ W4 per-channel, extreme on grid, MSE": ("W4 per-channel", {**W4PC, "observer": "mse"}, []),
     "ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, min/max": ("mixed", {**W4G32, "extreme_on_grid": True}, MIXED_RULES),
 }
-QAT_FORMATS = ("W4 g32", "W4 per-channel", "mixed")
-"""The formats QAT runs at, each from its best PTQ (the lowest held-out perplexity through the runtime)."""
+FORMATS = sorted({fmt for fmt, _, _ in OURS.values()})
 PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 4, 16, 32
 """The generation check: the first tokens of this many held-out windows, continued greedily this far."""
 BUILDER = {"builder int4 (default: symmetric RTN)": [],
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10, help="windows per text")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--qat-steps", type=int, default=0, help="also fine-tune float and QAT for this many steps (0: PTQ only)")
+    parser.add_argument("--qat-formats", nargs="+", choices=FORMATS, default=["W4 g32", "W4 per-channel"], help="the formats QAT runs at")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -219,7 +221,7 @@ def main() -> None:
             model = ptq(weight, rules)
             measure(name, export(model, args.work / f"ours{index}"), model, fmt)
             del model
-    best = {fmt: min((r for r in rows if r["format"] == fmt), key=lambda r: r["pydoc held-out genai"])["name"] for fmt in QAT_FORMATS}
+    best = {fmt: min((r for r in rows if r["format"] == fmt), key=lambda r: r["pydoc held-out genai"])["name"] for fmt in FORMATS}
 
     if args.qat_steps:
         train_ids = tokenizer.encode(corpus.text("train"))
@@ -228,10 +230,10 @@ def main() -> None:
             tuned = fine_tune(copy.deepcopy(float_model), train_ids, args, None)
             measure(name, export(tuned, args.work / f"float-ft{args.qat_steps}"), tuned)
             del tuned
-        for index, fmt in enumerate(QAT_FORMATS):
+        for fmt in args.qat_formats:
             _, weight, rules = OURS[best[fmt]]
             name = f"ours QAT {fmt}, from the best PTQ, learnable scales ({args.qat_steps} steps)"
-            folder = args.work / f"qat{index}-{args.qat_steps}"
+            folder = args.work / f"qat{FORMATS.index(fmt)}-{args.qat_steps}"
             if not cached(name, folder):
                 model = fine_tune(ptq({**weight, "learnable": True}, rules), train_ids, args, True)
                 measure(name, export(model, folder), model, f"QAT {fmt}")
@@ -274,7 +276,8 @@ def main() -> None:
         lines += ["", f"QAT and the float fine-tune: {args.qat_steps} AdamW steps (lr {args.lr}) of {args.batch} × {args.seq} tokens "
                   "of the pydoc training split, the same windows for both; QAT starts from its format's best PTQ model "
                   "(lowest held-out perplexity through the runtime) and learns its scales. Perplexities through onnxruntime-genai."]
-    command = f"python benchmarks/llm_genai.py{f' --qat-steps {args.qat_steps}' if args.qat_steps else ''} --write"
+    formats = "" if args.qat_formats == parser.get_default("qat_formats") else f" --qat-formats {shlex.join(args.qat_formats)}"
+    command = f"python benchmarks/llm_genai.py{f' --qat-steps {args.qat_steps}{formats}' if args.qat_steps else ''} --write"
     lines += ["", f"Greedy tokens as PyTorch's: the first {PROMPT_TOKENS} tokens of {PROMPTS} held-out windows continued "
               f"{GENERATED_TOKENS} tokens through onnxruntime-genai and in PyTorch, the tokens that agree before the first difference.",
               "", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "

