@@ -55,7 +55,7 @@ from qat.app.data.corpus import pydoc_corpus
 from qat.app.data.tokenizer import load_tokenizer
 from qat.app.models import resolve_model
 from qat.app.tasks.language_model import hf_model, save_hf_folder
-from qat.export.genai import check_generation, runtime_greedy, runtime_perplexity
+from qat.export.genai import DEFAULT_RTOL, check_generation, runtime_greedy, runtime_perplexity
 from qat.export.parity import perplexity
 
 MODEL = "smollm2-135m-instruct"
@@ -67,16 +67,19 @@ MIXED_LAYERS = [i for i in range(30) if i < 30 / 8 or i >= 7 * 30 / 8 or (i - ro
 MIXED_RULES = [{"names": r"lm_head|model\.embed_tokens", "weight": {"bits": 8}},
                {"names": rf"model\.layers\.({'|'.join(map(str, MIXED_LAYERS))})\.(self_attn\.[qkv]_proj|mlp\.down_proj)",
                 "weight": {"bits": 8}}]
-OURS = {  # name: (format, weight spec, rules)
-    "ours PTQ, symmetric amax/7.5, min/max": ("W4 g32", {**W4G32}, []),
-    "ours PTQ, extreme on grid, min/max": ("W4 g32", {**W4G32, "extreme_on_grid": True}, []),
-    "ours PTQ, extreme on grid, MSE": ("W4 g32", {**W4G32, "extreme_on_grid": True, "observer": "mse"}, []),
-    "ours PTQ, uint4 zero points, min/max": ("W4 g32", {**W4G32, "signed": False, "symmetric": False}, []),
-    "ours PTQ W4 per-channel, extreme on grid, min/max": ("W4 per-channel", {**W4PC}, []),
-    "ours PTQ W4 per-channel, extreme on grid, MSE": ("W4 per-channel", {**W4PC, "observer": "mse"}, []),
-    "ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, min/max": ("mixed", {**W4G32, "extreme_on_grid": True}, MIXED_RULES),
+OURS = {  # key: (row name, format, weight spec, rules)
+    "g32": ("ours PTQ, symmetric amax/7.5, min/max", "W4 g32", {**W4G32}, []),
+    "g32-eog": ("ours PTQ, extreme on grid, min/max", "W4 g32", {**W4G32, "extreme_on_grid": True}, []),
+    "g32-eog-mse": ("ours PTQ, extreme on grid, MSE", "W4 g32", {**W4G32, "extreme_on_grid": True, "observer": "mse"}, []),
+    "g32-uint4": ("ours PTQ, uint4 zero points, min/max", "W4 g32", {**W4G32, "signed": False, "symmetric": False}, []),
+    "pc-eog": ("ours PTQ W4 per-channel, extreme on grid, min/max", "W4 per-channel", {**W4PC}, []),
+    "pc-eog-mse": ("ours PTQ W4 per-channel, extreme on grid, MSE", "W4 per-channel", {**W4PC, "observer": "mse"}, []),
+    "mixed-eog": ("ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, min/max", "mixed", {**W4G32, "extreme_on_grid": True},
+                  MIXED_RULES),
 }
-FORMATS = sorted({fmt for fmt, _, _ in OURS.values()})
+FORMATS = sorted({fmt for _, fmt, _, _ in OURS.values()})
+INPUT_RTOL = 0.1
+"""The export's check for models with int8 input blocks (see ``export`` in :func:`main` for the measured cause)."""
 PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 4, 16, 32
 """The generation check: the first tokens of this many held-out windows, continued greedily this far."""
 BUILDER = {"builder int4 (default: symmetric RTN)": [],
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=10, help="windows per text")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--qat-steps", type=int, default=0, help="also fine-tune float and QAT for this many steps (0: PTQ only)")
+    parser.add_argument("--ptq", nargs="+", choices=list(OURS), default=list(OURS), help="our PTQ rows (default: all)")
     parser.add_argument("--qat-formats", nargs="+", choices=FORMATS, default=["W4 g32", "W4 per-channel"], help="the formats QAT runs at")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
@@ -199,7 +203,13 @@ def main() -> None:
     def export(model: torch.nn.Module, folder: Path) -> Path:
         if not (folder / "genai_config.json").exists():
             shutil.rmtree(folder, ignore_errors=True)
-            print(qat.export_genai(model, folder, tokenizer=gguf), flush=True)
+            # INPUT_RTOL, not the default 5 %: in int8 input blocks, an input within float rounding of a
+            # half-way point rounds the other way in ONNX Runtime's kernel (another summation order), and
+            # the step propagates; on SmolLM2 that moves the largest logit by 3-6 % (2.9 % within PyTorch
+            # alone, the same tokens run as 15 and as 16; 5.5 % at W4 per channel). The table's perplexities
+            # and greedy agreement measure what it does to the model.
+            rtol = INPUT_RTOL if qat.is_prepared(model) else DEFAULT_RTOL
+            print(qat.export_genai(model, folder, tokenizer=gguf, rtol=rtol), flush=True)
         return folder
 
     def ptq(weight: dict, rules: list) -> torch.nn.Module:
@@ -216,12 +226,14 @@ def main() -> None:
     for index, (name, options) in enumerate(BUILDER.items()):
         if not cached(name, args.work / f"builder{index}"):
             measure(name, build_with_builder(source, args.work / f"builder{index}", options), None)
-    for index, (name, (fmt, weight, rules)) in enumerate(OURS.items()):
-        if not cached(name, args.work / f"ours{index}"):
+    for index, (key, (name, fmt, weight, rules)) in enumerate(OURS.items()):
+        if key in args.ptq and not cached(name, args.work / f"ours{index}"):
             model = ptq(weight, rules)
             measure(name, export(model, args.work / f"ours{index}"), model, fmt)
             del model
-    best = {fmt: min((r for r in rows if r["format"] == fmt), key=lambda r: r["pydoc held-out genai"])["name"] for fmt in FORMATS}
+    measured = [row for row in rows if row["format"] in FORMATS]
+    best = {fmt: min((r for r in measured if r["format"] == fmt), key=lambda r: r["pydoc held-out genai"])["name"]
+            for fmt in {r["format"] for r in measured}}  # format → its best PTQ row
 
     if args.qat_steps:
         train_ids = tokenizer.encode(corpus.text("train"))
@@ -231,7 +243,7 @@ def main() -> None:
             measure(name, export(tuned, args.work / f"float-ft{args.qat_steps}"), tuned)
             del tuned
         for fmt in args.qat_formats:
-            _, weight, rules = OURS[best[fmt]]
+            _, _, weight, rules = next(entry for entry in OURS.values() if entry[0] == best[fmt])
             name = f"ours QAT {fmt}, from the best PTQ, learnable scales ({args.qat_steps} steps)"
             folder = args.work / f"qat{FORMATS.index(fmt)}-{args.qat_steps}"
             if not cached(name, folder):
@@ -277,7 +289,8 @@ def main() -> None:
                   "of the pydoc training split, the same windows for both; QAT starts from its format's best PTQ model "
                   "(lowest held-out perplexity through the runtime) and learns its scales. Perplexities through onnxruntime-genai."]
     formats = "" if args.qat_formats == parser.get_default("qat_formats") else f" --qat-formats {shlex.join(args.qat_formats)}"
-    command = f"python benchmarks/llm_genai.py{f' --qat-steps {args.qat_steps}{formats}' if args.qat_steps else ''} --write"
+    ptq_rows = "" if args.ptq == list(OURS) else f" --ptq {shlex.join(args.ptq)}"
+    command = f"python benchmarks/llm_genai.py{ptq_rows}{f' --qat-steps {args.qat_steps}{formats}' if args.qat_steps else ''} --write"
     lines += ["", f"Greedy tokens as PyTorch's: the first {PROMPT_TOKENS} tokens of {PROMPTS} held-out windows continued "
               f"{GENERATED_TOKENS} tokens through onnxruntime-genai and in PyTorch, the tokens that agree before the first difference.",
               "", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "

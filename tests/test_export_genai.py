@@ -126,6 +126,17 @@ def test_int4_container_and_fused_projections(tmp_path):
     assert result.bytes < 0.5 * sum(p.numel() for p in tiny_llama().parameters()) * 4 / 2  # well under float32
 
 
+def test_a_tied_table_is_stored_once_whatever_the_embeddings_own_block_would_be(tmp_path):
+    """Per channel, the table alone would take the largest block dividing the hidden size (64 here);
+    the head reads it in its input's blocks of 32, and the embedding takes the same, sharing it."""
+    recipe = {"weight": {"bits": 4, "granularity": "per_channel"}, "activation": INT8_BLOCKS}
+    result = qat.export_genai(prepared(recipe), tmp_path / "out", tokenizer=byte_tokenizer())
+    embedding, head = result.layers["model.embed_tokens"], result.layers["lm_head"]
+    assert embedding["op"] == "GatherBlockQuantized" and embedding["block_size"] == head["block_size"] == 32
+    assert (embedding["codes"], embedding["scales"]) == (head["codes"], head["scales"])
+    assert result.parity.max_abs_diff <= 1e-5 * result.parity.output_scale
+
+
 def test_extreme_on_grid_stores_mirrored_blocks_and_no_zero_points(tmp_path):
     """Blocks whose largest-magnitude weight is positive (zero point one below the mid-point) are
     stored with mirrored codes and a negative scale, ONNX Runtime's own int4 layout: the same values."""
@@ -211,7 +222,7 @@ def test_missing_tokenizer(tmp_path):
 
 
 def test_group_size_that_no_block_divides(tmp_path):
-    _fails(tmp_path, r"layer `model\.\w+`: weight group_size 24 is not a multiple of a MatMulNBits block size",
+    _fails(tmp_path, r"layer `(model\.\w+|lm_head)`: weight group_size 24 is not a multiple of a MatMulNBits block size",
            model=prepared({"weight": {**W4G32, "group_size": 24}, "activation": None}))
 
 

@@ -218,12 +218,15 @@ class DecoderGraph:
             (y,) = self.g.node("Gather", [table, "input_ids"], "/model/embed_tokens/Gather")
             self.layers[name] = {"op": "Gather", "node": "/model/embed_tokens/Gather"}
             return y
-        block = block_size_for(name, module.weight_quantizer, module.weight.shape[1], None)
+        head_projection = self.projection(head) if head.weight is module.weight and _quantized_weight(head) else None
+        if head_projection is not None and head.weight_quantizer is module.weight_quantizer:
+            block = head_projection.blocked.block_size  # the head's blocks (its input's): one table serves both
+        else:
+            block = block_size_for(name, module.weight_quantizer, module.weight.shape[1], None)
         blocked = blocked_weight(name, module.weight, module.weight_quantizer, block)
         if self.hidden % block:
             raise QATError(f"layer `{name}`: GatherBlockQuantized needs the hidden size {self.hidden} to be a multiple "
                            f"of the block size {block}")
-        head_projection = self.projection(head) if head.weight is module.weight and _quantized_weight(head) else None
         tied = head_projection is not None and _same_blocks(blocked, head_projection.blocked)
         codes, scales, zero_points = self._store_blocked("lm_head" if tied else "model.embed_tokens", blocked)
         self._tied_head = (head_projection, [codes, scales, zero_points]) if tied else None
