@@ -85,6 +85,11 @@ def test_a_gguf_model_saves_as_a_plain_hugging_face_folder(tmp_path):
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert "quantization_config" not in (folder / "config.json").read_text()
     assert get_tokenizer(str(folder)).encode("ab cab") == get_tokenizer(str(tmp_path / "tiny.gguf")).encode("ab cab")
+    with pytest.raises(QATError, match=r"`.*hf` exists and is not empty"):
+        language_model.save_hf_folder(task, folder)
+    with pytest.raises(QATError, match=r"tokenizer: `.*missing\.json` does not exist"):
+        language_model.save_hf_folder(task, tmp_path / "other", tokenizer=tmp_path / "missing.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf"]  # nothing half-written
 
 
 def test_a_gguf_files_tokenizer_feeds_the_text_data(tmp_path):

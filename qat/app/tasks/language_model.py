@@ -12,6 +12,7 @@ import copy
 import importlib.util
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -139,16 +140,27 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike[str], tokenizer: 
 
         save_hf_folder(hf_model("smollm2-135m-instruct", AutoModelForCausalLM), "smollm2-hf", tokenizer="smollm2-135m-instruct")
     """
-    lm = causal_lm(model)
+    lm, folder = causal_lm(model), Path(folder)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise QATError(f"save_hf_folder: `{folder}` exists and is not empty; give a new folder (nothing is overwritten)")
+    hf_tokenizer = None if tokenizer is None else load_hf_tokenizer(Path(resolve_model(str(tokenizer))))
     config = copy.deepcopy(lm.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fresh = type(lm)(config)
     fresh.load_state_dict(lm.state_dict())
-    folder = Path(folder)
-    fresh.save_pretrained(folder)
-    if tokenizer is not None:
-        load_hf_tokenizer(Path(resolve_model(str(tokenizer)))).save_pretrained(folder)
+    work = folder.with_name(f".{folder.name}.partial")  # renamed into place when complete
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        fresh.save_pretrained(work)
+        if hf_tokenizer is not None:
+            hf_tokenizer.save_pretrained(work)
+        if folder.exists():
+            folder.rmdir()  # empty (checked above)
+        os.replace(work, folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return folder
 
 
