@@ -1,6 +1,8 @@
 """One way to write files so that a reader never sees half of one: a temporary name, then a rename.
 
 - :func:`write_atomic`: one file.
+- :func:`new_folder`: a folder of files that belong together (an onnxruntime-genai model, a
+  Hugging Face model), built under the temporary name and renamed into place when complete.
 - :func:`write_temporary` + :func:`replace_all`: a set of files that belong together (an export's
   models and their sidecars): every temporary is written and fsync'd first, then all are renamed
   in the order given. A crash between two renames leaves some members new and some old; the
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from qat.errors import QATError
@@ -129,3 +133,34 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, make_parent
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_new_folder(folder: Path, writer: str) -> None:
+    """QATError, naming ``writer``, when ``folder`` exists and is not an empty folder (nothing is overwritten)."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise QATError(f"{writer}: `{folder}` exists and is not empty; give a new folder (nothing is overwritten)")
+
+
+@contextmanager
+def new_folder(folder: Path, writer: str) -> Iterator[Path]:
+    """Build ``folder`` (new, or empty: :func:`check_new_folder`) in the folder this yields, its
+    :func:`temporary_path`, renamed into place when the block ends; an error in the block removes
+    it, so a failed writer leaves nothing behind.
+
+    Example::
+
+        with new_folder(Path("smollm2-int4"), "export_genai") as work:
+            (work / "genai_config.json").write_text(config)
+    """
+    check_new_folder(folder, writer)
+    work = temporary_path(folder)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        yield work
+        if folder.exists():
+            folder.rmdir()  # empty (checked above)
+        os.replace(work, folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

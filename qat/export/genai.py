@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from qat.atomic import check_new_folder, new_folder
 from qat.errors import QATError
 from qat.export.genai_graph import SUPPORTED, DecoderGraph, causal_lm
 from qat.export.parity import Parity, perplexity
@@ -96,8 +96,7 @@ def _hf_tokenizer(tokenizer: Any) -> Any:
 
 def check_folder(folder: Path) -> None:
     """QATError when ``folder`` exists and is not an empty folder (an export never overwrites)."""
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise QATError(f"export_genai: `{folder}` exists and is not empty; give a new folder (nothing is overwritten)")
+    check_new_folder(folder, "export_genai")
 
 
 def genai_config(lm: nn.Module, n_layers: int, head_size: int, context_length: int) -> dict[str, Any]:
@@ -223,13 +222,10 @@ def export_genai(
     if ids.ndim != 2 or ids.shape[1] < 2:
         raise QATError(f"example_ids: need (batch, length ≥ 2) token ids; got shape {tuple(ids.shape)}")
     names = {module: name for name, module in model.named_modules()}
-    work = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
+    with new_folder(folder, "export_genai") as work:
         with deployed(model):
             graph = DecoderGraph(lm, names, context_length)
             proto = graph.build()
-            work.mkdir(parents=True)
             onnx.save_model(proto, work / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
                             size_threshold=1024)
             del proto
@@ -246,12 +242,6 @@ def export_genai(
                         "cached_max_abs_diff": cached, "rtol": rtol, "perplexity": parity.perplexity}
         sidecar = _sidecar(model, graph, work, verification)
         (work / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=1))
-        if folder.exists():
-            folder.rmdir()  # empty (checked above)
-        os.replace(work, folder)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())}
     return GenaiExport(folder, files, graph.layers, parity, cached)
 

@@ -12,7 +12,6 @@ import copy
 import importlib.util
 import math
 import os
-import shutil
 import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from qat.app.models import resolve_model
+from qat.atomic import check_new_folder, new_folder
 from qat.errors import QATError
 from qat.export.genai_graph import causal_lm
 from qat.tokenizer_files import load_hf_tokenizer
@@ -141,26 +141,17 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike[str], tokenizer: 
         save_hf_folder(hf_model("smollm2-135m-instruct", AutoModelForCausalLM), "smollm2-hf", tokenizer="smollm2-135m-instruct")
     """
     lm, folder = causal_lm(model), Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise QATError(f"save_hf_folder: `{folder}` exists and is not empty; give a new folder (nothing is overwritten)")
+    check_new_folder(folder, "save_hf_folder")
     hf_tokenizer = None if tokenizer is None else load_hf_tokenizer(Path(resolve_model(str(tokenizer))))
     config = copy.deepcopy(lm.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     fresh = type(lm)(config)
     fresh.load_state_dict(lm.state_dict())
-    work = folder.with_name(f".{folder.name}.partial")  # renamed into place when complete
-    shutil.rmtree(work, ignore_errors=True)
-    try:
+    with new_folder(folder, "save_hf_folder") as work:
         fresh.save_pretrained(work)
         if hf_tokenizer is not None:
             hf_tokenizer.save_pretrained(work)
-        if folder.exists():
-            folder.rmdir()  # empty (checked above)
-        os.replace(work, folder)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return folder
 
 
