@@ -125,6 +125,61 @@ def test_weight_observers_follow_the_current_tensor():
     assert (obs.min_val.item(), obs.max_val.item()) == (-1.0, 2.0)
 
 
+def _counting_searches(monkeypatch):
+    import qat.core.observers as observers
+
+    calls = []
+    search = observers.MSEObserver._search
+    monkeypatch.setattr(observers.MSEObserver, "_search", lambda self, rows: calls.append(1) or search(self, rows))
+    return calls
+
+
+def test_a_weight_observed_again_unchanged_is_not_searched_again(monkeypatch):
+    calls = _counting_searches(monkeypatch)
+    obs = make_observer(QuantSpec(bits=4, observer="mse", granularity="per_channel"), (8, 16), 0, accumulate=False)
+    weight = torch.nn.Parameter(torch.randn(8, 16))
+    obs(weight)
+    first = (obs.min_val.clone(), obs.max_val.clone())
+    obs(weight)  # calibration's next batch: the same weight
+    assert len(calls) == 1 and torch.equal(obs.min_val, first[0]) and torch.equal(obs.max_val, first[1])
+    with torch.no_grad():
+        weight.mul_(3.0)  # an optimizer step: in place, the version moves
+    obs(weight)
+    assert len(calls) == 2 and torch.allclose(obs.max_val, 3 * first[1])
+    obs.reset()
+    obs(weight)
+    assert len(calls) == 3
+    obs.min_val.fill_(0.0)  # a range set from outside (a loaded state) is observed again
+    obs(weight)
+    assert len(calls) == 4 and torch.allclose(obs.min_val, 3 * first[0])
+    other = torch.nn.Parameter(weight.detach().clone() / 3)  # another parameter, even of the same version
+    obs(other)
+    assert len(calls) == 5 and torch.allclose(obs.max_val, first[1])
+
+
+def test_activations_and_tensors_made_anew_are_always_observed(monkeypatch):
+    calls = _counting_searches(monkeypatch)
+    weight = torch.nn.Parameter(torch.randn(8, 16))
+    folded = make_observer(QuantSpec(bits=4, observer="mse"), accumulate=False)
+    for factor in (1.0, 2.0):  # a folded weight: a new tensor each call, maybe at the same address
+        folded(weight.detach() * factor)
+    assert len(calls) == 2 and folded.max_val.item() > weight.max().item() * 1.2
+    running = make_observer(QuantSpec(bits=8, observer="minmax"), accumulate=True)
+    running(weight)
+    running(weight)
+    assert running.max_val.item() == weight.max().item()
+
+
+def test_calibration_searches_each_weight_once(monkeypatch):
+    import qat
+
+    calls = _counting_searches(monkeypatch)
+    model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),
+                        {"weight": {"bits": 4, "observer": "mse"}, "activation": None})
+    qat.calibrate(model, [torch.randn(2, 16) for _ in range(5)])
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("p", [99.0, 99.9, 90.0])
 def test_percentile_observer_matches_numpy_and_averages_batches(p):
     spec = QuantSpec(bits=8, signed=False, symmetric=False, observer="percentile", percentile=p, averaging_constant=0.25)

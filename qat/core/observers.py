@@ -14,6 +14,9 @@ reducing over other groups. Statistics only: scales come from :func:`~qat.core.q
   :data:`MSE_MIN_RATIO`) whose fake-quantized tensor has the smallest squared error. It costs
   :data:`MSE_STEPS` fake-quant passes over the weight: use it to calibrate, then freeze it.
 
+A weight observer given the same parameter again, unchanged (its version counter has not moved),
+keeps its range without looking: calibration's later batches cost no weight statistics.
+
 Non-finite values (NaN, ±inf) are ignored: they never enter a range, and a batch with no finite
 value in a group leaves that group's range as it was. No observer reads a tensor value on the
 host on an accelerator (no ``.item()``), so observing never synchronises a GPU step; on the CPU,
@@ -26,6 +29,7 @@ observers need no reduction: data-parallel training keeps weights identical on e
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -155,7 +159,11 @@ class Observer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> None:
-        """Fold ``x`` into the range."""
+        """Fold ``x`` into the range. A weight observer given the same parameter again, unchanged
+        since it last saw it, keeps its range: calibration runs every batch through the model,
+        and an MSE search over an LLM's weights per batch would cost minutes each."""
+        if self._seen_unchanged(x):
+            return
         self.all_finite = False
         low, high = self.batch_range(x.detach())
         if self.sync:
@@ -163,6 +171,24 @@ class Observer(nn.Module):
         low, high = self.combine(low, high)
         self.min_val.copy_(low)
         self.max_val.copy_(high)
+        if (version := self._weight_version(x)) is not None:
+            _last_weight[self] = (weakref.ref(x), version)
+
+    def _weight_version(self, x: Tensor) -> tuple[int, ...] | None:
+        """For a weight observer (``accumulate=False``: its range is the current tensor's) given a
+        parameter, what tells that parameter and this range unchanged: their version counters,
+        which every in-place update (an optimizer step, ``copy_``, a loaded state) moves, and the
+        parameter's storage. None for anything else (an activation, a folded weight made anew each
+        call), which is always observed."""
+        if self.accumulate or not isinstance(x, nn.Parameter) or x.is_inference() or torch.compiler.is_compiling():
+            return None
+        return x._version, x.data_ptr(), self.min_val._version, self.max_val._version
+
+    def _seen_unchanged(self, x: Tensor) -> bool:
+        """Whether ``x`` is the parameter this observer last observed, and neither has changed since."""
+        version = self._weight_version(x)
+        last = _last_weight.get(self) if version is not None else None
+        return last is not None and last[0]() is x and last[1] == version
 
     def batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """This batch's range per group, float32 (``+inf, -inf`` / NaN where a group has no finite
@@ -195,11 +221,17 @@ class Observer(nn.Module):
 
     def reset(self) -> None:
         """Forget everything observed."""
+        _last_weight.pop(self, None)
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
 
     def extra_repr(self) -> str:
         return f"{self.spec.granularity.value}, shape={tuple(self.min_val.shape)}, accumulate={self.accumulate}"
+
+
+_last_weight: weakref.WeakKeyDictionary[Observer, tuple[weakref.ref, tuple[int, ...]]] = weakref.WeakKeyDictionary()
+"""A weight observer → the parameter it last observed and that parameter's version then. Kept
+outside the module, so observers still pickle and copy (a copy observes its weight afresh)."""
 
 
 class MinMaxObserver(Observer):
