@@ -15,7 +15,11 @@ runtime's own logits), and in PyTorch where one exists:
   from); and mixed precision, int8 where the builder's ``k_quant_mixed`` puts int8;
 - with ``--qat-steps``: the float model fine-tuned for those steps (the fair baseline) and QAT at
   the formats of ``--qat-formats``, each from its format's best PTQ (the lowest held-out
-  perplexity through the runtime).
+  perplexity through the runtime), trained on the text's next tokens; for the formats of
+  ``--distill`` also by distillation from the float model, and for those of ``--fixed-scales``
+  also with the calibrated scales kept (only the weights train). Each QAT row also gives its
+  trained weights' perplexity with fake quantization off, which splits its gap to the fine-tuned
+  float into what training did to the weights and what the rounding still costs.
 
 Texts: the held-out split of Python's documentation topics (``TextDataModule(source="pydoc")``'s
 test split) and, out of domain, Python's ``LICENSE.txt``, in windows of ``--window`` tokens.
@@ -33,6 +37,7 @@ Rows are kept in ``--work`` as they are measured; a run that stops resumes where
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import shlex
@@ -71,14 +76,28 @@ OURS = {  # key: (row name, format, weight spec, rules)
     "g32": ("ours PTQ, symmetric amax/7.5, min/max", "W4 g32", {**W4G32}, []),
     "g32-eog": ("ours PTQ, extreme on grid, min/max", "W4 g32", {**W4G32, "extreme_on_grid": True}, []),
     "g32-eog-mse": ("ours PTQ, extreme on grid, MSE", "W4 g32", {**W4G32, "extreme_on_grid": True, "observer": "mse"}, []),
-    "g32-uint4": ("ours PTQ, uint4 zero points, min/max", "W4 g32", {**W4G32, "signed": False, "symmetric": False}, []),
+    "g32-uint4": ("ours PTQ, uint4 zero points, min/max", "W4 g32 uint4", {**W4G32, "signed": False, "symmetric": False}, []),
     "pc-eog": ("ours PTQ W4 per-channel, extreme on grid, min/max", "W4 per-channel", {**W4PC}, []),
     "pc-eog-mse": ("ours PTQ W4 per-channel, extreme on grid, MSE", "W4 per-channel", {**W4PC, "observer": "mse"}, []),
     "mixed-eog": ("ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, min/max", "mixed", {**W4G32, "extreme_on_grid": True},
                   MIXED_RULES),
+    "mixed-eog-mse": ("ours PTQ mixed (k_quant_mixed's int8 layers), extreme on grid, MSE", "mixed",
+                      {**W4G32, "extreme_on_grid": True, "observer": "mse"}, MIXED_RULES),
+    "mixed-uint4": ("ours PTQ mixed (k_quant_mixed's int8 layers), uint4 zero points, min/max", "mixed uint4",
+                    {**W4G32, "signed": False, "symmetric": False}, MIXED_RULES),
 }
+"""Our PTQ rows. A format with zero points (uint4: ``k_quant``'s, as the builder's ``k_quant_mixed``
+stores them) is a format of its own: QAT starts from the best PTQ of the same format."""
 FORMATS = sorted({fmt for _, fmt, _, _ in OURS.values()})
-INPUT_RTOL = 0.1
+QAT_VARIANTS = {  # variant: (what its row's name says, its format's suffix)
+    "labels": ("learnable scales", ""),
+    "distill": ("learnable scales, distilled from the float model", ", distilled"),
+    "fixed": ("scales fixed from calibration", ", scales fixed"),
+}
+"""QAT's variants: next-token loss on the text with learned scales (``--qat-formats``), distillation
+from the float model (``--distill``), and the text's loss with the calibrated scales kept
+(``--fixed-scales``)."""
+INPUT_RTOL = 0.15
 """The export's check for models with int8 input blocks (see ``export`` in :func:`main` for the measured cause)."""
 PROMPTS, PROMPT_TOKENS, GENERATED_TOKENS = 4, 16, 32
 """The generation check: the first tokens of this many held-out windows, continued greedily this far."""
@@ -91,9 +110,21 @@ def windows(ids: list[int], length: int, count: int) -> list[np.ndarray]:
     return [np.asarray(ids[i * length:(i + 1) * length], dtype=np.int64) for i in range(min(usable, count))]
 
 
-def ppl_torch(model: torch.nn.Module, chunks: list[np.ndarray]) -> float:
-    with torch.no_grad(), qat.deployed(model):
+def ppl_torch(model: torch.nn.Module, chunks: list[np.ndarray], deployed: bool = True) -> float:
+    """PyTorch's perplexity over ``chunks``; of the model as deployed (fake quantization on), or as it is."""
+    with torch.no_grad(), qat.deployed(model) if deployed else contextlib.nullcontext():
         return float(np.mean([perplexity(model(torch.from_numpy(c)[None]).logits.numpy(), c[None], None) for c in chunks]))
+
+
+def latent_perplexity(model: torch.nn.Module, chunks: list[np.ndarray]) -> float:
+    """PyTorch perplexity of a prepared model with its fake quantization off: the float weights
+    that QAT trained, without the rounding. Against the fine-tuned float model's, it splits QAT's
+    gap into what training moved the weights by and what the rounding still costs."""
+    qat.set_fake_quant(model, False)
+    try:
+        return ppl_torch(model, chunks, deployed=False)
+    finally:
+        qat.set_fake_quant(model, True)
 
 
 def decode_speed(model: og.Model, prompt: np.ndarray, new_tokens: int = 128) -> float:
@@ -123,10 +154,13 @@ def build_with_builder(source: Path, out: Path, options: list[str]) -> Path:
     return out
 
 
-def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Namespace, quantized: bool = False) -> torch.nn.Module:
-    """``args.qat_steps`` AdamW steps of next-token loss on random ``args.batch × args.seq`` windows of
-    the training split, the same windows for every model (a fixed seed): QAT when ``model`` is
-    prepared, the fair float baseline when it is not."""
+def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Namespace, quantized: bool = False,
+              teacher: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``args.qat_steps`` AdamW steps on random ``args.batch × args.seq`` windows of the training
+    split, the same windows for every model (a fixed seed): QAT when ``model`` is prepared, the
+    fair float baseline when it is not. The loss: next-token cross-entropy on the text, or with a
+    ``teacher``, the KL divergence from the teacher's next-token distributions to the model's at
+    every position (distillation: the float model's whole distribution rather than one token)."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.tensor(train_ids)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
@@ -137,7 +171,13 @@ def fine_tune(model: torch.nn.Module, train_ids: list[int], args: argparse.Names
     for step in range(args.qat_steps):
         starts = torch.randint(0, len(ids) - args.seq - 1, (args.batch,), generator=generator)
         batch = torch.stack([ids[s:s + args.seq] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
+        if teacher is None:
+            loss = model(input_ids=batch, labels=batch).loss
+        else:
+            with torch.no_grad():
+                target = torch.log_softmax(teacher(input_ids=batch).logits.float(), dim=-1)
+            logits = torch.log_softmax(model(input_ids=batch).logits.float(), dim=-1)
+            loss = torch.nn.functional.kl_div(logits, target, log_target=True, reduction="none").sum(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -155,6 +195,10 @@ def main() -> None:
     parser.add_argument("--qat-steps", type=int, default=0, help="also fine-tune float and QAT for this many steps (0: PTQ only)")
     parser.add_argument("--ptq", nargs="+", choices=list(OURS), default=list(OURS), help="our PTQ rows (default: all)")
     parser.add_argument("--qat-formats", nargs="+", choices=FORMATS, default=["W4 g32", "W4 per-channel"], help="the formats QAT runs at")
+    parser.add_argument("--distill", nargs="+", choices=FORMATS, default=[], metavar="FORMAT",
+                        help="also QAT these formats by distillation from the float model (KL divergence)")
+    parser.add_argument("--fixed-scales", nargs="+", choices=FORMATS, default=[], metavar="FORMAT",
+                        help="also QAT these formats with the calibrated scales kept (only the weights train)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-5)
@@ -192,6 +236,8 @@ def main() -> None:
         for text, chunks in texts.items():
             row[f"{text} genai"] = runtime_perplexity(folder, chunks)
             row[f"{text} torch"] = ppl_torch(model, chunks) if model is not None else None
+            if fmt is not None and fmt.startswith("QAT "):
+                row[f"{text} latent"] = latent_perplexity(model, chunks)
         if model is not None:  # greedy continuations through the runtime against PyTorch's
             check = check_generation(model, folder, prompts, GENERATED_TOKENS)
             row["agreeing"], row["generated"] = sum(check.agreeing), sum(len(t) for t in check.pytorch)
@@ -205,9 +251,11 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             # INPUT_RTOL, not the default 5 %: in int8 input blocks, an input within float rounding of a
             # half-way point rounds the other way in ONNX Runtime's kernel (another summation order), and
-            # the step propagates; on SmolLM2 that moves the largest logit by 3-6 % (2.9 % within PyTorch
-            # alone, the same tokens run as 15 and as 16; 5.5 % at W4 per channel). The table's perplexities
-            # and greedy agreement measure what it does to the model.
+            # the step propagates; on SmolLM2 that moves the largest logit by 3-12 %: 2.9 % at W4 g32 (as
+            # much within PyTorch alone, the same tokens run as 15 and as 16), 5.5 % at W4 per channel,
+            # 12.3 % at W4 per channel with MSE ranges (PyTorch alone 6.3 %; with the inputs unquantized,
+            # 15 against 16 tokens agree to 5e-6 of the largest logit). The table's perplexities and greedy
+            # agreement measure what it does to the model.
             rtol = INPUT_RTOL if qat.is_prepared(model) else DEFAULT_RTOL
             print(qat.export_genai(model, folder, tokenizer=gguf, rtol=rtol), flush=True)
         return folder
@@ -242,13 +290,18 @@ def main() -> None:
             tuned = fine_tune(copy.deepcopy(float_model), train_ids, args, None)
             measure(name, export(tuned, args.work / f"float-ft{args.qat_steps}"), tuned)
             del tuned
-        for fmt in args.qat_formats:
-            _, _, weight, rules = next(entry for entry in OURS.values() if entry[0] == best[fmt])
-            name = f"ours QAT {fmt}, from the best PTQ, learnable scales ({args.qat_steps} steps)"
-            folder = args.work / f"qat{FORMATS.index(fmt)}-{args.qat_steps}"
+        variants = ([(fmt, "labels") for fmt in args.qat_formats] + [(fmt, "distill") for fmt in args.distill]
+                    + [(fmt, "fixed") for fmt in args.fixed_scales])
+        for fmt, variant in variants:
+            index, (_, _, weight, rules) = next((i, entry) for i, entry in enumerate(OURS.values()) if entry[0] == best[fmt])
+            start = best[fmt].split(", ", 1)[1]  # its rule and observer: a cached row names the PTQ it started from
+            says, suffix = QAT_VARIANTS[variant]
+            name = f"ours QAT {fmt} (from PTQ {start}), {says} ({args.qat_steps} steps)"
+            folder = args.work / f"qat-ours{index}-{args.qat_steps}{'' if variant == 'labels' else '-' + variant}"
             if not cached(name, folder):
-                model = fine_tune(ptq({**weight, "learnable": True}, rules), train_ids, args, True)
-                measure(name, export(model, folder), model, f"QAT {fmt}")
+                model = ptq({**weight, "learnable": variant != "fixed"}, rules)
+                model = fine_tune(model, train_ids, args, True, float_model if variant == "distill" else None)
+                measure(name, export(model, folder), model, f"QAT {fmt}{suffix}")
                 del model
 
     speed_names = ["float (de-quantized Q4_1)", "builder int4 (default: symmetric RTN)", best["W4 g32"]]
@@ -275,20 +328,26 @@ def main() -> None:
     for name, (rate, seconds) in speed.items():
         lines.append(f"| {name} | {rate:.1f} | {rate / builder:.2f}× | {rate / fp32:.2f}× | {seconds:.3f} |")
     by_name = {row["name"]: row for row in rows}
-    qat_rows = {row["format"][4:]: row for row in rows if (row["format"] or "").startswith("QAT ")}
+    qat_rows = {row["format"][4:]: row for row in rows if (row["format"] or "").startswith("QAT ")}  # "W4 g32[, variant]"
     if qat_rows:
         tuned = by_name[f"float fine-tuned ({args.qat_steps} steps)"]
-        lines += ["", "| format | text | best PTQ | QAT | float fine-tuned | PTQ → QAT gap recovered | QAT vs float fine-tuned |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
-        for fmt, qat_row in qat_rows.items():
-            ptq_row = by_name[best[fmt]]
+        lines += ["", "| format | text | best PTQ | QAT | float fine-tuned | PTQ → QAT gap recovered | QAT vs float fine-tuned "
+                  "| QAT's float weights, fake quantization off (PyTorch) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for label, qat_row in qat_rows.items():
+            ptq_row = by_name[best[label.split(", ")[0]]]
             for t in text_names:
                 p, q, f = ptq_row[f"{t} genai"], qat_row[f"{t} genai"], tuned[f"{t} genai"]
-                lines.append(f"| {fmt} | {t} | {p:.2f} | {q:.2f} | {f:.2f} | {(p - q) / (p - f):.0%} | {q / f - 1:+.1%} |")
+                latent = f"{qat_row[f'{t} latent']:.2f}" if f"{t} latent" in qat_row else "–"
+                lines.append(f"| {label} | {t} | {p:.2f} | {q:.2f} | {f:.2f} | {(p - q) / (p - f):.0%} | {q / f - 1:+.1%} | {latent} |")
         lines += ["", f"QAT and the float fine-tune: {args.qat_steps} AdamW steps (lr {args.lr}) of {args.batch} × {args.seq} tokens "
                   "of the pydoc training split, the same windows for both; QAT starts from its format's best PTQ model "
-                  "(lowest held-out perplexity through the runtime) and learns its scales. Perplexities through onnxruntime-genai."]
+                  "(lowest held-out perplexity through the runtime) and learns its scales; a distilled row learns from the float "
+                  "model's next-token distributions (KL divergence) instead of the text's next tokens; a row with its scales "
+                  "fixed keeps the calibrated ones and trains the weights alone. Perplexities through "
+                  "onnxruntime-genai, but the last column: the weights QAT trained, with fake quantization off, in PyTorch."]
     formats = "" if args.qat_formats == parser.get_default("qat_formats") else f" --qat-formats {shlex.join(args.qat_formats)}"
+    formats += f" --distill {shlex.join(args.distill)}" if args.distill else ""
+    formats += f" --fixed-scales {shlex.join(args.fixed_scales)}" if args.fixed_scales else ""
     ptq_rows = "" if args.ptq == list(OURS) else f" --ptq {shlex.join(args.ptq)}"
     command = f"python benchmarks/llm_genai.py{ptq_rows}{f' --qat-steps {args.qat_steps}{formats}' if args.qat_steps else ''} --write"
     lines += ["", f"Greedy tokens as PyTorch's: the first {PROMPT_TOKENS} tokens of {PROMPTS} held-out windows continued "

