@@ -180,7 +180,8 @@ class Observer(nn.Module):
         which every in-place update (an optimizer step, ``copy_``, a loaded state) moves, and the
         parameter's storage. None for anything else (an activation, a folded weight made anew each
         call), which is always observed."""
-        if self.accumulate or not isinstance(x, nn.Parameter) or x.is_inference() or torch.compiler.is_compiling():
+        # compiling first: Dynamo cannot trace is_inference(), and a compiled graph observes every call
+        if torch.compiler.is_compiling() or self.accumulate or not isinstance(x, nn.Parameter) or x.is_inference():
             return None
         return x._version, x.data_ptr(), self.min_val._version, self.max_val._version
 
