@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime_genai as og
 import torch
 from results_md import cpu_description, write_block
@@ -125,6 +126,23 @@ def latent_perplexity(model: torch.nn.Module, chunks: list[np.ndarray]) -> float
         return ppl_torch(model, chunks, deployed=False)
     finally:
         qat.set_fake_quant(model, True)
+
+
+def block_scales(folder: Path) -> dict[str, tuple[int, np.ndarray]]:
+    """Each n-bit node of an exported folder → its bits and its block scales, read from the model."""
+    model = onnx.load(str(folder / "model.onnx"))
+    stored = {t.name: t for t in model.graph.initializer}
+    return {node.name: (next((a.i for a in node.attribute if a.name == "bits"), 4), onnx.numpy_helper.to_array(stored[node.input[2]]))
+            for node in model.graph.node if node.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+
+
+def scale_moves(start: Path, trained: Path) -> dict[int, np.ndarray]:
+    """Bits → the relative change of every block scale from the PTQ folder ``start`` to the QAT folder ``trained``."""
+    before, after = block_scales(start), block_scales(trained)
+    moves: dict[int, list[np.ndarray]] = {}
+    for name, (bits, scale) in before.items():
+        moves.setdefault(bits, []).append(np.abs(after[name][1].astype(np.float64) / scale - 1).ravel())
+    return {bits: np.concatenate(parts) for bits, parts in sorted(moves.items())}
 
 
 def decode_speed(model: og.Model, prompt: np.ndarray, new_tokens: int = 128) -> float:
@@ -350,6 +368,12 @@ def main() -> None:
     formats += f" --fixed-scales {shlex.join(args.fixed_scales)}" if args.fixed_scales else ""
     ptq_rows = "" if args.ptq == list(OURS) else f" --ptq {shlex.join(args.ptq)}"
     command = f"python benchmarks/llm_genai.py{ptq_rows}{f' --qat-steps {args.qat_steps}{formats}' if args.qat_steps else ''} --write"
+    if qat_rows:  # how far QAT moved the block scales from the PTQ it started from, by bits
+        lines += ["", "| QAT | weight bits | block scales | moved: median | 90th percentile | largest |", "|---|---:|---:|---:|---:|---:|"]
+        for label, qat_row in qat_rows.items():
+            for bits, moved in scale_moves(folders[best[label.split(", ")[0]]], folders[qat_row["name"]]).items():
+                lines.append(f"| {label} | {bits} | {moved.size} | {np.median(moved):.1%} | {np.percentile(moved, 90):.1%} | "
+                             f"{moved.max():.0%} |")
     lines += ["", f"Greedy tokens as PyTorch's: the first {PROMPT_TOKENS} tokens of {PROMPTS} held-out windows continued "
               f"{GENERATED_TOKENS} tokens through onnxruntime-genai and in PyTorch, the tokens that agree before the first difference.",
               "", f"Perplexity over {args.windows} windows of {args.window} tokens per text; speed at batch 1, median of {args.repeats} "
