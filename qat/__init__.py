@@ -21,7 +21,7 @@ The Lightning callback is :class:`qat.lightning.QuantizationAwareTraining`.
 import qat.speed  # noqa: F401  (registers the speed wing with the core: qat.core.faster)
 from qat.analysis.mixed_precision import MixedPrecision, mixed_precision
 from qat.analysis.sensitivity import SensitivityTable, sensitivity
-from qat.analysis.stats import ClipTracker, layer_stats
+from qat.analysis.stats import layer_stats
 from qat.analysis.summary import QuantSummary, strip, summary
 from qat.core.fake_quant import exporting, fake_quantize
 from qat.core.quantizer import Quantizer
@@ -29,7 +29,8 @@ from qat.core.spec import Granularity, ObserverKind, QuantSpec
 from qat.errors import ConfigError, QATError
 from qat.preparation.prepare import is_prepared, prepare
 from qat.preparation.recipe import LayerRule, QuantRecipe
-from qat.training.calibrate import calibrate
+from qat.training.calibrate import CalibrationWarning, calibrate
+from qat.training.clipping import ClipTracker
 from qat.training.control import (
     deployed,
     evaluating,
@@ -45,6 +46,7 @@ from qat.training.schedule import Phase, QATSchedule
 from qat.version import __version__
 
 __all__ = [
+    "CalibrationWarning",
     "ClipTracker",
     "ConfigError",
     "ExportResult",

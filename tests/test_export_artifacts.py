@@ -38,8 +38,7 @@ def exported_cnn(tmp_path: Path, recipe: dict | None = None, **kwargs) -> qat.Ex
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory) -> qat.ExportResult:
-    with pytest.warns(FloatFallbackWarning):
-        return exported_cnn(tmp_path_factory.mktemp("cnn"))
+    return exported_cnn(tmp_path_factory.mktemp("cnn"))
 
 
 def test_schema_is_shipped_in_the_package_and_the_example_validates():
@@ -53,9 +52,9 @@ def test_sidecar_names_match_the_graph(cnn):
     initializers = {t.name for t in graph.initializer}
     produced = {o for n in graph.node for o in n.output}
     assert set(qparams["tensors"]) == {f"{layer}.{role}_quantized" for layer in ("conv1", "dw", "fc1", "fc2")
-                                       for role in ("weight", "input")}
+                                       for role in ("weight", "input", "bias")}
     for name, entry in qparams["tensors"].items():
-        assert (name in initializers) == (entry["role"] == "weight")
+        assert (name in initializers) == (entry["role"] in ("weight", "bias"))
         assert entry["dequantized"] in produced and entry["scale_tensor"] in initializers
     assert qparams["tensors"]["conv1.input_quantized"]["float_tensor"] == "x"  # the graph input keeps its name
     assert qparams["tensors"]["dw.input_quantized"]["float_tensor"] == "dw.input"
@@ -63,17 +62,21 @@ def test_sidecar_names_match_the_graph(cnn):
     assert qparams["inputs"] == [{"name": "x", "shape": [4, 3, 8, 8], "dtype": "float"}]
 
 
-def test_ort_artifact_runs_integer_kernels_and_reports_the_float_layer(cnn):
-    assert cnn.ort.kernels == {"conv1": "QLinearConv", "dw": "QLinearConv", "fc1": "QGemm", "fc2": "float Gemm"}
-    assert cnn.ort.float_fallback == ["fc2"]  # its output is not quantized, so ORT has no integer kernel for it
-    assert read_qparams(sidecar_path(cnn.ort.path))["verification"]["float_fallback"] == ["fc2"]
+def test_ort_artifact_runs_integer_kernels_and_reports_the_float_layer(cnn, tmp_path):
+    # with its int32 bias in the file, the classifier (whose output is not quantized) runs QGemm with a float output
+    assert cnn.ort.kernels == {"conv1": "QLinearConv", "dw": "QLinearConv", "fc1": "QGemm", "fc2": "QGemm"}
+    assert cnn.ort.float_fallback == []
     ints = {t.name: t.data_type for t in onnx.load(str(cnn.ort.path)).graph.initializer}
     assert ints["conv1.weight_quantized"] == onnx.TensorProto.INT8  # the 4-bit values, held in int8
+    # with float biases, ORT quantizes the bias itself only where the output is quantized: the classifier runs in float
+    floating = exported_cnn(tmp_path, {"weight": {"bits": 4}, "bias": "float"}, artifacts=["ort"])
+    assert floating.ort.float_fallback == ["fc2"]
+    assert read_qparams(sidecar_path(floating.ort.path))["verification"]["float_fallback"] == ["fc2"]
 
 
 def test_float_fallback_is_loud(tmp_path):
     with pytest.warns(FloatFallbackWarning, match=r"1 of 4 quantized layers .* fc2 \(float Gemm\)"):
-        exported_cnn(tmp_path, artifacts=["ort"])
+        exported_cnn(tmp_path, {"weight": {"bits": 4}, "bias": "float"}, artifacts=["ort"])
 
 
 def test_verify_accepts_the_pair_and_catches_tampering(cnn, tmp_path):

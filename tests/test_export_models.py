@@ -48,9 +48,9 @@ def check_artifacts(result, model) -> None:
 @pytest.mark.parametrize("name", ["torchvision.resnet18", "torchvision.mobilenet_v3_small"])
 def test_vision_model_exports_and_verifies(name, tmp_path):
     model, x = calibrated_vision(name)
-    # untrained: outputs ~0.2, so ORT's fused kernels rounding an activation one step the other
-    # way moves them by a large share (the graph itself matches PyTorch to 1e-7 unfused)
-    result = qat.export_onnx(model, x, tmp_path / "net.onnx", verification_inputs=[torch.randn(2, 3, 32, 32)], rtol=0.3)
+    # at the default rtol: with int32 biases PyTorch adds the bias ONNX Runtime adds (with float biases, which
+    # ORT quantizes on its own, this test needed rtol 0.3, and the export blamed ORT's fused kernels)
+    result = qat.export_onnx(model, x, tmp_path / "net.onnx", verification_inputs=[torch.randn(2, 3, 32, 32)])
     check_artifacts(result, model)
     assert result.ort.parity.samples == 2
     device = {t.name: t.data_type for t in onnx.load(str(result.device.path)).graph.initializer}

@@ -71,5 +71,6 @@ def test_container_types():
     assert onnx_container(0, 255)[0] == TensorProto.UINT8
     assert onnx_container(-127, 127)[0] == TensorProto.INT8
     assert onnx_container(0, 65535)[0] == TensorProto.UINT16
+    assert onnx_container(-70000, 70000)[0] == TensorProto.INT32  # int32 biases
     with pytest.raises(qat.QATError):
-        onnx_container(-70000, 70000)
+        onnx_container(0, 2**32)

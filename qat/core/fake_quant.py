@@ -44,6 +44,13 @@ MIN_SCALE = torch.finfo(torch.float32).eps
 """Smallest scale used: zero or tiny scales are raised to this (torch.ao observers' ``eps``)."""
 
 
+def scale_floor(qmin: int, qmax: int) -> float:
+    """The least scale of a code range: :data:`MIN_SCALE`, or its square for 32-bit codes. An int32
+    bias's scale is the product of two guarded scales (:mod:`qat.core.bias`), which integer
+    runtimes use as it is; the floor guards against a zero scale without ever changing that product."""
+    return MIN_SCALE**2 if qmax - qmin >= 2**31 else MIN_SCALE
+
+
 def broadcast_qparam(param: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
     """Reshape a scale or zero point from ONNX layout to a shape that broadcasts against ``x``.
 
@@ -64,9 +71,10 @@ def broadcast_qparam(param: Tensor, x: Tensor, axis: int, block_size: int) -> Te
 
 def guarded(scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int) -> tuple[Tensor, Tensor | None]:
     """The scale and zero point as the math uses them: float32, the scale at least
-    :data:`MIN_SCALE`, the zero point rounded and clamped into ``[qmin, qmax]`` (None stays None)."""
+    :func:`scale_floor` (:data:`MIN_SCALE`), the zero point rounded and clamped into ``[qmin, qmax]``
+    (None stays None)."""
     z = None if zero_point is None else zero_point.float().round().clamp(qmin, qmax)
-    return scale.float().clamp_min(MIN_SCALE), z
+    return scale.float().clamp_min(scale_floor(qmin, qmax)), z
 
 
 def host_reads_are_free(t: Tensor) -> bool:

@@ -97,6 +97,9 @@ def _grid(name: str, entry: dict) -> tuple[int, int, list[float], list[int]]:
 
 
 def _omission(entry: dict, dialect: Dialect) -> str | None:
+    if entry.get("role") == "bias":
+        return ("an int32 bias at input scale × weight scale: the target's converter derives it from those two encodings "
+                "(QNN, TensorRT), so it has no encoding of its own")
     if entry.get("dynamic"):
         return "dynamic (per-token) scales are computed at run time; there is no static encoding"
     if dialect == "tensorrt" and entry.get("role") == "weight":

@@ -50,7 +50,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,11 +64,12 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves
 
 from qat import atomic
+from qat.core.bias import BiasQuantizer
 from qat.core.fake_quant import exporting
 from qat.core.observers import Observer
 from qat.core.quantizer import Quantizer
 from qat.errors import QATError
-from qat.export import ort_kernels, ort_layout, parity, sidecar
+from qat.export import diagnose, ort_kernels, ort_layout, parity, sidecar
 from qat.export.names import find_quantized_tensors, layer_inputs, name_quantized_tensors, rename_outputs
 from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
 from qat.export.weights import lower_weights
@@ -107,6 +108,11 @@ class Artifact:
     @property
     def float_fallback(self) -> list[str]:
         return ort_kernels.float_fallback(self.kernels)
+
+    @property
+    def integer_kernel_share(self) -> float:
+        """The share of the quantized layers that ONNX Runtime runs on an integer kernel (0 without layers)."""
+        return ort_kernels.integer_share(self.kernels)
 
 
 @dataclass(frozen=True)
@@ -340,10 +346,11 @@ def _quiet_constant_folding() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _named_quantizers(model: nn.Module) -> Iterator[None]:
-    """Give every quantizer of ``model`` its module path as :attr:`~qat.core.quantizer.Quantizer.export_name`
-    while tracing: the fake-quantize op carries it into the graph, where it names the quantizer's
-    tensors (:mod:`qat.export.names`). Each quantizer's own value is put back afterwards."""
-    named = list(quantizers(model))
+    """Give every quantizer of ``model`` (bias quantizers included) its module path as
+    :attr:`~qat.core.quantizer.Quantizer.export_name` while tracing: the fake-quantize op carries it
+    into the graph, where it names the quantizer's tensors (:mod:`qat.export.names`). Each
+    quantizer's own value is put back afterwards."""
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer | BiasQuantizer)]
     own = [vars(q).get("export_name") for _, q in named]
     try:
         for name, q in named:
@@ -484,13 +491,35 @@ def export_onnx(
     # keyword inputs in the graph's order, whatever order the mapping had
     feeds = [numpy_leaves([k[name] for name in order if name in k]) if k else numpy_leaves(a) for a, k in batches]
 
+    def batch_codes(index: int) -> dict[str, np.ndarray]:
+        a, k = batches[index]
+        model.eval()
+        try:
+            with deployed(model):
+                return diagnose.activation_codes(model, lambda: traced(*a, **k))
+        finally:
+            model.train(training)
+
+    def batch_noise(index: int) -> list[np.ndarray] | None:
+        a, k = batches[index]
+        generator = torch.Generator().manual_seed(index)
+        if not any(isinstance(v, Tensor) and v.is_floating_point() for v in tree_leaves((a, k))):
+            return None
+        model.eval()
+        try:
+            with deployed(model), torch.no_grad():
+                return numpy_leaves(traced(*[diagnose.perturbed(v, generator) for v in a],
+                                           **{key: diagnose.perturbed(v, generator) for key, v in k.items()}))
+        finally:
+            model.train(training)
+
+    reference = _Reference(feeds, references, traced.output_kind, rtol, min_top1, batch_codes, batch_noise)
     models: list[tuple[Path, Path]] = []  # (temporary, final), in the order of artifact_files
     sidecars: list[tuple[Path, Path]] = []
     written: dict[str, Artifact] = {}
     try:
         for kind in dict.fromkeys(artifacts):
-            artifact, temporary, qparams = _build(kind, graph, model, target, feeds, references, rtol, min_top1, normalization,
-                                                  traced.output_kind)
+            artifact, temporary, qparams = _build(kind, graph, model, target, reference, normalization)
             models.append((temporary, artifact.path))
             written[kind] = artifact
             sidecars.append((atomic.write_temporary(artifact.qparams_path, sidecar.to_json(qparams)), artifact.qparams_path))
@@ -505,9 +534,24 @@ def export_onnx(
     return result
 
 
-def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: list[list[np.ndarray]],
-           references: list[list[np.ndarray]], rtol: float, min_top1: float | None, normalization: dict[str, list[float]] | None,
-           output_kind: str | None):
+@dataclass(frozen=True)
+class _Reference:
+    """What every artifact is verified against: PyTorch's outputs on the verification inputs."""
+
+    feeds: list[list[np.ndarray]]
+    """Each batch's inputs, in the graph's order."""
+    outputs: list[list[np.ndarray]]
+    output_kind: str | None
+    rtol: float
+    min_top1: float | None
+    activation_codes: Callable[[int], dict[str, np.ndarray]]
+    """PyTorch's activation codes on one batch (:func:`qat.export.diagnose.activation_codes`), for a failure's diagnosis."""
+    noise: Callable[[int], list[np.ndarray] | None]
+    """PyTorch's outputs on one batch with its float inputs moved by :data:`qat.export.diagnose.NOISE`, for a failure's diagnosis."""
+
+
+def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, reference: _Reference,
+           normalization: dict[str, list[float]] | None):
     """Lay out, save to a temporary file, verify and describe one artifact (nothing final is written)."""
     final = artifact_path(target, kind)
     config: dict[str, str] = {}
@@ -529,14 +573,14 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
     try:
         ir.save(graph, temporary)
         atomic.fsync_file(temporary)
-        measured, report = _verify(temporary, final, kind, entries.layer_weights, feeds, references, rtol, min_top1, config, model,
-                                   output_kind)
+        measured, report = _verify(temporary, final, kind, entries.layer_weights, reference, config, model)
         qparams = sidecar.build_qparams(
             entries,
             artifact={"file": final.name, "artifact": kind, "opset": graph.opset_imports.get("", OPSET),
                       "sha256": sidecar.sha256(temporary), "session_config": config},
             verification={"onnxruntime": ort.__version__, "providers": ["CPUExecutionProvider"],
-                          **parity.to_dict(measured, rtol, min_top1), "kernels": report.counts, "float_fallback": report.float_fallback},
+                          **parity.to_dict(measured, reference.rtol, reference.min_top1), "kernels": report.counts,
+                          "float_fallback": report.float_fallback},
             kernels=report.layers)
         sidecar.validate(qparams, f"{sidecar.sidecar_path(final)}")
         checked = Artifact(kind, final, sidecar.sidecar_path(final), temporary.stat().st_size, entries.integer_weights,
@@ -547,11 +591,12 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, feeds: li
     return checked, temporary, qparams
 
 
-def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], feeds: list[list[np.ndarray]],
-            references: list[list[np.ndarray]], rtol: float, min_top1: float | None, config: dict[str, str], model: nn.Module,
-            output_kind: str | None) -> tuple[parity.Parity, ort_kernels.KernelReport]:
-    """Run ``file`` in ONNX Runtime on ``feeds`` against PyTorch's ``references`` and read the kernel
-    each layer runs on; a QATError, with what may explain it, when they differ beyond ``rtol``."""
+def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], reference: _Reference, config: dict[str, str],
+            model: nn.Module) -> tuple[parity.Parity, ort_kernels.KernelReport]:
+    """Run ``file`` in ONNX Runtime on the reference's inputs against PyTorch's outputs and read the
+    kernel each layer runs on; a QATError, with what explains it (:mod:`qat.export.diagnose`), when
+    they differ beyond ``rtol``."""
+    feeds, references = reference.feeds, reference.outputs
     try:
         session = ort.InferenceSession(str(file), ort_kernels.session_options(config), providers=["CPUExecutionProvider"])
         outputs = [parity.run_session(session, f) for f in feeds]
@@ -562,29 +607,27 @@ def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], f
     names = [meta.name for meta in session.get_inputs()]
     named = [dict(zip(names, f, strict=True)) for f in feeds]
     output_names = [meta.name for meta in session.get_outputs()]
+
+    def compare(got: list[list[np.ndarray]], batch: int | None = None) -> parity.Parity:
+        """ORT's outputs ``got`` against PyTorch's, for every batch, or for the one batch ``batch``."""
+        chosen = slice(None) if batch is None else slice(batch, batch + 1)
+        return parity.compare(got, references[chosen], named[chosen], reference.output_kind, output_names)
+
     try:
-        measured = parity.compare(outputs, references, named, output_kind, output_names)
+        measured = compare(outputs)
     except QATError as error:  # a NaN or Inf output
         raise QATError(f"{error}; `{final}` was not written") from None
-    failure = measured.failure(rtol, min_top1)
+    failure = measured.failure(reference.rtol, reference.min_top1)
     if failure is not None:
         u8s8 = _u8s8_layers(model)
         hint = (f". Layers {', '.join(f'`{n}`' for n in u8s8[:4])} have 8-bit weights and uint8 inputs: ONNX Runtime "
                 "runs them with u8·s8 kernels that saturate on x86 CPUs without VNNI. Use 7-bit weights (`weight: {bits: 7}`) "
                 "or signed int8 inputs (`activation: {signed: true, symmetric: true}`)") if u8s8 else ""
-        # tell an export bug from kernel rounding: the graph run operator by operator, without ORT's fusions
-        plain = ort_kernels.session_options(config)
-        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        plain_session = ort.InferenceSession(str(file), plain, providers=["CPUExecutionProvider"])
-        try:
-            unfused = parity.compare([parity.run_session(plain_session, f) for f in feeds], references, named, output_kind,
-                                     output_names)
-        except QATError:
-            unfused = None  # non-finite without the fusions too: no rounding explains that
-        hint += (f". Without ORT's graph optimizations {unfused.describe()}: the graph computes what "
-                 "PyTorch does, and ORT's fused kernels round intermediate tensors differently (expected for an untrained model "
-                 "with tiny outputs; pass a larger rtol)") if unfused is not None and unfused.within(rtol, min_top1) else ""
-        raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written{hint}")
+        found = diagnose.diagnose(file, config, feeds, compare, reference.rtol, reference.min_top1, reference.activation_codes,
+                                  reference.noise)
+        explained = found.describe()
+        raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written"
+                       f"{hint}{'. ' + explained if explained else ''}")
     return measured, ort_kernels.kernel_report(file, layer_weights, config)
 
 

@@ -34,6 +34,13 @@ def float_fallback(layers: Mapping[str, str]) -> list[str]:
     return [layer for layer, kernel in layers.items() if runs_in_float(kernel)]
 
 
+def integer_share(layers: Mapping[str, str]) -> float:
+    """The share of the layers of a ``layer → kernel`` report that run on an integer kernel (a folded
+    layer, whose weight ORT computed away, counts as neither; 0 without layers)."""
+    counted = [kernel for kernel in layers.values() if kernel != "folded"]
+    return sum(not runs_in_float(kernel) for kernel in counted) / len(counted) if counted else 0.0
+
+
 @dataclass(frozen=True)
 class KernelReport:
     """Per layer, the kernel ONNX Runtime runs it with (``float Conv`` when it fell back to float)."""

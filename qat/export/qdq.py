@@ -9,6 +9,11 @@ The scale and zero-point guards of :func:`~qat.core.fake_quant.fake_quantize_mat
 (``Max(s, MIN_SCALE)``, ``Clip(Round(z))``); on constant parameters the exporter's optimizer
 folds them away.
 
+An int32 range (a bias, :mod:`qat.core.bias`) has no QuantizeLinear (opset 21 quantizes to at most
+16 bits): its codes are ``Cast(Clip(Round(x / s)), int32)``, the same float32 arithmetic, read by a
+DequantizeLinear without a zero point (int32 codes have none). On a constant bias the optimizer
+folds the codes into an int32 initializer.
+
 Example:
     >>> import torch, qat
     >>> from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
@@ -28,7 +33,7 @@ import torch
 from onnx import TensorProto
 from onnxscript import opset21 as op
 
-from qat.core.fake_quant import MIN_SCALE
+from qat.core.fake_quant import scale_floor
 from qat.core.spec import integer_range
 from qat.errors import QATError
 from qat.export.names import QUANTIZER_METADATA
@@ -42,6 +47,7 @@ _CONTAINERS = tuple((*integer_range(bits, signed), dtype) for bits, signed, dtyp
     (8, False, TensorProto.UINT8),
     (16, True, TensorProto.INT16),
     (16, False, TensorProto.UINT16),
+    (32, True, TensorProto.INT32),
 ))
 """``(type_min, type_max, onnx_dtype)`` of the ONNX integer types, smallest first."""
 
@@ -60,7 +66,12 @@ def fake_quantize_to_qdq(x, scale, zero_point, qmin: int, qmax: int, axis: int, 
     (:data:`qat.export.names.QUANTIZER_METADATA`), not emitted: the exporter names the graph's
     tensors after it and clears it before saving."""
     dtype, type_min, type_max = onnx_container(qmin, qmax)
-    s = op.Max(scale, op.Constant(value_float=MIN_SCALE))
+    s = op.Max(scale, op.Constant(value_float=scale_floor(qmin, qmax)))
+    if dtype == TensorProto.INT32:
+        codes = op.Clip(op.Round(op.Div(x, s)), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
+        y = op.DequantizeLinear(op.Cast(codes, to=dtype), s, axis=axis)
+        y.producer().metadata_props[QUANTIZER_METADATA] = name
+        return y
     z_float = op.Clip(op.Round(zero_point), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
     z = op.Cast(z_float, to=dtype)
     if (qmin, qmax) != (type_min, type_max):

@@ -35,24 +35,27 @@ import torch
 from torch import nn
 
 from qat.analysis.summary import weight_sqnr_db
+from qat.core.bias import BIAS_QMAX, BIAS_QMIN, BiasQuantizer
 from qat.core.quantizer import Quantizer
 from qat.core.spec import integer_range
 from qat.errors import QATError
 from qat.export.names import QuantizedTensor
 from qat.modules import QuantizedLayer
 from qat.text_files import read_json
-from qat.training.control import quantizers
 from qat.version import __version__
 
 FORMAT = "lightning-qat.core.qparams"
-VERSION = "2.0"
+VERSION = "2.1"
+READABLE_VERSIONS = ("2.0", VERSION)
+"""2.1 added int32 biases (``role: bias`` tensors, a layer's ``bias``); a 2.0 file is a 2.1 file without them."""
 SCHEMA_PATH = Path(__file__).with_name("qparams.schema.json")
 INLINE_LIMIT = 1024
 """Most scales a per-tensor or per-channel entry lists inline (:func:`compact`); beyond, its scales
 and zero points are stored by reference and its observed range summarised. 1024 keeps the
 per-channel scales of common vision models readable in the JSON."""
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-DTYPE_RANGES = {f"{'' if signed else 'u'}int{bits}": integer_range(bits, signed) for bits in (4, 8, 16) for signed in (True, False)}
+DTYPE_RANGES = {**{f"{'' if signed else 'u'}int{bits}": integer_range(bits, signed) for bits in (4, 8, 16) for signed in (True, False)},
+                "int32": integer_range(32, True)}
 """The codes each stored integer type holds; ``qmin..qmax`` must lie inside."""
 
 
@@ -88,7 +91,7 @@ def validate(qparams: dict[str, Any], where: str = "qparams") -> None:
     a reference naming the entry's own ``scale_tensor`` / ``zero_point_tensor``, and every layer's
     ``weight`` / ``input`` a key of ``tensors``.
     """
-    if isinstance(qparams, dict) and qparams.get("format") == FORMAT and qparams.get("version") != VERSION:
+    if isinstance(qparams, dict) and qparams.get("format") == FORMAT and qparams.get("version") not in READABLE_VERSIONS:
         raise QATError(f"{where}: format version {qparams.get('version')} is not readable by lightning-qat {__version__}, which "
                        f"reads version {VERSION}: export the model again (qat export, or qat.export_onnx) to write a version "
                        f"{VERSION} sidecar")
@@ -184,6 +187,12 @@ def _problems(qparams: dict[str, Any]) -> Iterator[str]:
         source = qparams["tensors"].get(entry["input"]) if entry["input"] is not None else None
         if source is not None and source["role"] != "activation":
             yield f"`layers/{layer}/input` is `{entry['input']}`, a {source['role']} in `tensors`"
+        bias = entry.get("bias")
+        if bias is not None and bias not in qparams["tensors"]:
+            yield f"`layers/{layer}/bias` is `{bias}`, which is not a key of `tensors`"
+        elif bias is not None and (qparams["tensors"][bias]["role"], qparams["tensors"][bias]["layer"]) != ("bias", layer):
+            found = qparams["tensors"][bias]
+            yield f"`layers/{layer}/bias` is `{bias}`, the {found['role']} of layer `{found['layer']}` in `tensors`"
 
 
 def to_json(data: dict[str, Any]) -> str:
@@ -289,36 +298,49 @@ def _dtype_name(value: ir.Value) -> str:
     return str(value.dtype.name).lower()
 
 
-def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer, layer_name: str) -> dict[str, Any]:
+def _format(quantizer: Quantizer | BiasQuantizer, per_channel: bool) -> dict[str, Any]:
+    """The format fields of a tensors entry: the quantizer's spec, or an int32 bias's fixed format
+    (its grid is the input scale times the weight scale, per channel when ``per_channel``)."""
+    if isinstance(quantizer, BiasQuantizer):
+        return {"role": "bias", "bits": 32, "qmin": BIAS_QMIN, "qmax": BIAS_QMAX, "signed": True, "symmetric": True,
+                "granularity": "per_channel" if per_channel else "per_tensor", "dynamic": False, "observer": None,
+                "learnable": False}
+    spec = quantizer.spec
+    return {"role": quantizer.role, "bits": spec.bits, "qmin": spec.qmin, "qmax": spec.qmax, "signed": spec.signed,
+            "symmetric": spec.fixed_zero_point, "granularity": spec.granularity.value, "dynamic": spec.dynamic,
+            "observer": spec.observer.value if quantizer.observer is not None else None, "learnable": spec.learnable}
+
+
+def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer | BiasQuantizer, layer_name: str) -> dict[str, Any]:
     """One ``tensors`` entry: names, format and numbers of ``tensor`` as the graph holds it."""
-    spec, dq = quantizer.spec, tensor.dequantize
+    dq = tensor.dequantize
     scale, scale_shape = _numbers(tensor.scale)
     zero_point, _ = _numbers(tensor.zero_point)
     if zero_point is None and scale is not None:
         zero_point = [0] * len(scale)
-    by_reference = scale is not None and compact(spec.granularity.value, len(scale))
-    observed_min, observed_max = _observed(quantizer, by_reference)
+    fmt = _format(quantizer, bool(scale_shape))
+    by_reference = scale is not None and compact(fmt["granularity"], len(scale))
+    observed_min, observed_max = _observed(quantizer, by_reference) if isinstance(quantizer, Quantizer) else (None, None)
     block = dq.attributes.get("block_size")
     axis = dq.attributes.get("axis", dq.attributes.get("quantize_axis"))  # GatherBlockQuantized: quantize_axis
     shape = tensor.quantized.shape
     float_value = tensor.float_value
     return {
-        "role": quantizer.role, "layer": layer_name, "quantizer": tensor.quantizer,
+        "role": fmt["role"], "layer": layer_name, "quantizer": tensor.quantizer,
         "float_tensor": float_value.name if float_value is not None else tensor.prefix,
         "dequantized": tensor.dequantized.name,
         "scale_tensor": tensor.scale.name if tensor.scale.const_value is not None else None,
         "zero_point_tensor": tensor.zero_point.name if tensor.zero_point is not None and tensor.zero_point.const_value is not None
         else None,
-        "dtype": _dtype_name(tensor.quantized), "bits": spec.bits, "qmin": spec.qmin, "qmax": spec.qmax,
-        "signed": spec.signed, "symmetric": spec.fixed_zero_point, "granularity": spec.granularity.value,
-        "axis": -1 if spec.dynamic else (axis.as_int() if axis is not None and scale_shape else None),
-        "block_size": block.as_int() if block is not None and block.as_int() > 0 and not spec.dynamic else None,
-        "dynamic": spec.dynamic,
+        "dtype": _dtype_name(tensor.quantized), "bits": fmt["bits"], "qmin": fmt["qmin"], "qmax": fmt["qmax"],
+        "signed": fmt["signed"], "symmetric": fmt["symmetric"], "granularity": fmt["granularity"],
+        "axis": -1 if fmt["dynamic"] else (axis.as_int() if axis is not None and scale_shape else None),
+        "block_size": block.as_int() if block is not None and block.as_int() > 0 and not fmt["dynamic"] else None,
+        "dynamic": fmt["dynamic"],
         "shape": [d if isinstance(d, int) else str(d) for d in shape] if shape is not None else None,
         "scale_shape": scale_shape, "scale": _reference(scale, tensor.scale, by_reference),
         "zero_point": _reference([int(z) for z in zero_point], tensor.zero_point, by_reference) if zero_point is not None else None,
-        "observed_min": observed_min, "observed_max": observed_max,
-        "observer": spec.observer.value if quantizer.observer is not None else None, "learnable": spec.learnable,
+        "observed_min": observed_min, "observed_max": observed_max, "observer": fmt["observer"], "learnable": fmt["learnable"],
     }
 
 
@@ -352,23 +374,26 @@ class GraphEntries:
 def describe_graph(model: nn.Module, onnx_model: ir.Model, tensors: list[QuantizedTensor], inputs_of: dict[str, QuantizedTensor],
                    *, normalization: dict[str, Any] | None = None) -> GraphEntries:
     """The entries of ``onnx_model``'s sidecar that come from the graph and ``model``'s quantizers."""
-    by_name = dict(quantizers(model))
     modules = dict(model.named_modules())
     entries, layers = {}, {}
     for tensor in tensors:
-        quantizer = by_name.get(tensor.quantizer)
-        if quantizer is None or tensor.quantized.name in entries:
+        quantizer = modules.get(tensor.quantizer)
+        if not isinstance(quantizer, Quantizer | BiasQuantizer) or tensor.quantized.name in entries:
             continue
         entries[tensor.quantized.name] = tensor_entry(tensor, quantizer, tensor.layer)
+    biases = {t.layer: t.quantized.name for t in tensors if isinstance(modules.get(t.quantizer), BiasQuantizer)}
     for tensor in tensors:
         layer = modules.get(tensor.layer)
-        if not isinstance(layer, QuantizedLayer) or tensor.quantize is not None or tensor.layer in layers:
+        if not isinstance(layer, QuantizedLayer) or tensor.quantize is not None or tensor.layer in layers \
+                or isinstance(modules.get(tensor.quantizer), BiasQuantizer):
             continue
         source = inputs_of.get(tensor.layer)
         sqnr = weight_sqnr_db(layer)
         layers[tensor.layer] = {"type": layer.float_cls.__name__, "weight": tensor.quantized.name,
                                 "input": source.quantized.name if source is not None else None,
-                                "weight_sqnr_db": round(sqnr, 3) if sqnr is not None else None}
+                                "bias": biases.get(tensor.layer),
+                                # not finite for a weight without error (all zero: a zero-initialised residual BatchNorm folded in)
+                                "weight_sqnr_db": round(sqnr, 3) if sqnr is not None and math.isfinite(sqnr) else None}
     graph = onnx_model.graph
     return GraphEntries(io_entries(graph.inputs, normalization), io_entries(graph.outputs), entries, layers)
 

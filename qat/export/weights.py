@@ -24,6 +24,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
+from qat.export.names import QUANTIZER_METADATA
+
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
     return None if value is None or value.const_value is None else value.const_value.numpy()
@@ -64,8 +66,10 @@ def lower_weights(model: ir.Model) -> list[str]:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("QuantizeLinear", *_CLIP_OPS):
             continue
         inputs = [_constant(v) for v in node.inputs]
-        if any(v is None for v in inputs) or node.inputs[0].name in lowered:
-            continue  # an activation (quantized at inference), or the DequantizeLinear of a lowered weight
+        own_dequantize = node.op_type == "DequantizeLinear" and QUANTIZER_METADATA in node.metadata_props
+        if any(v is None for v in inputs) or node.inputs[0].name in lowered or own_dequantize:
+            # an activation (quantized at inference), or the DequantizeLinear of a lowered weight or an int32 bias
+            continue
         if node.op_type in _CLIP_OPS:
             output, folded = node.outputs[0], _evaluate(node, inputs)
             name, output.name = output.name, None  # the initializer takes the name over

@@ -39,13 +39,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from qat.analysis.stats import ClipTracker, layer_stats
+from qat.analysis.stats import layer_stats
 from qat.analysis.summary import summary
 from qat.errors import ConfigError, QATError
 from qat.preparation.prepare import STATE_NAME, QATState, is_prepared, needs_example_inputs, prepare
 from qat.preparation.recipe import QuantRecipe
 from qat.speed import allocator
 from qat.training.batches import batch_inputs, first_batch
+from qat.training.calibrate import warn_collapsed, warn_untrained_batchnorms
+from qat.training.clipping import ClipTracker
 from qat.training.control import evaluating, quantizers, set_weight_reuse
 from qat.training.schedule import MAX_POSITION, Phase, QATSchedule
 
@@ -115,6 +117,11 @@ def keep_quantizers_fp32(model: nn.Module) -> None:
             q.float()
 
 
+def _compiled(model: nn.Module) -> bool:
+    """Whether ``model`` runs compiled: clipping is measured by hooks, which a compiled forward would recompile for."""
+    return getattr(model, "_compiler_ctx", None) is not None or any(isinstance(m, torch._dynamo.OptimizedModule) for m in model.modules())
+
+
 class QuantizationAwareTraining(Callback):
     """Quantization-aware training for any LightningModule, by adding one callback.
 
@@ -175,6 +182,8 @@ class QuantizationAwareTraining(Callback):
         self._model: weakref.ref[nn.Module] | None = None
         self._phase: Phase | None = None
         self._clips: ClipTracker | None = None
+        self._phase_checks = self._after_calibration = False
+        self._calibration_clips: ClipTracker | None = None
         self._logged_step = -1
         self._stats_pending = False
         self._evaluation = ExitStack()
@@ -241,7 +250,20 @@ class QuantizationAwareTraining(Callback):
             self.schedule.apply(pl_module, position)
             rank_zero_info(f"QAT phase at {self.schedule.unit[:-1]} {position}: {phase.describe()}")
             self._log(trainer, {"qat/phase": float(phase.index)})
+            # the checks of a calibration, on the phase's first training batch (qat.training.calibrate)
+            self._phase_checks = True
+            self._after_calibration = self._phase is not None and self._phase.observe and not self._phase.fake_quant_activations
             self._phase = phase
+
+    def _check_calibration_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """On the first training batch of a new phase: warn about BatchNorms that normalise with
+        untrained statistics while observers are on, and measure, on the first batch that
+        fake-quantizes activations after observing them in float, how much each input clips."""
+        self._phase_checks = False
+        if self._phase.observe and trainer.is_global_zero:
+            warn_untrained_batchnorms(pl_module)
+        if self._after_calibration and self._phase.fake_quant_activations and not _compiled(pl_module):
+            self._calibration_clips = ClipTracker(pl_module).__enter__()
 
     def _print_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.print_summary and trainer.is_global_zero:
@@ -269,16 +291,22 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._apply_phase(trainer, pl_module)
+        if self._phase_checks and pl_module.training:
+            self._check_calibration_start(trainer, pl_module)
         interval, step = self._stats_interval(trainer), trainer.global_step
         if interval and step % interval == 0 and step != self._logged_step and trainer.is_global_zero and trainer.loggers:
             self._logged_step = step
-            # input clipping is measured by hooks, which a compiled forward would have to recompile for
-            compiled = pl_module._compiler_ctx is not None or any(isinstance(m, torch._dynamo.OptimizedModule) for m in pl_module.modules())
-            self._clips = None if compiled else ClipTracker(pl_module).__enter__()
+            self._clips = None if _compiled(pl_module) else ClipTracker(pl_module).__enter__()
             self._stats_pending = True
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._calibration_clips is not None:
+            clips, self._calibration_clips = self._calibration_clips, None
+            clips.__exit__(None, None, None)
+            getattr(pl_module, STATE_NAME).calibration_clipped = clips.fractions()
+            if trainer.is_global_zero:
+                warn_collapsed(pl_module, clips.fractions())
         if not self._stats_pending:
             return
         self._stats_pending = False

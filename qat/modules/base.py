@@ -2,11 +2,14 @@
 
 A twin is the float layer's own state (the same ``Parameter`` objects, so optimizers, tied
 weights and references held elsewhere stay valid) under a subclass whose forward fake-quantizes
-the weight and, optionally, the layer's input. It owns two child quantizers:
+the weight and, optionally, the layer's input and bias. It owns up to three children:
 
 - ``weight_quantizer``: sized from the weight, with the layer's channel axis for ``per_channel``
   and its input axis for ``per_group`` (:attr:`channel_axis` / :attr:`input_axis`);
-- ``input_quantizer``: a static or per-token activation quantizer, or None.
+- ``input_quantizer``: a static or per-token activation quantizer, or None;
+- ``bias_quantizer``: the bias as int32 codes at input scale × weight scale, as integer runtimes
+  add it (:mod:`qat.core.bias`), or None (no int32 bias: the recipe's ``bias: float``, a per-token
+  input, blocked weights).
 
 ``from_float`` builds a twin without re-running the float layer's constructor (whose arguments
 vary by layer and may come from a subclass); ``to_float`` goes back, with the fake-quantized
@@ -22,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from qat.core import faster
+from qat.core.bias import BiasQuantizer, int32_bias_fits
 from qat.core.quantizer import Quantizer
 from qat.core.spec import Granularity, QuantSpec
 
-QUANT_CHILDREN = ("weight_quantizer", "input_quantizer")
+QUANT_CHILDREN = ("weight_quantizer", "input_quantizer", "bias_quantizer")
 
 
 class QuantizedLayer(nn.Module):
@@ -44,6 +48,11 @@ class QuantizedLayer(nn.Module):
 
     weight_quantizer: Quantizer | None
     input_quantizer: Quantizer | None
+    bias_quantizer: BiasQuantizer | None
+    input_from: tuple[Quantizer, ...] = ()
+    """The quantizer that quantizes this layer's input where it is produced, when the layer gave its
+    own up (the recipe's ``residuals``): the bias grid reads its scale. A tuple, so that it is not
+    registered as a second parent's child."""
     recompute_operands: bool = False
     """Recompute the quantized input and weight in the backward pass instead of saving them
     (:func:`qat.set_recompute`): less memory, more elementwise work."""
@@ -53,20 +62,40 @@ class QuantizedLayer(nn.Module):
     (:func:`qat.set_save_codes`): the same values, a quarter of the memory of float32."""
 
     @classmethod
-    def from_float(cls, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None) -> QuantizedLayer:
-        """A twin of ``layer`` sharing its parameters, buffers, submodules and hooks."""
+    def from_float(cls, layer: nn.Module, weight: QuantSpec | None, activation: QuantSpec | None,
+                   int32_bias: bool = False) -> QuantizedLayer:
+        """A twin of ``layer`` sharing its parameters, buffers, submodules and hooks; with
+        ``int32_bias``, its bias is fake-quantized as integer runtimes add it, where the specs
+        allow (:func:`qat.core.bias.int32_bias_fits`)."""
         twin = cls.__new__(cls)
         twin.__dict__.update(layer.__dict__)
         twin._modules = dict(layer._modules)  # own dict: adding quantizers must not touch `layer`
-        twin.register_module("weight_quantizer", None)
-        twin.register_module("input_quantizer", None)
+        for child in QUANT_CHILDREN:
+            twin.register_module(child, None)
         if weight is not None:
             grouped = weight.granularity is Granularity.PER_GROUP
             axis = cls.input_axis if grouped else cls.channel_axis
             twin.weight_quantizer = Quantizer(weight, layer.weight.shape, "weight", default_axis=axis).to(layer.weight.device)
         if activation is not None and cls.takes_activation:
             twin.input_quantizer = Quantizer(activation, role="activation").to(layer.weight.device)
+        weight_axis = twin.weight_quantizer.axis if twin.weight_quantizer is not None else None
+        if int32_bias and cls.takes_activation and twin.bias_channels_align() \
+                and int32_bias_fits(weight, weight_axis, cls.channel_axis, activation):
+            twin.bias_quantizer = BiasQuantizer()
         return twin
+
+    def bias_channels_align(self) -> bool:
+        """Whether the bias has one entry per weight channel, so per-channel weight scales give
+        its grid (a grouped transposed convolution's do not)."""
+        return True
+
+    def quantize_bias(self, bias: Tensor | None) -> Tensor | None:
+        """``bias`` on the int32 grid of this layer's input and weight scales, when the layer has a
+        bias quantizer and both quantize; otherwise ``bias`` itself."""
+        source = self.input_quantizer if self.input_quantizer is not None else next(iter(self.input_from), None)
+        if bias is None or self.bias_quantizer is None or source is None or self.weight_quantizer is None:
+            return bias
+        return self.bias_quantizer(bias, source, self.weight_quantizer)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The layer's input, fake-quantized when an input quantizer is set. The speed wing
@@ -103,7 +132,8 @@ class QuantizedLayer(nn.Module):
 
     @torch.no_grad()
     def inference_weight_bias(self) -> tuple[Tensor, Tensor | None]:
-        """Fake-quantized weight (current scales, no observation) and bias, as deployed."""
+        """Fake-quantized weight (current scales, no observation) and the float bias: what the
+        layer computes without input quantization (an int32 bias needs a quantized input)."""
         weight, bias = self.float_weight_bias()
         if self.weight_quantizer is not None:
             weight = self.weight_quantizer.fake_quantize(weight)
@@ -114,7 +144,7 @@ class QuantizedLayer(nn.Module):
         activation quantization: the fake-quantized (and folded) weight baked in."""
         weight, bias = self.inference_weight_bias()
         layer = self.float_cls.__new__(self.float_cls)
-        twin_only = {*self.twin_attributes(), "recompute_operands", "save_codes"}
+        twin_only = {*self.twin_attributes(), "recompute_operands", "save_codes", "input_from"}
         layer.__dict__.update({k: v for k, v in self.__dict__.items() if k not in twin_only})
         layer._modules = {k: v for k, v in self._modules.items() if k not in self.twin_children()}
         layer._parameters = dict(self._parameters)

@@ -15,6 +15,14 @@ convolution already runs with quantized folded weights. Once the statistics are 
 layer equals a plain convolution with weight ``Q(W_fold)`` and bias ``β + (b - μ) · f``, which is
 what :meth:`~qat.modules.base.QuantizedLayer.to_float` and the exporter produce. A timm
 ``BatchNormAct2d`` folds the same way; its dropout and activation still run after the BatchNorm.
+
+With an int32 bias (:mod:`qat.core.bias`) the device adds ``Qb(B)``, the folded bias ``B`` on its
+int32 grid, not ``B``. Once the BatchNorm uses its running statistics (frozen, or in eval mode),
+the training form adds the difference ``(Qb(B) − B) / f`` before the BatchNorm, which makes it
+exactly the deployed output; the difference has no gradient for ``B`` (straight through) and the
+fake quantization's gradient for the bias grid. While the BatchNorm normalises with batch
+statistics it would subtract the batch mean and the constant would cancel (as a convolution's own
+bias does there), so it is not added.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import Tensor, nn
 
 from qat.core.fake_quant import export_face
 from qat.core.snapshot import snapshot
+from qat.core.spec import Granularity
 from qat.modules.base import QUANT_CHILDREN, QuantizedLayer
 
 # the BatchNorm each convolution folds: what the twin takes in as ``bn`` and what qat.preparation.bn_fold looks for
@@ -74,8 +83,8 @@ class QuantConvNd(QuantizedLayer):
     bn: nn.modules.batchnorm._BatchNorm | None
 
     @classmethod
-    def from_float(cls, layer, weight, activation):
-        twin = super().from_float(layer, weight, activation)
+    def from_float(cls, layer, weight, activation, int32_bias=False):
+        twin = super().from_float(layer, weight, activation, int32_bias)
         twin.register_module("bn", None)
         twin.bn_frozen = False
         return twin
@@ -121,7 +130,7 @@ class QuantConvNd(QuantizedLayer):
             return self.weight, self.bias
         factor = self._bn_factor()
         bias = self.bias if self.bias is not None else torch.zeros_like(self.bn.running_mean)
-        folded_bias = (bias - self.bn.running_mean) * factor
+        folded_bias = (bias - snapshot(self.bn.running_mean)) * factor
         if self.bn.bias is not None:
             folded_bias = folded_bias + self.bn.bias
         return self.weight * factor.reshape(self._channel_shape(self.weight.ndim, 0)), folded_bias
@@ -131,12 +140,12 @@ class QuantConvNd(QuantizedLayer):
         if self.bn is None:
             weight = self.quantize_weight(self.weight)
             with self.recomputing(input, x, weight):
-                return self._conv_forward(x, weight, self.bias)
+                return self._conv_forward(x, weight, self.quantize_bias(self.bias))
         if export_face() and not self.training:
             # what a device runs: one convolution with the folded, quantized weight and folded bias
             # (equal to the training form below in eval mode, up to float rounding)
             weight, bias = self.float_weight_bias()
-            y = self._conv_forward(x, self.quantize_weight(weight), bias)
+            y = self._conv_forward(x, self.quantize_weight(weight), self.quantize_bias(bias))
             for tail in bn_tail(self.bn) or []:
                 y = tail(y)
             return y
@@ -154,9 +163,23 @@ class QuantConvNd(QuantizedLayer):
         # double the memory the backward pass saves. Rounding f costs nothing in training, where
         # the BatchNorm's batch statistics cancel any per-channel scale.
         y = DivideChannels.apply(y, factor.to(y.dtype).reshape(self._channel_shape(x.ndim, 1)))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).reshape(self._channel_shape(x.ndim, 1))
+        bias = self.bias
+        # with batch statistics the BatchNorm subtracts the batch mean, and a constant added here would only cancel
+        if not self.bn.training and (rounding := self._bias_rounding()) is not None:
+            rounding = rounding / factor  # the BatchNorm multiplies by f again (running statistics)
+            bias = rounding if bias is None else bias + rounding
+        if bias is not None:
+            y = y + bias.to(y.dtype).reshape(self._channel_shape(x.ndim, 1))
         return self.bn(y)  # the module, so a BatchNorm-with-activation runs its activation too
+
+    def _bias_rounding(self) -> Tensor | None:
+        """``Qb(B) − B`` for the folded bias ``B`` (from the running statistics), or None when the
+        bias is not fake-quantized: what the int32 bias adds to the deployed output, per channel."""
+        if self.bias_quantizer is None:
+            return None
+        bias = self.float_weight_bias()[1]
+        rounded = self.quantize_bias(bias)
+        return None if rounded is bias else rounded - bias
 
     def to_float(self) -> nn.Module:
         conv = super().to_float()
@@ -202,4 +225,10 @@ class QuantConvTranspose2d(QuantizedLayer, nn.ConvTranspose2d):
         output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
         x, weight = self.quantize_input(input), self.quantize_weight(self.weight)
         with self.recomputing(input, x, weight):
-            return F.conv_transpose2d(x, weight, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation)
+            return F.conv_transpose2d(x, weight, self.quantize_bias(self.bias), self.stride, self.padding, output_padding,
+                                      self.groups, self.dilation)
+
+    def bias_channels_align(self) -> bool:
+        # the weight holds out / groups channels: per-channel scales cover one group's outputs
+        q = self.weight_quantizer
+        return self.groups == 1 or (q is not None and q.spec.granularity is Granularity.PER_TENSOR)

@@ -11,14 +11,14 @@ from qat.modules.base import QuantizedLayer
 
 
 class QuantLinear(QuantizedLayer, nn.Linear):
-    """``nn.Linear`` with fake-quantized weight ``(out, in)`` and, optionally, input."""
+    """``nn.Linear`` with fake-quantized weight ``(out, in)`` and, optionally, input and bias."""
 
     float_cls = nn.Linear
 
     def forward(self, input: Tensor) -> Tensor:
         x, weight = self.quantize_input(input), self.quantize_weight(self.weight)
         with self.recomputing(input, x, weight):
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, weight, self.quantize_bias(self.bias))
 
 
 class QuantEmbedding(QuantizedLayer, nn.Embedding):

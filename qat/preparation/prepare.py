@@ -47,6 +47,9 @@ class QATState:
     residuals: dict[str, list[str]] = field(default_factory=dict)
     """Modules whose output is quantized (recipe ``residuals: true``) → the layers whose input
     quantizer that output quantizer replaced (:mod:`qat.preparation.residuals`)."""
+    calibration_clipped: dict[str, float] = field(default_factory=dict)
+    """What :func:`qat.calibrate` measured on its last batch: the share of each quantized input
+    (``<layer>/input``, ``<module>/output``) outside its range."""
     version: str = __version__
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,7 +203,7 @@ def prepare(
         if skip or (weight is None and activation is None):
             float_layers[name] = skip or f"the recipe turns off its weight and input quantization (rules {matched})"
             continue
-        twins[id(layer)] = twin_names[name] = twin_cls.from_float(layer, weight, activation)
+        twins[id(layer)] = twin_names[name] = twin_cls.from_float(layer, weight, activation, int32_bias=recipe.bias == "int32")
 
     names = list(twin_names) + list(float_layers)
     # a rule or skip pattern that matches nothing is a typo: an error keyed like the recipe's own (a
@@ -228,6 +231,9 @@ def prepare(
             folded[conv_name] = bn_name
         else:
             float_layers[bn_name] = f"BatchNorm not folded: its convolution `{conv_name}` is left float"
+    for twin in twins.values():
+        if getattr(twin, "bias", None) is None and getattr(twin, "bn", None) is None:
+            twin.bias_quantizer = None  # no bias, and no folded BatchNorm to give it one
     replace_children(model, replacements)
     _quantize_outputs(model, recipe, plan, twin_names)
     setattr(model, STATE_NAME, QATState(recipe, float_layers, folded, plan))
@@ -281,3 +287,4 @@ def _quantize_outputs(model: nn.Module, recipe: QuantRecipe, plan: Mapping[str, 
         for reader in readers:
             if reader in twins:
                 twins[reader].input_quantizer = None
+                twins[reader].input_from = (getattr(modules[name], OUTPUT_QUANTIZER),)

@@ -49,6 +49,8 @@ DEFAULT_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, observer=O
 """uint8, affine, one scale per tensor (the zero point lands on 0 after a ReLU: ORT's fast path)."""
 
 SpecOverride = Mapping[str, Any] | None
+BIAS_FORMATS = ("int32", "float")
+"""How a quantized layer's bias is computed: ``int32`` as integer runtimes add it, or ``float``."""
 
 
 def _check_keys(data: Mapping[str, Any], allowed: Sequence[str], where: str) -> None:
@@ -187,6 +189,10 @@ class QuantRecipe:
             activations (residual connections), where they are produced, so ONNX Runtime runs the
             additions and the layers feeding them on integer kernels (:mod:`qat.preparation.residuals`;
             needs example inputs and a per-tensor static activation spec).
+        bias: ``int32`` (default): a layer whose input and weight are quantized adds its bias as
+            integer runtimes do, as int32 codes at input scale × weight scale, in training and in
+            the exported graph (:mod:`qat.core.bias`); ``float``: biases stay float, for a runtime
+            that adds them in float.
     """
 
     weight: QuantSpec | None = DEFAULT_WEIGHT
@@ -195,6 +201,7 @@ class QuantRecipe:
     skip: tuple[str, ...] = ()
     fold_bn: bool = True
     residuals: bool = False
+    bias: str = "int32"
     _skip_patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -229,6 +236,8 @@ class QuantRecipe:
         for key in ("fold_bn", "residuals"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(key, f"must be true or false; got `{getattr(self, key)!r}`")
+        if self.bias not in BIAS_FORMATS:
+            raise ConfigError("bias", f"must be one of {', '.join(BIAS_FORMATS)}; got `{self.bias!r}`")
         if self.residuals and (self.activation is None or not self.activation.per_tensor_static):
             raise ConfigError("residuals", "needs a per-tensor activation spec with a fixed scale (not dynamic); "
                               f"the recipe's activation is {self.activation.describe() if self.activation else 'None'}")
@@ -265,7 +274,7 @@ class QuantRecipe:
         """Build from plain values (a parsed YAML / JSON mapping); errors name the bad key."""
         try:
             data = _mapping(data, "recipe")
-            _check_keys(data, ("weight", "activation", "rules", "skip", "fold_bn", "residuals"), "")
+            _check_keys(data, ("weight", "activation", "rules", "skip", "fold_bn", "residuals", "bias"), "")
             return cls(**data)
         except ConfigError as err:
             raise ConfigError(err.key, err.reason, source) from None
@@ -305,6 +314,7 @@ class QuantRecipe:
             "rules": [rule.to_dict() for rule in self.rules],
             "skip": list(self.skip),
             "fold_bn": self.fold_bn,
-            # only when on: recipes (and checkpoints) from before the key existed stay equal
+            # only when not the default: recipes (and checkpoints) from before the keys existed stay equal
             **({"residuals": True} if self.residuals else {}),
+            **({"bias": self.bias} if self.bias != "int32" else {}),
         }
