@@ -661,7 +661,7 @@ def print_report(result: ExportResult) -> None:
         if p.embedding is not None:
             extra += f", embeddings {p.embedding['distance_mean']:.2%} apart on average, cosine ≥ {p.embedding['cosine_min']:.4f}"
         console.print(f"  max |ORT − PyTorch| {p.max_abs_diff:.3g} (largest output {p.output_scale:.3g}){extra}; "
-                      f"metadata {artifact.qparams_path}")
+                      f"{artifact.integer_kernel_share:.0%} of the layers on integer kernels; metadata {artifact.qparams_path}")
 
 
 def load_session(path: str | os.PathLike[str]) -> ort.InferenceSession:

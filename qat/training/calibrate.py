@@ -56,28 +56,29 @@ def untrained_batchnorms(model: nn.Module) -> list[str]:
             and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
 
 
-def warn_untrained_batchnorms(model: nn.Module) -> list[str]:
-    """Warn (:class:`CalibrationWarning`) when :func:`untrained_batchnorms` finds any; returns their names."""
+def warn_untrained_batchnorms(model: nn.Module, stacklevel: int = 3) -> list[str]:
+    """Warn (:class:`CalibrationWarning`, attributed ``stacklevel`` frames up) when
+    :func:`untrained_batchnorms` finds any; returns their names."""
     names = untrained_batchnorms(model)
     if names:
         listed = ", ".join(f"`{n}`" for n in names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         warnings.warn(f"{len(names)} BatchNorm layers normalise with statistics that still hold their initial values "
                       f"(mean 0, variance 1): {listed}. Ranges observed now describe activations the trained model will not "
                       "have. Train the float model first, or run a few forward passes in training mode (model.train(); "
-                      "model(batch)) to set the statistics, then calibrate", CalibrationWarning, stacklevel=3)
+                      "model(batch)) to set the statistics, then calibrate", CalibrationWarning, stacklevel=stacklevel)
     return names
 
 
-def warn_collapsed(model: nn.Module, clipped: dict[str, float]) -> list[str]:
-    """Warn (:class:`CalibrationWarning`) about the inputs of which more than :data:`COLLAPSED_CLIPPED`
-    was clipped (``clipped``: :meth:`ClipTracker.fractions`); returns their keys."""
+def warn_collapsed(model: nn.Module, clipped: dict[str, float], stacklevel: int = 3) -> list[str]:
+    """Warn (:class:`CalibrationWarning`, attributed ``stacklevel`` frames up) about the inputs of which
+    more than :data:`COLLAPSED_CLIPPED` was clipped (``clipped``: :meth:`ClipTracker.fractions`); returns their keys."""
     collapsed = {key: share for key, share in clipped.items() if share > COLLAPSED_CLIPPED}
     if collapsed:
         listed = ", ".join(f"`{key}` ({share:.0%})" for key, share in list(collapsed.items())[:4])
         warnings.warn(f"{len(collapsed)} quantized tensors clip more than {COLLAPSED_CLIPPED:.0%} of the last calibration "
                       f"batch: {listed}. Their ranges collapsed: the calibration batches do not look like the data (or "
                       "BatchNorm statistics are not trained); qat.layer_stats(model) lists every fraction",
-                      CalibrationWarning, stacklevel=3)
+                      CalibrationWarning, stacklevel=stacklevel)
     return list(collapsed)
 
 
@@ -101,7 +102,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     model.eval()
     set_observers(model, True)
     set_fake_quant(model, False)
-    warn_untrained_batchnorms(model)
+    warn_untrained_batchnorms(model, stacklevel=4)  # past this function and torch.no_grad's wrapper: the caller's line
     seen = 0
     clips = ClipTracker(model)
     with Progress(disable=not progress, transient=True) as bar:
@@ -124,7 +125,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
     state = getattr(model, STATE_NAME, None)
     if state is not None:
         state.calibration_clipped = clipped
-    warn_collapsed(model, clipped)
+    warn_collapsed(model, clipped, stacklevel=4)
     set_fake_quant(model, True)
     set_observers(model, False)
     model.train(was_training)
