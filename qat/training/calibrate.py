@@ -15,7 +15,7 @@ Two mistakes make calibrated ranges silently wrong, and :func:`calibrate` warns 
 - BatchNorm statistics at their initial values (mean 0, variance 1): calibration runs in eval mode,
   where BatchNorm normalises with its running statistics, so on a model that never trained in
   training mode every range describes activations the trained model will not have (an untrained
-  ResNet-18's came out thousands of times too small, and QAT then diverged). Train first, or run a
+  ResNet-18's come out orders of magnitude too small, and QAT after it can diverge). Train first, or run a
   few forward passes in training mode to set the statistics;
 - a collapsed range: on the last calibration batch, more than :data:`COLLAPSED_CLIPPED` of some
   quantized input falls outside its range. The fractions are also kept on the model
