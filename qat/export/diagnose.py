@@ -46,7 +46,7 @@ from torch import nn
 from qat.core.fake_quant import guarded
 from qat.core.quantizer import Quantizer
 from qat.export import ort_kernels, parity
-from qat.training.control import deployed
+from qat.training.control import deployed_inference
 
 REWRITES = (
     "WeightBiasQuantization", "QDQSelectorActionTransformer", "QDQS8ToU8Transformer", "QDQPropagationTransformer",
@@ -148,7 +148,6 @@ def perturbed(value: Any, generator: torch.Generator) -> Any:
     return value
 
 
-@torch.no_grad()
 def rounding_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], seeds: int = 3) -> float:
     """How far a prepared model's outputs move, relative to their largest magnitude, when its input
     moves by one part in a million (:data:`NOISE`): the largest over ``batches`` and ``seeds``
@@ -157,18 +156,13 @@ def rounding_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], seed
     A quantized network is discontinuous, so this is not 0; where it is near the export's ``rtol``,
     no runtime can match the model within ``rtol`` (module docstring).
     """
-    training = model.training
-    model.eval()
     worst = 0.0
-    try:
-        with deployed(model):
-            for batch in batches:
-                reference = model(batch)
-                for seed in range(seeds):
-                    moved = model(perturbed(batch, torch.Generator().manual_seed(seed)))
-                    worst = max(worst, ((moved - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item())
-    finally:
-        model.train(training)
+    with deployed_inference(model):
+        for batch in batches:
+            reference = model(batch)
+            for seed in range(seeds):
+                moved = model(perturbed(batch, torch.Generator().manual_seed(seed)))
+                worst = max(worst, ((moved - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item())
     return worst
 
 

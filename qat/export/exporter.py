@@ -75,7 +75,7 @@ from qat.export.qdq import CUSTOM_TRANSLATION_TABLE, OPSET
 from qat.export.weights import lower_weights
 from qat.modules import QuantizedLayer
 from qat.preparation.prepare import is_prepared
-from qat.training.control import deployed, quantizers
+from qat.training.control import deployed, deployed_inference, quantizers
 
 ARTIFACTS = ("device", "ort")
 DEFAULT_RTOL = 0.05
@@ -477,14 +477,10 @@ def export_onnx(
     args, kwargs = _split_inputs(example_inputs)
     batches = [(args, kwargs)] + [_split_inputs(extra) for extra in verification_inputs]
     _check_not_empty(batches)
-    traced, training = TracedModel(model).eval(), model.training
-    model.eval()
-    try:
-        with deployed(model), torch.no_grad():
-            references = [numpy_leaves(traced(*a, **k)) for a, k in batches]
+    traced = TracedModel(model).eval()
+    with deployed_inference(model):
+        references = [numpy_leaves(traced(*a, **k)) for a, k in batches]
         graph = _trace(traced, args, kwargs, opset=opset, dynamic_batch=dynamic_batch, input_names=_input_names(model, args, kwargs))
-    finally:
-        model.train(training)
     name_quantized_tensors(graph)
     rename_outputs(graph, output_names)
     order = [value.name for value in graph.graph.inputs]
@@ -493,25 +489,17 @@ def export_onnx(
 
     def batch_codes(index: int) -> dict[str, np.ndarray]:
         a, k = batches[index]
-        model.eval()
-        try:
-            with deployed(model):
-                return diagnose.activation_codes(model, lambda: traced(*a, **k))
-        finally:
-            model.train(training)
+        with deployed_inference(model):
+            return diagnose.activation_codes(model, lambda: traced(*a, **k))
 
     def batch_noise(index: int) -> list[np.ndarray] | None:
         a, k = batches[index]
         generator = torch.Generator().manual_seed(index)
         if not any(isinstance(v, Tensor) and v.is_floating_point() for v in tree_leaves((a, k))):
             return None
-        model.eval()
-        try:
-            with deployed(model), torch.no_grad():
-                return numpy_leaves(traced(*[diagnose.perturbed(v, generator) for v in a],
-                                           **{key: diagnose.perturbed(v, generator) for key, v in k.items()}))
-        finally:
-            model.train(training)
+        with deployed_inference(model):
+            return numpy_leaves(traced(*[diagnose.perturbed(v, generator) for v in a],
+                                       **{key: diagnose.perturbed(v, generator) for key, v in k.items()}))
 
     reference = _Reference(feeds, references, traced.output_kind, rtol, min_top1, batch_codes, batch_noise)
     models: list[tuple[Path, Path]] = []  # (temporary, final), in the order of artifact_files

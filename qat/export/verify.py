@@ -304,20 +304,17 @@ def _against_model(name: str, qparams: dict[str, Any], feeds: list[np.ndarray], 
     import torch
 
     from qat.export.exporter import TracedModel, numpy_leaves
-    from qat.training.control import deployed
+    from qat.training.control import deployed_inference
 
     named = {meta["name"]: array for meta, array in zip(qparams["inputs"], feeds, strict=True)}
-    traced, training = TracedModel(model).eval(), model.training
-    model.eval()
+    traced = TracedModel(model).eval()
     try:
-        with deployed(model), torch.no_grad():
+        with deployed_inference(model):
             reference = numpy_leaves(_call(traced, {key: torch.from_numpy(array) for key, array in named.items()}))
     except Exception as error:  # the model does not take the recorded inputs: another model than the file's
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise QATError(f"{type(model).__name__} does not take the inputs `{name}` records "
                        f"({', '.join(named)}): {reason}; is it the model the file was exported from?") from None
-    finally:
-        model.train(training)
     if len(outputs) != len(reference):
         raise QATError(f"`{name}` has {len(outputs)} outputs, the PyTorch model {len(reference)}: is it the model the file "
                        "was exported from?")

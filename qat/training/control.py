@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from qat.core.quantizer import Quantizer
@@ -151,3 +152,16 @@ def deployed(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for q, quantizing in saved:
             q.enable_fake_quant(quantizing)
+
+
+@contextmanager
+def deployed_inference(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`deployed`, in eval mode and without gradients: what the exporter runs to compare the
+    model with a file. The model's training mode is restored after the block."""
+    training = model.training
+    model.eval()
+    try:
+        with deployed(model), torch.no_grad():
+            yield model
+    finally:
+        model.train(training)
