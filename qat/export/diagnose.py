@@ -247,13 +247,14 @@ def first_divergence(path: Path, config: dict[str, str], feeds: Sequence[np.ndar
     return None
 
 
-def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], compare: Callable[..., parity.Parity],
-             rtol: float, min_top1: float | None, torch_codes: Callable[[int], dict[str, np.ndarray]] | None = None,
+def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
+             compare: Callable[..., parity.Parity], rtol: float, min_top1: float | None,
+             torch_codes: Callable[[int], dict[str, np.ndarray]] | None = None,
              torch_noise: Callable[[int], list[np.ndarray] | None] | None = None) -> Diagnosis:
-    """Explain why the artifact at ``path`` (run with session ``config`` on ``feeds``) is not within
-    ``rtol`` of PyTorch: the module docstring's three measurements. ``compare`` turns ORT's outputs
-    into :class:`~qat.export.parity.Parity` against PyTorch's (for all batches, or for one:
-    ``compare(outputs, batch=i)``). On the batch where ORT is furthest from PyTorch,
+    """Explain why the artifact at ``path`` (run with session ``config`` on ``feeds``, giving
+    ``outputs``) is not within ``rtol`` of PyTorch: the module docstring's four measurements.
+    ``compare`` turns ORT's outputs into :class:`~qat.export.parity.Parity` against PyTorch's (for
+    all batches, or for one: ``compare(outputs, batch=i)``). On the batch where ORT is furthest from PyTorch,
     ``torch_noise(i)`` (PyTorch's outputs with the float inputs moved by :data:`NOISE`, or None
     without float inputs) gives the third measurement and ``torch_codes(i)``
     (:func:`activation_codes`) the fourth."""
@@ -276,8 +277,7 @@ def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], 
             if candidate is not None and candidate.within(rtol, min_top1):
                 rewrite, rewrite_parity = name, candidate
                 break
-    session = ort.InferenceSession(str(path), ort_kernels.session_options(config), providers=["CPUExecutionProvider"])
-    per_batch = [compare([parity.run_session(session, f)], batch=i) for i, f in enumerate(feeds)]
+    per_batch = [compare([got], batch=i) for i, got in enumerate(outputs)]
     worst = max(range(len(feeds)), key=lambda i: per_batch[i].max_abs_diff)
     noise = None
     if torch_noise is not None and (moved := torch_noise(worst)) is not None:

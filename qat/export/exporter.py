@@ -611,8 +611,8 @@ def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], r
         hint = (f". Layers {', '.join(f'`{n}`' for n in u8s8[:4])} have 8-bit weights and uint8 inputs: ONNX Runtime "
                 "runs them with u8·s8 kernels that saturate on x86 CPUs without VNNI. Use 7-bit weights (`weight: {bits: 7}`) "
                 "or signed int8 inputs (`activation: {signed: true, symmetric: true}`)") if u8s8 else ""
-        found = diagnose.diagnose(file, config, feeds, compare, reference.rtol, reference.min_top1, reference.activation_codes,
-                                  reference.noise)
+        found = diagnose.diagnose(file, config, feeds, outputs, compare, reference.rtol, reference.min_top1,
+                                  reference.activation_codes, reference.noise)
         explained = found.describe()
         raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written"
                        f"{hint}{'. ' + explained if explained else ''}")

@@ -385,7 +385,7 @@ def describe_graph(model: nn.Module, onnx_model: ir.Model, tensors: list[Quantiz
     for tensor in tensors:
         layer = modules.get(tensor.layer)
         if not isinstance(layer, QuantizedLayer) or tensor.quantize is not None or tensor.layer in layers \
-                or isinstance(modules.get(tensor.quantizer), BiasQuantizer):
+                or tensor.quantized.name in biases.values():
             continue
         source = inputs_of.get(tensor.layer)
         sqnr = weight_sqnr_db(layer)

@@ -46,7 +46,7 @@ from qat.preparation.prepare import STATE_NAME, QATState, is_prepared, needs_exa
 from qat.preparation.recipe import QuantRecipe
 from qat.speed import allocator
 from qat.training.batches import batch_inputs, first_batch
-from qat.training.calibrate import warn_collapsed, warn_untrained_batchnorms
+from qat.training.calibrate import record_calibration_clipping, warn_untrained_batchnorms
 from qat.training.clipping import ClipTracker
 from qat.training.control import evaluating, quantizers, set_weight_reuse
 from qat.training.schedule import MAX_POSITION, Phase, QATSchedule
@@ -304,9 +304,7 @@ class QuantizationAwareTraining(Callback):
         if self._calibration_clips is not None:
             clips, self._calibration_clips = self._calibration_clips, None
             clips.__exit__(None, None, None)
-            getattr(pl_module, STATE_NAME).calibration_clipped = clips.fractions()
-            if trainer.is_global_zero:
-                warn_collapsed(pl_module, clips.fractions())
+            record_calibration_clipping(pl_module, clips, warn=trainer.is_global_zero)
         if not self._stats_pending:
             return
         self._stats_pending = False

@@ -69,11 +69,17 @@ def warn_untrained_batchnorms(model: nn.Module, stacklevel: int = 3) -> list[str
     return names
 
 
-def warn_collapsed(model: nn.Module, clipped: dict[str, float], stacklevel: int = 3) -> list[str]:
-    """Warn (:class:`CalibrationWarning`, attributed ``stacklevel`` frames up) about the inputs of which
-    more than :data:`COLLAPSED_CLIPPED` was clipped (``clipped``: :meth:`ClipTracker.fractions`); returns their keys."""
+def record_calibration_clipping(model: nn.Module, clips: ClipTracker, warn: bool = True, stacklevel: int = 3) -> list[str]:
+    """Keep what ``clips`` measured right after calibration on the model (``qat_state.calibration_clipped``,
+    reported by :func:`qat.layer_stats`) and, with ``warn``, warn (:class:`CalibrationWarning`,
+    attributed ``stacklevel`` frames up) about the inputs of which more than
+    :data:`COLLAPSED_CLIPPED` was clipped; returns their keys."""
+    clipped = clips.fractions()
+    state = getattr(model, STATE_NAME, None)
+    if state is not None:
+        state.calibration_clipped = clipped
     collapsed = {key: share for key, share in clipped.items() if share > COLLAPSED_CLIPPED}
-    if collapsed:
+    if collapsed and warn:
         listed = ", ".join(f"`{key}` ({share:.0%})" for key, share in list(collapsed.items())[:4])
         warnings.warn(f"{len(collapsed)} quantized tensors clip more than {COLLAPSED_CLIPPED:.0%} of the last calibration "
                       f"batch: {listed}. Their ranges collapsed: the calibration batches do not look like the data (or "
@@ -121,11 +127,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any], num_batches: int | None 
             bar.advance(task)
     if seen == 0:
         raise QATError("calibrate got no batches: the dataloader is empty")
-    clipped = clips.fractions()
-    state = getattr(model, STATE_NAME, None)
-    if state is not None:
-        state.calibration_clipped = clipped
-    warn_collapsed(model, clipped, stacklevel=4)
+    record_calibration_clipping(model, clips, stacklevel=4)  # past this function and torch.no_grad's wrapper: the caller's line
     set_fake_quant(model, True)
     set_observers(model, False)
     model.train(was_training)
