@@ -1,12 +1,16 @@
 """Deployed speed: ONNX Runtime CPU latency of the float export against the *ort* artifact.
 
-Vision: torchvision ResNet-18 and MobileNetV3-small at 224×224, batch 1 and 32 (one graph with a
-free batch dimension per model), int4 per-channel weights (first conv 7-bit), uint8 activations
-and quantized residual connections (recipe ``residuals: true``), the format of the shipped ResNet
-recipe. The same model prepared without ``residuals`` (layer inputs quantized only) is timed
-beside it. ViT-tiny (timm, 224×224, batch 1 and 32): int4 per-channel weights and uint8 inputs on
+Vision: torchvision ResNet-18, MobileNetV3-small and MobileNetV3-large at 224×224, batch 1 and 32
+(one graph with a free batch dimension per model), int4 per-channel weights (first conv 7-bit),
+uint8 activations, and every operator between layers quantized (recipe ``operators: [add, mul,
+concat, pool, activation]``: residual additions, squeeze-excite multiplications and pools,
+Hardswish and Hardsigmoid on their fixed-grid gate). The same model prepared without
+``operators`` (layer inputs quantized only) is timed beside it. For the vision models ORT's
+profiler also gives the time its convolution kernels take in each file (float Conv against
+QLinearConv, summed over the graph), which bounds what any quantization of the glue between them
+can reach. ViT-tiny (timm, 224×224, batch 1 and 32): int4 per-channel weights and uint8 inputs on
 every Linear, the format of the shipped ViT recipe (its additions feed LayerNorms, which have no
-integer kernel, so no ``residuals``). LLM: the decode step of a Llama (4 layers × 1024,
+integer kernel, so no ``operators``). LLM: the decode step of a Llama (4 layers × 1024,
 vocabulary 8192) at M = 1, one token in and its logits out, int4 weights per group of 32 with
 dynamic int8 per-token activations, which ONNX Runtime runs as MatMulNBits. Models are random
 init, calibrated on random data: latency does not depend on the values.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import tempfile
 import time
@@ -44,7 +49,8 @@ import qat
 from qat.export import ort_kernels
 from qat.export.latency import median_latency_ms
 
-VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}], "residuals": True}
+OPERATORS = ["add", "mul", "concat", "pool", "activation"]
+VISION_RECIPE = {"weight": {"bits": 4}, "rules": [{"names": "conv1|features\\.0\\.0", "weight": {"bits": 7}}], "operators": OPERATORS}
 LLM_RECIPE = {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32},
               "activation": {"granularity": "per_token", "signed": True, "symmetric": True}}
 
@@ -64,10 +70,10 @@ def _image_model(build, recipe: dict):
     return model.eval(), (x,), {}, feeds, {"dynamic_batch": True, "rtol": 0.3}
 
 
-def vision(name: str, residuals: bool = True):
+def vision(name: str, operators: bool = True):
     import torchvision
 
-    return _image_model(getattr(torchvision.models, name), {**VISION_RECIPE, "residuals": residuals})
+    return _image_model(getattr(torchvision.models, name), {**VISION_RECIPE, "operators": OPERATORS if operators else []})
 
 
 def vit():
@@ -89,7 +95,7 @@ def llama_decode():
     return model.eval(), (), {"input_ids": ids, "use_cache": False}, {1: [ids.numpy()]}, {}
 
 
-VISION = ("resnet18", "mobilenet_v3_small")
+VISION = ("resnet18", "mobilenet_v3_small", "mobilenet_v3_large")
 MODELS = {**{name: lambda name=name: vision(name) for name in VISION}, "vit_tiny": vit, "llama-decode": llama_decode}
 IMAGES = (*VISION, "vit_tiny")
 
@@ -124,6 +130,23 @@ def ort_quantize_static(float_path: Path, folder: Path) -> Path:
     return quantized
 
 
+def conv_kernel_ms(path: Path, config: dict[str, str], inputs: list[np.ndarray], runs: int) -> float:
+    """The time per run ORT's profiler gives the convolution kernels (Conv, FusedConv, QLinearConv…)
+    of the model at ``path``, summed over the graph."""
+    options = ort_kernels.session_options(config)
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        options.profile_file_prefix = str(Path(folder) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = dict(zip([i.name for i in session.get_inputs()], inputs, strict=True))
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    total_us = sum(e["dur"] for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
+                   and "Conv" in e.get("args", {}).get("op_name", ""))
+    return total_us / runs / 1000
+
+
 def measure(name: str, runs: int, folder: Path) -> list[str]:
     model, args, kwargs, feeds, options = MODELS[name]()
     example = args[0] if args else {k: v for k, v in kwargs.items() if torch.is_tensor(v)}
@@ -138,7 +161,7 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
                                     providers=["CPUExecutionProvider"]),
     }
     if name in VISION:
-        inputs_only, *_ = vision(name, residuals=False)
+        inputs_only, *_ = vision(name, operators=False)
         plain = qat.export_onnx(inputs_only, example, folder / f"{name}.inputs.onnx", artifacts=["ort"], **options).ort
         sessions["inputs_only"] = ort.InferenceSession(str(plain.path), ort_kernels.session_options(plain.session_config),
                                                        providers=["CPUExecutionProvider"])
@@ -149,8 +172,15 @@ def measure(name: str, runs: int, folder: Path) -> list[str]:
     for batch, inputs in feeds.items():
         ms = {kind: median_latency_ms(session, [np.asarray(t) for t in inputs], runs=runs) for kind, session in sessions.items()}
         peer, plain = (f"{ms[k]:.2f} ({ms['float'] / ms[k]:.2f}×)" if k in ms else "—" for k in ("ort_tool", "inputs_only"))
+        convs = "—"
+        if name in VISION:
+            arrays = [np.asarray(t) for t in inputs]
+            float_conv = conv_kernel_ms(float_path, {}, arrays, runs)
+            ort_conv = conv_kernel_ms(result.ort.path, result.ort.session_config, arrays, runs)
+            convs = f"{float_conv:.2f} / {ort_conv:.2f}"
         rows.append(f"| {name} | {batch} | {ms['float']:.2f} | {ms['ort']:.2f} | {ms['float'] / ms['ort']:.2f}× | {plain} | {peer} | "
-                    f"{float_path.stat().st_size / 1e6:.2f} | {result.ort.bytes / 1e6:.2f} | {used} | {export_s:.0f} s |")
+                    f"{convs} | {float_path.stat().st_size / 1e6:.2f} | {result.ort.bytes / 1e6:.2f} | "
+                    f"{result.ort.integer_kernel_share:.0%} | {used} | {export_s:.0f} s |")
         print(rows[-1], flush=True)
     return rows
 
@@ -161,8 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="record the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    lines = ["| model | batch | float ms | ort ms | speed-up | without residuals ms (speed-up) | ORT quantize_static ms (speed-up) "
-             "| float MB | ort MB | ort kernels | export + verify |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | float ms | ort ms | speed-up | inputs only ms (speed-up) | ORT quantize_static ms (speed-up) "
+             "| conv kernels ms, float / ort | float MB | ort MB | ort layers on integer kernels | ort kernels | export + verify |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

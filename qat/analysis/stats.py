@@ -34,7 +34,7 @@ def layer_stats(model: nn.Module, clips: ClipTracker | None = None) -> dict[str,
     the weight saturated), ``input_min`` / ``input_max`` (observed range), ``input_scale``, and
     ``input_clipped`` when a :class:`ClipTracker` is given, ``input_clipped_at_calibration`` after
     :func:`qat.calibrate` (on its last batch: more than half means the range collapsed); the same
-    ``output_*`` metrics for a module whose output is quantized (recipe ``residuals``).
+    ``output_*`` metrics for a module whose output is quantized (recipe ``residuals`` or ``operators``).
     Uncalibrated quantizers are left out.
     """
     stats: dict[str, float] = {}

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from qat.core.quantizer import Quantizer
 from qat.errors import QATError
 from qat.modules import QuantConvNd, QuantizedLayer
+from qat.modules.activation import QuantizedActivation
 from qat.preparation.prepare import STATE_NAME, QATState, input_quantizers, replace_children
 from qat.preparation.residuals import OUTPUT_QUANTIZER, detach_output_quantizer
 
@@ -50,7 +51,7 @@ class QuantSummary:
     layers: list[LayerReport]
     float_layers: dict[str, str]
     outputs: dict[str, str] = field(default_factory=dict)
-    """Modules whose output is quantized (recipe ``residuals: true``) → spec and observed range."""
+    """Modules whose output is quantized (recipe ``residuals`` or ``operators``) → spec and observed range."""
 
     def __rich__(self) -> Group:
         table = Table(title=f"Quantized layers ({len(self.layers)})", title_justify="left")
@@ -69,7 +70,7 @@ class QuantSummary:
             left.add_row(name or "(the model itself)", reason)
         if not self.outputs:
             return Group(table, left)
-        outputs = Table(title=f"Quantized outputs, residual connections ({len(self.outputs)})", title_justify="left")
+        outputs = Table(title=f"Quantized outputs, residual connections and other operators ({len(self.outputs)})", title_justify="left")
         outputs.add_column("module")
         outputs.add_column("output")
         for name, described in self.outputs.items():
@@ -172,5 +173,5 @@ def strip(model: nn.Module) -> nn.Module:
     del stripped.__dict__[STATE_NAME]
     for module in stripped.modules():
         detach_output_quantizer(module)
-    replace_children(stripped, {id(m): m.to_float() for m in stripped.modules() if isinstance(m, QuantizedLayer)})
+    replace_children(stripped, {id(m): m.to_float() for m in stripped.modules() if isinstance(m, QuantizedLayer | QuantizedActivation)})
     return stripped

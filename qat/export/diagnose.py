@@ -1,7 +1,7 @@
 """Why ONNX Runtime and PyTorch differ: where they part, and which ONNX Runtime rewrite parts them.
 
 When an artifact fails its parity check (:mod:`qat.export.parity`), the export explains the failure
-with four measurements, each of which costs a session or a forward pass, so they run only then:
+with five measurements, each of which costs a session or a forward pass, so they run only then:
 
 1. **The graph without ORT's optimizations** (``ORT_DISABLE_ALL``: every node run as written). If
    that is within tolerance, the graph computes what PyTorch does and one of ORT's graph rewrites
@@ -20,7 +20,13 @@ with four measurements, each of which costs a session or a forward pass, so they
    optimizations (fused kernels produce those codes directly), PyTorch's codes are read from the
    quantizers by forward hooks, and the first tensor in graph order whose codes differ is named,
    with the share of codes that differ and by how many steps. One step in a few codes is a rounding
-   difference; many codes, or several steps, right after one layer point at that layer.
+   difference; many codes, or several steps, right after one layer point at that layer;
+5. **PyTorch fed ORT's codes**: PyTorch runs again with every static activation quantizer
+   returning ORT's codes instead of its own, so each quantized tensor is recomputed from the
+   inputs ORT had. If every recomputed tensor is within one step of ORT's and the output then
+   matches ORT's, every difference is a rounding flip at a code boundary that the network carries
+   to its output (a small network can turn one flipped code into several percent of its output),
+   and the graph computes what the model does; a wrong graph leaves tensors several steps apart.
 
 Example: an export whose *ort* artifact fails reads ``… ONNX Runtime's codes first differ from
 PyTorch's at `2.input_quantized` (the input of `2`): 48 of 64 (75.00%), by up to 128 steps. …
@@ -92,6 +98,33 @@ class Divergence:
 
 
 @dataclass(frozen=True)
+class Replay:
+    """PyTorch fed ORT's activation codes (the module docstring's fifth measurement)."""
+
+    steps: int
+    """The largest difference, in steps, between a code PyTorch recomputes and ORT's."""
+    differing: int
+    total: int
+    """How many recomputed codes differ from ORT's, of how many."""
+    max_abs_diff: float
+    """How far PyTorch's output then is from ORT's."""
+
+    def explains(self, rtol: float, output_scale: float) -> bool:
+        """Whether rounding flips account for the whole difference: every code within one step,
+        and the output within ``rtol``."""
+        return self.steps <= 1 and self.max_abs_diff <= rtol * output_scale
+
+    def describe(self, rtol: float, output_scale: float) -> str:
+        text = (f"Fed ORT's codes at every quantized activation, PyTorch recomputes them within {self.steps} "
+                f"step{'' if self.steps == 1 else 's'} ({self.differing} of {self.total} codes differ) and its output is "
+                f"{self.max_abs_diff:.4g} from ORT's")
+        if self.explains(rtol, output_scale):
+            text += (": every difference is a rounding flip at a code boundary, which this network carries to its output; "
+                     "the graph computes what the model does")
+        return text
+
+
+@dataclass(frozen=True)
 class Diagnosis:
     """What :func:`diagnose` found (each part None when it could not be measured)."""
 
@@ -106,6 +139,9 @@ class Diagnosis:
     """PyTorch against itself with its float inputs moved by :data:`NOISE` (on the batch where ORT is furthest)."""
     worst: parity.Parity | None = None
     """ORT against PyTorch on that batch."""
+    replay: Replay | None = None
+    """PyTorch fed ORT's activation codes on that batch."""
+    rtol: float = 0.0
 
     @property
     def float_rounding(self) -> bool:
@@ -119,6 +155,8 @@ class Diagnosis:
         parts = []
         if self.divergence is not None:
             parts.append(self.divergence.describe())
+        if self.replay is not None and self.worst is not None:
+            parts.append(self.replay.describe(self.rtol, self.worst.output_scale))
         if self.noise is not None:
             parts.append(f"PyTorch alone, with its float inputs moved by one part in {1 / NOISE:,.0f}, differs from itself by "
                          f"{self.noise.max_abs_diff:.4g} where ORT differs by {self.worst.max_abs_diff:.4g} (largest output "
@@ -166,18 +204,24 @@ def rounding_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], seed
     return worst
 
 
-def activation_codes(model: nn.Module, run: Callable[[], Any]) -> dict[str, np.ndarray]:
+def activation_codes(model: nn.Module, run: Callable[[], Any], forced: dict[str, np.ndarray] | None = None
+                     ) -> dict[str, np.ndarray]:
     """PyTorch's integer codes of every static activation quantizer while ``run()`` runs the model
     once, keyed by the ONNX name of the tensor (``<prefix>_quantized``; the first call of a quantizer
-    that runs twice)."""
+    that runs twice). With ``forced`` (codes by the same names), each quantizer that has codes
+    there returns them, dequantized, instead of its own output (the fifth measurement)."""
     codes: dict[str, np.ndarray] = {}
 
     def hook(name: str):
-        def record(q: Quantizer, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        def record(q: Quantizer, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             if name in codes or not q.fake_quant_enabled:
-                return
+                return None
             s, z = guarded(q.scale, q.zero_point, q.spec.qmin, q.spec.qmax)
             codes[name] = (torch.round(output.detach().float() / s) + z).cpu().numpy().astype(np.int64)
+            given = (forced or {}).get(name)
+            if given is None or given.shape != codes[name].shape:
+                return None
+            return ((torch.from_numpy(given.astype(np.float32)).to(output.device) - z) * s).to(output.dtype)
         return record
 
     with ExitStack() as stack:
@@ -225,20 +269,24 @@ def _role(tensor: str) -> str:
     return f"the {what} of `{owner}`" if owner and what in ("input", "output") else f"`{prefix}`"
 
 
-def first_divergence(path: Path, config: dict[str, str], feeds: Sequence[np.ndarray], torch_codes: dict[str, np.ndarray]
-                     ) -> Divergence | None:
-    """The first tensor of ``torch_codes`` (graph order) whose codes ORT, running the artifact at
-    ``path`` with its optimizations on ``feeds``, computes differently."""
+def ort_activation_codes(path: Path, config: dict[str, str], feeds: Sequence[np.ndarray], names: Sequence[str]
+                         ) -> dict[str, np.ndarray] | None:
+    """The codes ORT, running the artifact at ``path`` with its optimizations on ``feeds``, writes
+    for the tensors ``names`` (those it can return); None when the model cannot be copied."""
     with tempfile.TemporaryDirectory() as folder:
-        copied = _with_code_outputs(path, list(torch_codes), Path(folder))
+        copied = _with_code_outputs(path, list(names), Path(folder))
         if copied is None:
             return None
-        copy, names = copied
+        copy, wanted = copied
         session = ort.InferenceSession(str(copy), ort_kernels.session_options(config), providers=["CPUExecutionProvider"])
         outputs = parity.run_session(session, feeds)
-    extra = dict(zip(names, outputs[len(outputs) - len(names):], strict=True))
-    for name in names:
-        got, want = extra[name].astype(np.int64), torch_codes[name]
+    return {name: got.astype(np.int64) for name, got in zip(wanted, outputs[len(outputs) - len(wanted):], strict=True)}
+
+
+def first_divergence(ort_codes: dict[str, np.ndarray], torch_codes: dict[str, np.ndarray]) -> Divergence | None:
+    """The first tensor of ``ort_codes`` (graph order) whose codes differ from ``torch_codes``."""
+    for name, got in ort_codes.items():
+        want = torch_codes[name]
         if got.shape != want.shape:
             continue
         differ = got != want
@@ -247,17 +295,36 @@ def first_divergence(path: Path, config: dict[str, str], feeds: Sequence[np.ndar
     return None
 
 
+def replay(ort_codes: dict[str, np.ndarray], ort_outputs: Sequence[np.ndarray],
+           torch_forced: Callable[[dict[str, np.ndarray]], tuple[list[np.ndarray], dict[str, np.ndarray]]]) -> Replay:
+    """Run PyTorch fed ``ort_codes`` (``torch_forced`` returns its outputs and the codes it
+    recomputed) and compare both with ORT's."""
+    outputs, recomputed = torch_forced(ort_codes)
+    steps = differing = total = 0
+    for name, got in ort_codes.items():
+        own = recomputed.get(name)
+        if own is None or own.shape != got.shape:
+            continue
+        gap = np.abs(own - got)
+        steps, differing, total = max(steps, int(gap.max())), differing + int((gap > 0).sum()), total + gap.size
+    distance = max((float(np.abs(np.asarray(o, np.float32) - t).max()) for o, t in zip(ort_outputs, outputs, strict=True)), default=0.0)
+    return Replay(steps, differing, total, distance)
+
+
 def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
              compare: Callable[..., parity.Parity], rtol: float, min_top1: float | None,
              torch_codes: Callable[[int], dict[str, np.ndarray]] | None = None,
-             torch_noise: Callable[[int], list[np.ndarray] | None] | None = None) -> Diagnosis:
+             torch_noise: Callable[[int], list[np.ndarray] | None] | None = None,
+             torch_forced: Callable[[int, dict[str, np.ndarray]], tuple[list[np.ndarray], dict[str, np.ndarray]]] | None = None,
+             ) -> Diagnosis:
     """Explain why the artifact at ``path`` (run with session ``config`` on ``feeds``, giving
     ``outputs``) is not within ``rtol`` of PyTorch: the module docstring's four measurements.
     ``compare`` turns ORT's outputs into :class:`~qat.export.parity.Parity` against PyTorch's (for
     all batches, or for one: ``compare(outputs, batch=i)``). On the batch where ORT is furthest from PyTorch,
     ``torch_noise(i)`` (PyTorch's outputs with the float inputs moved by :data:`NOISE`, or None
-    without float inputs) gives the third measurement and ``torch_codes(i)``
-    (:func:`activation_codes`) the fourth."""
+    without float inputs) gives the third measurement, ``torch_codes(i)``
+    (:func:`activation_codes`) the fourth and ``torch_forced(i, codes)`` (PyTorch's outputs and
+    recomputed codes when fed ``codes``) the fifth."""
 
     def measured(options: ort.SessionOptions, disabled: Sequence[str] = ()) -> parity.Parity | None:
         try:
@@ -282,10 +349,15 @@ def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], 
     noise = None
     if torch_noise is not None and (moved := torch_noise(worst)) is not None:
         noise = compare([moved], batch=worst)
-    divergence = None
+    divergence = replayed = None
     if torch_codes is not None:
+        own = torch_codes(worst)
         try:
-            divergence = first_divergence(path, config, feeds[worst], torch_codes(worst))
-        except Exception:  # the copy with more outputs does not load: leave this part out
-            divergence = None
-    return Diagnosis(unfused, unfused_within, rewrite, rewrite_parity, divergence, noise, per_batch[worst])
+            codes = ort_activation_codes(path, config, feeds[worst], list(own))
+        except Exception:  # the copy with more outputs does not load: leave these parts out
+            codes = None
+        if codes:
+            divergence = first_divergence(codes, own)
+            if divergence is not None and torch_forced is not None:
+                replayed = replay(codes, outputs[worst], lambda given: torch_forced(worst, given))
+    return Diagnosis(unfused, unfused_within, rewrite, rewrite_parity, divergence, noise, per_batch[worst], replayed, rtol)

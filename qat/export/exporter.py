@@ -66,6 +66,7 @@ from torch.utils._pytree import tree_leaves
 from qat import atomic
 from qat.core.bias import BiasQuantizer
 from qat.core.fake_quant import exporting
+from qat.core.gate import GateQuantizer
 from qat.core.observers import Observer
 from qat.core.quantizer import Quantizer
 from qat.errors import QATError
@@ -350,7 +351,7 @@ def _named_quantizers(model: nn.Module) -> Iterator[None]:
     :attr:`~qat.core.quantizer.Quantizer.export_name` while tracing: the fake-quantize op carries it
     into the graph, where it names the quantizer's tensors (:mod:`qat.export.names`). Each
     quantizer's own value is put back afterwards."""
-    named = [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer | BiasQuantizer)]
+    named = [(name, m) for name, m in model.named_modules() if isinstance(m, Quantizer | BiasQuantizer | GateQuantizer)]
     own = [vars(q).get("export_name") for _, q in named]
     try:
         for name, q in named:
@@ -492,6 +493,13 @@ def export_onnx(
         with deployed_inference(model):
             return diagnose.activation_codes(model, lambda: traced(*a, **k))
 
+    def batch_forced(index: int, codes: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        a, k = batches[index]
+        outputs: list[list[np.ndarray]] = []
+        with deployed_inference(model):
+            recomputed = diagnose.activation_codes(model, lambda: outputs.append(numpy_leaves(traced(*a, **k))), forced=codes)
+        return outputs[0], recomputed
+
     def batch_noise(index: int) -> list[np.ndarray] | None:
         a, k = batches[index]
         generator = torch.Generator().manual_seed(index)
@@ -501,7 +509,7 @@ def export_onnx(
             return numpy_leaves(traced(*[diagnose.perturbed(v, generator) for v in a],
                                        **{key: diagnose.perturbed(v, generator) for key, v in k.items()}))
 
-    reference = _Reference(feeds, references, traced.output_kind, rtol, min_top1, batch_codes, batch_noise)
+    reference = _Reference(feeds, references, traced.output_kind, rtol, min_top1, batch_codes, batch_noise, batch_forced)
     models: list[tuple[Path, Path]] = []  # (temporary, final), in the order of artifact_files
     sidecars: list[tuple[Path, Path]] = []
     written: dict[str, Artifact] = {}
@@ -536,6 +544,8 @@ class _Reference:
     """PyTorch's activation codes on one batch (:func:`qat.export.diagnose.activation_codes`), for a failure's diagnosis."""
     noise: Callable[[int], list[np.ndarray] | None]
     """PyTorch's outputs on one batch with its float inputs moved by :data:`qat.export.diagnose.NOISE`, for a failure's diagnosis."""
+    forced: Callable[[int, dict[str, np.ndarray]], tuple[list[np.ndarray], dict[str, np.ndarray]]]
+    """PyTorch's outputs and recomputed codes on one batch when fed ORT's activation codes, for a failure's diagnosis."""
 
 
 def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, reference: _Reference,
@@ -551,6 +561,9 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, reference
         if ort_layout.matmul_nbits_layout(tensors):
             config = dict(ort_layout.SESSION_CONFIG)
         ort_layout.gather_block_quantized(tensors)
+        ort_layout.global_average_pool(graph.graph)
+        modules = dict(model.named_modules())
+        ort_layout.integer_gates([t for t in tensors if isinstance(modules.get(t.quantizer), GateQuantizer)])
         onnxscript.optimizer.remove_unused_nodes(graph)
     tensors = [t for t in tensors if t.dequantize.graph is not None]
     config.update(ort_layout.session_options_for(tensors, kind))
@@ -612,7 +625,7 @@ def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], r
                 "runs them with u8·s8 kernels that saturate on x86 CPUs without VNNI. Use 7-bit weights (`weight: {bits: 7}`) "
                 "or signed int8 inputs (`activation: {signed: true, symmetric: true}`)") if u8s8 else ""
         found = diagnose.diagnose(file, config, feeds, outputs, compare, reference.rtol, reference.min_top1,
-                                  reference.activation_codes, reference.noise)
+                                  reference.activation_codes, reference.noise, reference.forced)
         explained = found.describe()
         raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written"
                        f"{hint}{'. ' + explained if explained else ''}")

@@ -1,7 +1,7 @@
 """The *ort* artifact: the device graph's numbers laid out for ONNX Runtime's fast CPU kernels.
 
 ONNX Runtime fuses QuantizeLinear/DequantizeLinear patterns into integer kernels only for some
-layouts (docs/design/numeric-contract.md, "Export facts"). Four passes rewrite the device graph into those layouts
+layouts (docs/design/numeric-contract.md, "Export facts"). Six passes rewrite the device graph into those layouts
 without changing a single weight or activation value:
 
 - :func:`widen_small_weights`: a 4-bit (or narrower) weight read by Conv, ConvTranspose, Gemm or
@@ -23,6 +23,16 @@ without changing a single weight or activation value:
   scales, zero points)``, which dequantizes the rows it gathers. ORT does not fuse that pattern
   itself: it dequantized the whole table on every run, most of an LLM's decode step
   (benchmarks/RESULTS.md). Same codes and scales, same numbers.
+- :func:`global_average_pool`: a quantized mean over every spatial axis (an adaptive average
+  pool to 1×1, which ``torch.onnx`` exports as ``ReduceMean``), ``DQ → ReduceMean → Q``, becomes
+  ``DQ → GlobalAveragePool → Q``, the same mean, which ORT fuses into QLinearGlobalAveragePool
+  (it has no integer ReduceMean). A squeeze-excite block's pool then stays in integers.
+- :func:`integer_gates`: a hard gate (:mod:`qat.core.gate`), exported as
+  ``Add(DQ(x), 3) → Q → DQ → Div(6)``, gets its constant as ``DQ(uint8 1, scale 3)`` (the same
+  3.0) and its division folded into the DequantizeLinear's scale (``6/255 / 6``, in float32), so
+  ORT fuses a QLinearAdd, and the Mul of a Hardswish or a squeeze-excite reads the gate straight
+  from a DequantizeLinear and becomes a QLinearMul. The folded scale moves the gate's values by at
+  most one float32 rounding (``c·(s/6)`` against ``(c·s)/6``); verification measures it.
 """
 
 from __future__ import annotations
@@ -256,3 +266,75 @@ def gather_block_quantized(tensors: list[QuantizedTensor]) -> list[str]:
         graph.opset_imports.setdefault("com.microsoft", 1)
         rewritten.append(codes.name)
     return rewritten
+
+
+def _constant_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in value.const_value.numpy().reshape(-1)]
+
+
+def global_average_pool(graph: ir.Graph) -> int:
+    """Rewrite ``DQ → ReduceMean(spatial axes, keepdims) → Q`` into ``DQ → GlobalAveragePool → Q``
+    (module docstring). Returns how many were rewritten."""
+    rewritten = 0
+    for node in list(graph):
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or _attribute(node, "keepdims", 1) != 1:
+            continue
+        source, result = node.inputs[0], node.outputs[0]
+        rank = len(source.shape) if source.shape is not None else 0
+        axes = _constant_ints(node.inputs[1] if len(node.inputs) > 1 else None)
+        fed = source.producer() is not None and source.producer().op_type == "DequantizeLinear"
+        read = bool(result.uses()) and all(user.op_type == "QuantizeLinear" for user, _ in result.uses())
+        if rank < 3 or axes is None or sorted(a % rank for a in axes) != list(range(2, rank)) or not (fed and read):
+            continue
+        pool = ir.node("GlobalAveragePool", [source], name=f"{node.name}.GlobalAveragePool")
+        pool.outputs[0].name, pool.outputs[0].dtype, pool.outputs[0].shape = f"{result.name}.pooled", result.dtype, result.shape
+        graph.insert_before(node, pool)
+        result.replace_all_uses_with(pool.outputs[0], replace_graph_outputs=True)
+        graph.remove(node, safe=True)
+        rewritten += 1
+    return rewritten
+
+
+def _scalar(value: ir.Value) -> float | None:
+    """The value of a one-element float constant, else None."""
+    if value.const_value is None or value.const_value.size != 1 or not value.dtype.is_floating_point():
+        return None
+    return float(value.const_value.numpy().reshape(-1)[0])
+
+
+def integer_gates(gates: list[QuantizedTensor]) -> list[str]:
+    """Lay out the hard gates' ``Add`` and ``Div`` for ORT's integer kernels (module docstring).
+    Returns the names of the gates rewritten."""
+    rewritten = []
+    for tensor in gates:
+        dq, q = tensor.dequantize, tensor.quantize
+        add = q.inputs[0].producer() if q is not None else None
+        divisions = [user for user, _ in tensor.dequantized.uses()]
+        if add is None or add.op_type != "Add" or len(divisions) != 1 or divisions[0].op_type != "Div":
+            continue
+        div = divisions[0]
+        side = next((i for i in (1, 0) if _scalar(add.inputs[i]) is not None), None)  # x + 3 (or 3 + x)
+        shift, divisor = (_scalar(add.inputs[side]) if side is not None else None), _scalar(div.inputs[1])
+        if shift is None or divisor is None or shift <= 0 or tensor.scale.const_value is None:
+            continue
+        graph = dq.graph
+        code, unit = ir.Value(name=f"{tensor.prefix}_shift_code"), ir.Value(name=f"{tensor.prefix}_shift_scale")
+        _set_constant(code, np.array(1, np.uint8))
+        _set_constant(unit, np.array(shift, np.float32))
+        constant = ir.node("DequantizeLinear", [code, unit], name=f"{tensor.prefix}.shift")
+        shifted = constant.outputs[0]
+        shifted.name, shifted.dtype, shifted.shape = f"{tensor.prefix}_shift", ir.DataType.FLOAT, ir.Shape([])
+        graph.insert_before(add, constant)
+        add.replace_input_with(side, constant.outputs[0])
+        folded = ir.Value(name=f"{tensor.prefix}_dequantize_scale")
+        _set_constant(folded, np.float32(tensor.scale.const_value.numpy()) / np.float32(divisor))
+        for value in (code, unit, folded):
+            graph.register_initializer(value)
+        dq.replace_input_with(1, folded)
+        div.outputs[0].replace_all_uses_with(dq.outputs[0], replace_graph_outputs=True)
+        graph.remove(div, safe=True)
+        rewritten.append(tensor.quantized.name)
+    return rewritten
+

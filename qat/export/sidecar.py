@@ -36,6 +36,7 @@ from torch import nn
 
 from qat.analysis.summary import weight_sqnr_db
 from qat.core.bias import BIAS_QMAX, BIAS_QMIN, BiasQuantizer
+from qat.core.gate import GATE_QMAX, GATE_QMIN, GateQuantizer
 from qat.core.quantizer import Quantizer
 from qat.core.spec import integer_range
 from qat.errors import QATError
@@ -298,9 +299,13 @@ def _dtype_name(value: ir.Value) -> str:
     return str(value.dtype.name).lower()
 
 
-def _format(quantizer: Quantizer | BiasQuantizer, per_channel: bool) -> dict[str, Any]:
-    """The format fields of a tensors entry: the quantizer's spec, or an int32 bias's fixed format
-    (its grid is the input scale times the weight scale, per channel when ``per_channel``)."""
+def _format(quantizer: Quantizer | BiasQuantizer | GateQuantizer, per_channel: bool) -> dict[str, Any]:
+    """The format fields of a tensors entry: the quantizer's spec, an int32 bias's fixed format
+    (its grid is the input scale times the weight scale, per channel when ``per_channel``), or a
+    hard gate's fixed uint8 grid (:mod:`qat.core.gate`)."""
+    if isinstance(quantizer, GateQuantizer):
+        return {"role": "activation", "bits": 8, "qmin": GATE_QMIN, "qmax": GATE_QMAX, "signed": False, "symmetric": True,
+                "granularity": "per_tensor", "dynamic": False, "observer": None, "learnable": False}
     if isinstance(quantizer, BiasQuantizer):
         return {"role": "bias", "bits": 32, "qmin": BIAS_QMIN, "qmax": BIAS_QMAX, "signed": True, "symmetric": True,
                 "granularity": "per_channel" if per_channel else "per_tensor", "dynamic": False, "observer": None,
@@ -311,7 +316,7 @@ def _format(quantizer: Quantizer | BiasQuantizer, per_channel: bool) -> dict[str
             "observer": spec.observer.value if quantizer.observer is not None else None, "learnable": spec.learnable}
 
 
-def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer | BiasQuantizer, layer_name: str) -> dict[str, Any]:
+def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer | BiasQuantizer | GateQuantizer, layer_name: str) -> dict[str, Any]:
     """One ``tensors`` entry: names, format and numbers of ``tensor`` as the graph holds it."""
     dq = tensor.dequantize
     scale, scale_shape = _numbers(tensor.scale)
@@ -378,7 +383,7 @@ def describe_graph(model: nn.Module, onnx_model: ir.Model, tensors: list[Quantiz
     entries, layers = {}, {}
     for tensor in tensors:
         quantizer = modules.get(tensor.quantizer)
-        if not isinstance(quantizer, Quantizer | BiasQuantizer) or tensor.quantized.name in entries:
+        if not isinstance(quantizer, Quantizer | BiasQuantizer | GateQuantizer) or tensor.quantized.name in entries:
             continue
         entries[tensor.quantized.name] = tensor_entry(tensor, quantizer, tensor.layer)
     biases = {t.layer: t.quantized.name for t in tensors if isinstance(modules.get(t.quantizer), BiasQuantizer)}

@@ -18,9 +18,10 @@ from torch import nn
 from qat.core.quantizer import Quantizer
 from qat.errors import ConfigError, QATError
 from qat.modules import TWINS, QuantConvNd, QuantizedLayer, twin_for
+from qat.modules.activation import ACTIVATION_TWINS
 from qat.preparation.bn_fold import FOLDABLE, FoldPlan, find_conv_bn_pairs, is_foldable_bn
 from qat.preparation.recipe import QuantRecipe
-from qat.preparation.residuals import OUTPUT_QUANTIZER, attach_output_quantizer, find_residuals
+from qat.preparation.residuals import OUTPUT_QUANTIZER, attach_output_quantizer, find_residuals, folded_name
 from qat.version import __version__
 
 STATE_NAME = "qat_state"
@@ -57,7 +58,7 @@ class QATState:
         d["recipe"], bn_folds=d["bn_folds"], residuals=d.get("residuals"))`` (plain values: loads
         with ``weights_only=True``)."""
         return {"version": self.version, "recipe": self.recipe.to_dict(), "bn_folds": dict(self.bn_folds),
-                **({"residuals": {k: list(v) for k, v in self.residuals.items()}} if self.recipe.residuals else {})}
+                **({"residuals": {k: list(v) for k, v in self.residuals.items()}} if self.recipe.quantized_operators else {})}
 
 
 def input_quantizers(model: nn.Module) -> dict[str, tuple[Quantizer | None, str | None]]:
@@ -136,9 +137,9 @@ def _fold_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, bn_fo
 
 def needs_example_inputs(model: nn.Module, recipe: QuantRecipe | Mapping[str, Any] | str | None = None) -> bool:
     """True when :func:`prepare` would trace example inputs: the recipe folds and there is a
-    BatchNorm, or the recipe quantizes residual connections."""
+    BatchNorm, or the recipe quantizes residual connections or other operators."""
     recipe = QuantRecipe.coerce(recipe)
-    return recipe.residuals or (recipe.fold_bn and any(is_foldable_bn(m) for m in model.modules()))
+    return bool(recipe.quantized_operators) or (recipe.fold_bn and any(is_foldable_bn(m) for m in model.modules()))
 
 
 def prepare(
@@ -234,6 +235,10 @@ def prepare(
     for twin in twins.values():
         if getattr(twin, "bias", None) is None and getattr(twin, "bn", None) is None:
             twin.bias_quantizer = None  # no bias, and no folded BatchNorm to give it one
+    if "activation" in recipe.quantized_operators:
+        # every Hardswish and Hardsigmoid module computes its gate on the fixed grid (qat.modules.activation)
+        device = next(model.parameters()).device
+        replacements.update({id(m): ACTIVATION_TWINS[type(m)]().to(device) for m in model.modules() if type(m) in ACTIVATION_TWINS})
     replace_children(model, replacements)
     _quantize_outputs(model, recipe, plan, twin_names)
     setattr(model, STATE_NAME, QATState(recipe, float_layers, folded, plan))
@@ -259,10 +264,10 @@ def _share_tied_quantizers(twins: Iterable[QuantizedLayer]) -> None:
 def _residual_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, residuals: Mapping[str, Sequence[str]] | None,
                    twins: Mapping[str, QuantizedLayer], fold_pairs: Mapping[str, str]) -> dict[str, list[str]]:
     """Module → the layers whose input its quantized output replaces (empty unless the recipe
-    sets ``residuals``); traced on the float model, before any layer is swapped."""
-    if not recipe.residuals:
+    sets ``residuals`` or ``operators``); traced on the float model, before any layer is swapped."""
+    if not recipe.quantized_operators:
         return {}
-    modules = dict(model.named_modules())
+    modules = {*dict(model.named_modules()), *(folded_name(n, fold_pairs) for n, _ in model.named_modules())}
     if residuals is not None:
         for name, readers in residuals.items():
             missing = [n for n in (name, *readers) if n not in modules]
@@ -271,10 +276,14 @@ def _residual_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, r
                                "with another configuration?")
         return {name: list(readers) for name, readers in residuals.items()}
     if example_inputs is None:
-        raise QATError("the recipe sets `residuals: true`: pass example_inputs to qat.prepare to find the residual "
-                       "connections")
+        key = "residuals: true" if recipe.residuals else f"operators: {list(recipe.operators)}"
+        raise QATError(f"the recipe sets `{key}`: pass example_inputs to qat.prepare to find the operators whose "
+                       "operands and results it quantizes")
     readers = {name: twin.input_quantizer.spec if twin.input_quantizer is not None else None for name, twin in twins.items()}
-    return find_residuals(model, example_inputs, readers, fold_pairs).outputs
+    # a gated Hardsigmoid's output is on its gate's fixed grid already: not quantized again
+    gated = "activation" in recipe.quantized_operators
+    on_grid = tuple(t.float_cls for t in ACTIVATION_TWINS.values() if t.output_on_grid) if gated else ()
+    return find_residuals(model, example_inputs, readers, fold_pairs, recipe.quantized_operators, on_grid).outputs
 
 
 def _quantize_outputs(model: nn.Module, recipe: QuantRecipe, plan: Mapping[str, list[str]],

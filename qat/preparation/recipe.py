@@ -49,6 +49,12 @@ DEFAULT_ACTIVATION = QuantSpec(bits=8, signed=False, symmetric=False, observer=O
 """uint8, affine, one scale per tensor (the zero point lands on 0 after a ReLU: ORT's fast path)."""
 
 SpecOverride = Mapping[str, Any] | None
+OPERATORS = ("add", "mul", "concat", "pool", "activation")
+"""Operators between layers whose operands and results a recipe's ``operators`` can quantize
+(:mod:`qat.preparation.residuals`): additions, multiplications of two activations (a
+squeeze-excite gate), concatenations, average pools, and activation functions (Hardswish,
+Hardsigmoid, Sigmoid, SiLU, GELU, LeakyReLU)."""
+
 BIAS_FORMATS = ("int32", "float")
 """How a quantized layer's bias is computed: ``int32`` as integer runtimes add it, or ``float``."""
 
@@ -188,7 +194,12 @@ class QuantRecipe:
         residuals: also quantize both operands and the result of every addition of two
             activations (residual connections), where they are produced, so ONNX Runtime runs the
             additions and the layers feeding them on integer kernels (:mod:`qat.preparation.residuals`;
-            needs example inputs and a per-tensor static activation spec).
+            needs example inputs and a per-tensor static activation spec). The same as listing
+            ``add`` in ``operators``.
+        operators: the kinds of operator between layers (from :data:`OPERATORS`) whose operands
+            and results are quantized where they are produced, as ``residuals`` does for additions:
+            ``[add, mul, concat, pool, activation]`` lets ONNX Runtime run a MobileNet's
+            squeeze-excite, pools and the convolutions feeding its activations on integer kernels.
         bias: ``int32`` (default): a layer whose input and weight are quantized adds its bias as
             integer runtimes do, as int32 codes at input scale × weight scale, in training and in
             the exported graph (:mod:`qat.core.bias`); ``float``: biases stay float, for a runtime
@@ -201,6 +212,7 @@ class QuantRecipe:
     skip: tuple[str, ...] = ()
     fold_bn: bool = True
     residuals: bool = False
+    operators: tuple[str, ...] = ()
     bias: str = "int32"
     _skip_patterns: tuple[re.Pattern[str], ...] = field(default=(), init=False, repr=False, compare=False)
 
@@ -238,9 +250,20 @@ class QuantRecipe:
                 raise ConfigError(key, f"must be true or false; got `{getattr(self, key)!r}`")
         if self.bias not in BIAS_FORMATS:
             raise ConfigError("bias", f"must be one of {', '.join(BIAS_FORMATS)}; got `{self.bias!r}`")
-        if self.residuals and (self.activation is None or not self.activation.per_tensor_static):
-            raise ConfigError("residuals", "needs a per-tensor activation spec with a fixed scale (not dynamic); "
+        operators = _string_list(self.operators, "operators")
+        unknown = [op for op in operators if op not in OPERATORS]
+        if unknown:
+            raise ConfigError(f"operators[{operators.index(unknown[0])}]", f"`{unknown[0]}` is not one of {', '.join(OPERATORS)}")
+        object.__setattr__(self, "operators", operators)
+        if self.quantized_operators and (self.activation is None or not self.activation.per_tensor_static):
+            raise ConfigError("residuals" if self.residuals else "operators",
+                              "needs a per-tensor activation spec with a fixed scale (not dynamic); "
                               f"the recipe's activation is {self.activation.describe() if self.activation else 'None'}")
+
+    @property
+    def quantized_operators(self) -> frozenset[str]:
+        """The operator kinds whose operands and results are quantized (``residuals`` is ``add``)."""
+        return frozenset(self.operators) | ({"add"} if self.residuals else set())
 
     # -- resolution -----------------------------------------------------------------------------
 
@@ -274,7 +297,7 @@ class QuantRecipe:
         """Build from plain values (a parsed YAML / JSON mapping); errors name the bad key."""
         try:
             data = _mapping(data, "recipe")
-            _check_keys(data, ("weight", "activation", "rules", "skip", "fold_bn", "residuals", "bias"), "")
+            _check_keys(data, ("weight", "activation", "rules", "skip", "fold_bn", "residuals", "operators", "bias"), "")
             return cls(**data)
         except ConfigError as err:
             raise ConfigError(err.key, err.reason, source) from None
@@ -316,5 +339,6 @@ class QuantRecipe:
             "fold_bn": self.fold_bn,
             # only when not the default: recipes (and checkpoints) from before the keys existed stay equal
             **({"residuals": True} if self.residuals else {}),
+            **({"operators": list(self.operators)} if self.operators else {}),
             **({"bias": self.bias} if self.bias != "int32" else {}),
         }

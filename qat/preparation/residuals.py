@@ -1,32 +1,42 @@
-"""Quantize residual connections, so that a runtime can keep them in integers.
+"""Quantize residual connections and the other operators between layers, so that a runtime can
+keep them in integers.
 
 A recipe quantizes the *inputs* of layers with weights. In a residual network that leaves the
 additions float: ``out = relu(bn2(conv2(y)) + x)`` reads the float output of ``conv2`` and the
 float block input ``x`` (whose quantized copy only ``conv1`` reads). ONNX Runtime then runs
-``conv2`` and the addition in float, with a dequantize in front of each.
+``conv2`` and the addition in float, with a dequantize in front of each. The same holds for the
+operators of edge networks: a MobileNet's squeeze-excite multiplies two float tensors, and a
+convolution whose output goes to a Hardswish has no quantized output to fuse with.
 
-With ``residuals: true`` in the recipe, :func:`qat.prepare` traces the example inputs once and,
-for every addition of two activations, quantizes three tensors where they are *produced*, so
-that every reader sees the same integers:
+With ``residuals: true`` (additions) or ``operators: [add, mul, concat, pool, activation]`` in
+the recipe, :func:`qat.prepare` traces the example inputs once and, for every such operator
+(:data:`OPERATOR_FUNCTIONS`) whose operands are activations, quantizes its operands and its
+result where they are *produced*, so that every reader sees the same integers:
 
 - each operand: the output of the layer that computed it (``conv2``, with its folded
-  BatchNorm) or of the module that returned it (the previous block, a pooling layer);
-- the sum, after any ReLU applied to it (the block's output).
+  BatchNorm) or of the module that returned it (the previous block, a pooling layer, an
+  activation module);
+- the result, after any ReLU applied to it (the block's output).
 
 A quantized layer whose input is one of these tensors gives its own input quantizer up: the
 producer's quantizer, with the spec that layer's input had, takes its place. The exported graph
-then reads ``Q → DQ → {Conv, Add}``, which ONNX Runtime fuses into QLinearConv and QLinearAdd.
+then reads ``Q → DQ → {Conv, Add}``, which ONNX Runtime fuses into QLinearConv and QLinearAdd
+(QLinearMul, QLinearConcat, QLinearAveragePool, QLinearSigmoid likewise). An activation without
+an integer kernel (SiLU, GELU) runs in float between the two quantized tensors, and the
+convolution in front of it on an integer kernel; Hardswish and Hardsigmoid modules compute their
+gate on a fixed grid (:mod:`qat.modules.activation`), which ORT runs as QLinearAdd and QLinearMul.
 
-The producer of a tensor is the innermost module, called once per forward, that returned it
-before anything read it (so quantizing that module's output changes every reader alike). An
-addition with an operand no such module returns (a shared ``nn.ReLU`` called twice, a tensor
+The producer of a tensor is the innermost module, called once per forward and not a container
+(``nn.Sequential``, ``nn.ModuleList``, ``nn.ModuleDict``), that returned it before anything read
+it (so quantizing that module's output changes every reader alike). An
+operator with an operand no such module returns (a shared ``nn.ReLU`` called twice, a tensor
 computed inline) keeps that operand float.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +53,22 @@ from qat.preparation.bn_fold import trace_example
 
 OUTPUT_QUANTIZER = "output_quantizer"
 
-_ADDS = {torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}
+OPERATOR_FUNCTIONS: dict[str, frozenset[Any]] = {
+    "add": frozenset({torch.add, Tensor.add, Tensor.add_, Tensor.__add__, Tensor.__radd__, Tensor.__iadd__}),
+    "mul": frozenset({torch.mul, Tensor.mul, Tensor.mul_, Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__}),
+    "concat": frozenset({torch.cat, torch.concat, torch.concatenate}),
+    "pool": frozenset({F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                       F.adaptive_avg_pool3d}),
+    "activation": frozenset({F.hardswish, F.hardsigmoid, torch.sigmoid, Tensor.sigmoid, F.sigmoid, F.silu, F.gelu,
+                             F.leaky_relu}),
+}
+"""The torch functions each recipe ``operators`` kind stands for (what a ``TorchFunctionMode`` sees
+when ``nn.Hardswish``, ``torch.cat``, ``x * gate``… run)."""
+
+_BINARY = ("add", "mul")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+"""Modules that run their children in order (DenseNet's block is an ``nn.ModuleDict``): an output
+quantizer child would become one of the steps, so their outputs are quantized inside, or not at all."""
 _RELUS = {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_}
 
 
@@ -63,11 +88,13 @@ class _Value:
 class _Dataflow(TorchFunctionMode):
     """Follows tensor values through torch calls: which call made each, which reads it."""
 
-    def __init__(self) -> None:
+    def __init__(self, operators: Collection[str]) -> None:
         super().__init__()
+        self.kinds = {func: kind for kind in operators for func in OPERATOR_FUNCTIONS[kind]}
         self.values: dict[int, _Value] = {}
         self.alive: list[Tensor] = []  # keeps ids from being reused during the trace
-        self.additions: list[tuple[_Value, _Value, _Value]] = []
+        self.operators: list[tuple[list[_Value], _Value]] = []
+        """Each operator call seen: its operand values and its result."""
 
     def value(self, tensor: Tensor) -> _Value:
         if id(tensor) not in self.values:
@@ -87,12 +114,27 @@ class _Dataflow(TorchFunctionMode):
                 self.values[id(leaf)] = _Value()
                 self.alive.append(leaf)
                 made.append(self.values[id(leaf)])
-        if func in _ADDS and len(read) == 2 and len(made) == 1 and all(isinstance(a, Tensor) for a in args[:2]) \
-                and args[0].shape == args[1].shape and args[0].is_floating_point():
-            self.additions.append((read[0], read[1], made[0]))
+        kind = self.kinds.get(func)
+        if kind is not None and len(made) == 1 and _activation_operands(kind, args):
+            self.operators.append((read, made[0]))
         if func in _RELUS and len(read) == 1 and len(made) == 1:
             read[0].relu = made[0]
         return out
+
+
+def _activation_operands(kind: str, args: tuple[Any, ...]) -> bool:
+    """True when a call of a ``kind`` operator reads float activations only: two same-shaped
+    tensors for an addition (two broadcastable ones for a multiplication), a list of tensors for
+    a concatenation, one tensor for a pool or an activation."""
+    if kind == "concat":
+        tensors = list(args[0]) if args and isinstance(args[0], (list, tuple)) else []
+    else:
+        tensors = list(args[:2]) if kind in _BINARY else list(args[:1])
+        if kind in _BINARY and (len(tensors) < 2 or any(not isinstance(t, Tensor) for t in tensors)):
+            return False
+        if kind == "add" and tensors[0].shape != tensors[1].shape:
+            return False
+    return bool(tensors) and all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors)
 
 
 @dataclass
@@ -104,15 +146,20 @@ class ResidualPlan:
 
 
 def find_residuals(model: nn.Module, example_inputs: Any, readers: Mapping[str, QuantSpec | None],
-                   fold_pairs: Mapping[str, str]) -> ResidualPlan:
-    """Trace ``example_inputs`` through the float ``model`` and place the output quantizers.
+                   fold_pairs: Mapping[str, str], operators: Collection[str] = ("add",),
+                   on_grid: tuple[type[nn.Module], ...] = ()) -> ResidualPlan:
+    """Trace ``example_inputs`` through the float ``model`` and place the output quantizers around
+    every call of the ``operators`` kinds (:data:`OPERATOR_FUNCTIONS`).
 
     Args:
         readers: the layers that will be quantized → their input spec (None: no input quantizer).
         fold_pairs: folded convolution → BatchNorm: a folded BatchNorm's output is quantized at
             its convolution (the BatchNorm is gone after folding).
+        operators: the kinds of operator (keys of :data:`OPERATOR_FUNCTIONS`) to quantize around.
+        on_grid: module types whose output is already on a fixed grid once prepared (a gated
+            Hardsigmoid): their outputs get no quantizer.
     """
-    flow = _Dataflow()
+    flow = _Dataflow(operators)
     calls: Counter[str] = Counter()
     modules = dict(model.named_modules())
 
@@ -133,20 +180,31 @@ def find_residuals(model: nn.Module, example_inputs: Any, readers: Mapping[str, 
     handles += [modules[n].register_forward_pre_hook(before(n)) for n, spec in readers.items() if spec is not None]
     trace_example(model, example_inputs, handles, flow)
 
-    folded_into = {bn: conv for conv, bn in fold_pairs.items()}
     plan = ResidualPlan()
-    for lhs, rhs, total in flow.additions:
-        while total.relu is not None and total.uses == 1:
-            total = total.relu
-        for value in (lhs, rhs, total):
-            producer = next((p for p in value.producers if calls[p] == 1), None)
-            if producer is None:
+    for operands, result in flow.operators:
+        while result.relu is not None and result.uses == 1:
+            result = result.relu
+        for value in (*operands, result):
+            producer = next((p for p in value.producers if calls[p] == 1 and not isinstance(modules[p], _CONTAINERS)), None)
+            if producer is None or isinstance(modules[producer], on_grid):
                 continue
             specs = {readers[r] for r in value.readers}
             if len(specs) > 1 or not all(s.per_tensor_static for s in specs):
                 continue  # readers quantize it differently: leave it to them
-            plan.outputs.setdefault(folded_into.get(producer, producer), list(value.readers))
+            plan.outputs.setdefault(folded_name(producer, fold_pairs), list(value.readers))
     return plan
+
+
+def folded_name(name: str, fold_pairs: Mapping[str, str]) -> str:
+    """Where the module ``name`` of the float model is once ``fold_pairs`` (convolution →
+    BatchNorm) are folded: a folded BatchNorm's output is its convolution's, and a module inside
+    it (timm's ``BatchNormAct2d`` activation) moves with it under the convolution's ``bn``."""
+    for conv, bn in fold_pairs.items():
+        if name == bn:
+            return conv
+        if name.startswith(bn + "."):
+            return f"{conv}.bn.{name[len(bn) + 1:]}"
+    return name
 
 
 def quantize_output(module: nn.Module, args: Any, output: Tensor) -> Tensor:

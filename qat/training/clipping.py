@@ -49,14 +49,14 @@ class ClipTracker:
 
     def fractions(self) -> dict[str, float]:
         """Mean saturated fraction of each quantized activation over the recorded passes, by
-        ``<layer>/input`` (and ``<module>/output`` for a quantized residual connection)."""
+        ``<layer>/input`` (and ``<module>/output`` for a quantized residual connection or operator)."""
         return {name: (total / self._counts[name]).item() for name, total in self._sums.items()}
 
 
 
 def activation_quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     """Every activation quantizer, keyed ``<layer>/input`` (a layer's input) or ``<module>/output``
-    (an output quantized by the recipe's ``residuals``)."""
+    (an output quantized by the recipe's ``residuals`` or ``operators``)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantizedLayer) and module.input_quantizer is not None:
             yield f"{name}/input", module.input_quantizer
