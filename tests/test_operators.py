@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat
+import qat.export.verify
 from qat.core.gate import GateQuantizer
 from qat.core.quantizer import Quantizer
 from qat.errors import ConfigError
@@ -119,7 +120,7 @@ def test_the_recipe_key_is_checked_and_saved():
     assert QuantRecipe.from_dict({"residuals": True}).quantized_operators == {"add"}
     with pytest.raises(ConfigError, match=r"operators\[1\].*`max` is not one of add, mul, concat, pool, activation"):
         QuantRecipe.from_dict({"operators": ["mul", "max"]})
-    with pytest.raises(ConfigError, match="operators.*per-tensor activation spec"):
+    with pytest.raises(ConfigError, match=r"operators.*per-tensor activation spec"):
         QuantRecipe.from_dict({"operators": ["mul"], "activation": None})
 
 
@@ -150,13 +151,24 @@ def test_ort_runs_the_whole_network_on_integer_kernels(tmp_path):
         assert counts.get(kernel, 0) >= 1, (kernel, counts)
     for float_op in ("HardSigmoid", "HardSwish", "ReduceMean", "Div", "Concat", "Mul"):
         assert float_op not in counts, (float_op, counts)
-    gates = {name: entry for name, entry in json.loads(result.ort.qparams_path.read_text())["tensors"].items()
-             if entry["quantizer"].endswith("gate_quantizer")}
+    tensors = json.loads(result.ort.qparams_path.read_text())["tensors"]
+    gates = {name: e for name, e in tensors.items() if e["quantizer"].endswith("gate_quantizer") and e["role"] == "activation"}
     assert len(gates) == 3 and all(e["dtype"] == "uint8" and e["qmin"] == 0 and e["qmax"] == 255 for e in gates.values())
-    # the ort artifact reads the gate at 1/255 (the division by 6 folded in); the device artifact divides
-    assert {round(e["scale"][0] * 255, 6) for e in gates.values()} == {1.0}
+    # written at 6/255, read at 1/255 in the ort artifact (the division by 6 folded in); the device artifact divides
+    assert {round(e["scale"][0] * 255, 5) for e in gates.values()} == {6.0}
+    assert {round(e["dequantize_scale"][0] * 255, 5) for e in gates.values()} == {1.0}
+    shifts = [e for e in tensors.values() if e["role"] == "constant"]
+    assert len(shifts) == 3 and all(e["scale"] == [3.0] and e["float_tensor"] is None for e in shifts)
     device = json.loads(result.device.qparams_path.read_text())["tensors"]
-    assert {round(device[name]["scale"][0] * 255, 5) for name in gates} == {6.0}
+    assert all("dequantize_scale" not in device[name] for name in gates)
+    assert not any(e["role"] == "constant" for e in device.values())
+    for artifact in result.artifacts.values():
+        assert qat.export.verify.verify_artifact(artifact.path).problems == []
+    gate = next(iter(gates))
+    tensors[gate]["dequantize_scale"] = [tensors[gate]["dequantize_scale"][0] * 2]  # a sidecar that misreads the gate
+    result.ort.qparams_path.write_text(json.dumps({**json.loads(result.ort.qparams_path.read_text()), "tensors": tensors}))
+    problems = qat.export.verify.verify_artifact(result.ort.path).problems
+    assert any(gate in p and "other numbers" in p for p in problems), problems
 
 
 def test_a_fresh_model_is_prepared_the_same_way_and_strip_restores_the_float_modules():

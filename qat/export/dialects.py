@@ -97,6 +97,9 @@ def _grid(name: str, entry: dict) -> tuple[int, int, list[float], list[int]]:
 
 
 def _omission(entry: dict, dialect: Dialect) -> str | None:
+    if entry.get("role") == "constant":
+        return ("a constant operand written as a quantized tensor for ONNX Runtime's fusions (a hard gate's shift): "
+                "the target's converter quantizes constants itself")
     if entry.get("role") == "bias":
         return ("an int32 bias at input scale × weight scale: the target's converter derives it from those two encodings "
                 "(QNN, TensorRT), so it has no encoding of its own")

@@ -563,7 +563,7 @@ def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, reference
         ort_layout.gather_block_quantized(tensors)
         ort_layout.global_average_pool(graph.graph)
         modules = dict(model.named_modules())
-        ort_layout.integer_gates([t for t in tensors if isinstance(modules.get(t.quantizer), GateQuantizer)])
+        tensors += ort_layout.integer_gates([t for t in tensors if isinstance(modules.get(t.quantizer), GateQuantizer)])
         onnxscript.optimizer.remove_unused_nodes(graph)
     tensors = [t for t in tensors if t.dequantize.graph is not None]
     config.update(ort_layout.session_options_for(tensors, kind))

@@ -304,10 +304,11 @@ def _scalar(value: ir.Value) -> float | None:
     return float(value.const_value.numpy().reshape(-1)[0])
 
 
-def integer_gates(gates: list[QuantizedTensor]) -> list[str]:
+def integer_gates(gates: list[QuantizedTensor]) -> list[QuantizedTensor]:
     """Lay out the hard gates' ``Add`` and ``Div`` for ORT's integer kernels (module docstring).
-    Returns the names of the gates rewritten."""
-    rewritten = []
+    Returns the shift constants it wrote, as quantized tensors of their gate's quantizer (no
+    QuantizeLinear: the sidecar lists them with ``role: constant``)."""
+    constants = []
     for tensor in gates:
         dq, q = tensor.dequantize, tensor.quantize
         add = q.inputs[0].producer() if q is not None else None
@@ -335,6 +336,6 @@ def integer_gates(gates: list[QuantizedTensor]) -> list[str]:
         dq.replace_input_with(1, folded)
         div.outputs[0].replace_all_uses_with(dq.outputs[0], replace_graph_outputs=True)
         graph.remove(div, safe=True)
-        rewritten.append(tensor.quantized.name)
-    return rewritten
+        constants.append(QuantizedTensor(tensor.quantizer, constant, None))
+    return constants
 

@@ -48,7 +48,8 @@ from qat.version import __version__
 FORMAT = "lightning-qat.core.qparams"
 VERSION = "2.1"
 READABLE_VERSIONS = ("2.0", VERSION)
-"""2.1 added int32 biases (``role: bias`` tensors, a layer's ``bias``); a 2.0 file is a 2.1 file without them."""
+"""2.1 added int32 biases (``role: bias`` tensors, a layer's ``bias``) and hard gates (``role: constant``
+tensors, ``dequantize_scale``); a 2.0 file is a 2.1 file without them."""
 SCHEMA_PATH = Path(__file__).with_name("qparams.schema.json")
 INLINE_LIMIT = 1024
 """Most scales a per-tensor or per-channel entry lists inline (:func:`compact`); beyond, its scales
@@ -319,11 +320,18 @@ def _format(quantizer: Quantizer | BiasQuantizer | GateQuantizer, per_channel: b
 def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer | BiasQuantizer | GateQuantizer, layer_name: str) -> dict[str, Any]:
     """One ``tensors`` entry: names, format and numbers of ``tensor`` as the graph holds it."""
     dq = tensor.dequantize
-    scale, scale_shape = _numbers(tensor.scale)
+    # a QuantizeLinear that writes the codes at another scale than its DequantizeLinear reads them
+    # (an ort artifact's hard gate, its division folded into the reading): `scale` is the writing's
+    written = tensor.quantize.inputs[1] if tensor.quantize is not None else None
+    rescaled = written is not None and written is not tensor.scale and written.const_value is not None
+    scale_value = written if rescaled else tensor.scale
+    scale, scale_shape = _numbers(scale_value)
     zero_point, _ = _numbers(tensor.zero_point)
     if zero_point is None and scale is not None:
         zero_point = [0] * len(scale)
     fmt = _format(quantizer, bool(scale_shape))
+    if isinstance(quantizer, GateQuantizer) and tensor.quantize is None:
+        fmt["role"] = "constant"  # the gate's shift, DequantizeLinear(uint8 1, scale 3), for ORT's QLinearAdd
     by_reference = scale is not None and compact(fmt["granularity"], len(scale))
     observed_min, observed_max = _observed(quantizer, by_reference) if isinstance(quantizer, Quantizer) else (None, None)
     block = dq.attributes.get("block_size")
@@ -332,9 +340,9 @@ def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer | BiasQuantizer |
     float_value = tensor.float_value
     return {
         "role": fmt["role"], "layer": layer_name, "quantizer": tensor.quantizer,
-        "float_tensor": float_value.name if float_value is not None else tensor.prefix,
+        "float_tensor": float_value.name if float_value is not None else None if fmt["role"] == "constant" else tensor.prefix,
         "dequantized": tensor.dequantized.name,
-        "scale_tensor": tensor.scale.name if tensor.scale.const_value is not None else None,
+        "scale_tensor": scale_value.name if scale_value.const_value is not None else None,
         "zero_point_tensor": tensor.zero_point.name if tensor.zero_point is not None and tensor.zero_point.const_value is not None
         else None,
         "dtype": _dtype_name(tensor.quantized), "bits": fmt["bits"], "qmin": fmt["qmin"], "qmax": fmt["qmax"],
@@ -343,9 +351,10 @@ def tensor_entry(tensor: QuantizedTensor, quantizer: Quantizer | BiasQuantizer |
         "block_size": block.as_int() if block is not None and block.as_int() > 0 and not fmt["dynamic"] else None,
         "dynamic": fmt["dynamic"],
         "shape": [d if isinstance(d, int) else str(d) for d in shape] if shape is not None else None,
-        "scale_shape": scale_shape, "scale": _reference(scale, tensor.scale, by_reference),
+        "scale_shape": scale_shape, "scale": _reference(scale, scale_value, by_reference),
         "zero_point": _reference([int(z) for z in zero_point], tensor.zero_point, by_reference) if zero_point is not None else None,
         "observed_min": observed_min, "observed_max": observed_max, "observer": fmt["observer"], "learnable": fmt["learnable"],
+        **({"dequantize_scale": _numbers(tensor.scale)[0], "dequantize_scale_tensor": tensor.scale.name} if rescaled else {}),
     }
 
 

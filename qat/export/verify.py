@@ -141,14 +141,23 @@ def _use_problems(name: str, entry: dict[str, Any], use: _Use, initializers: dic
         graph, recorded = ("static", "dynamic (per-token)") if static else ("dynamic (per-token)", "static")
         yield f"`{name}` has a {graph} scale in the model, a {recorded} one in the metadata"
         return
-    if use.quantize is not None and (list(use.quantize.input[1:3]) != [use.scale, use.zero_point or ""][: len(use.quantize.input) - 1]):
+    # a hard gate of an ort artifact reads its codes at another scale than they are written at (the
+    # entry's dequantize_scale): the QuantizeLinear's scale is then the entry's scale
+    read_scale = entry.get("dequantize_scale_tensor", entry["scale_tensor"])
+    if use.quantize is not None and "dequantize_scale_tensor" in entry:
+        if use.quantize.input[1] != entry["scale_tensor"]:
+            yield (f"`{name}`: its QuantizeLinear's scale is `{use.quantize.input[1]}` in the model, "
+                   f"`{entry['scale_tensor']}` in the metadata")
+        else:
+            yield from _numbers_problems(name, "scale", initializers[entry["scale_tensor"]], entry["scale"], entry)
+    elif use.quantize is not None and (list(use.quantize.input[1:3]) != [use.scale, use.zero_point or ""][: len(use.quantize.input) - 1]):
         yield f"`{name}`: its QuantizeLinear and {node.op_type} read different scales or zero points"
     if use.zero_point is not None and use.zero_point != entry["zero_point_tensor"] and (static or entry["zero_point_tensor"]):
         yield f"`{name}`: its zero point is `{use.zero_point}` in the model, `{entry['zero_point_tensor']}` in the metadata"
     if not static:
         return
-    if use.scale != entry["scale_tensor"]:
-        yield f"`{name}`: its scale is `{use.scale}` in the model, `{entry['scale_tensor']}` in the metadata"
+    if use.scale != read_scale:
+        yield f"`{name}`: its scale is `{use.scale}` in the model, `{read_scale}` in the metadata"
         return
     block = _attribute(node, "block_size") or None
     if block != entry["block_size"]:
@@ -159,7 +168,7 @@ def _use_problems(name: str, entry: dict[str, Any], use: _Use, initializers: dic
         axis = 1 if axis is None else axis
         if axis % rank != entry["axis"] % rank:
             yield f"`{name}` has axis {axis} in the model, {entry['axis']} in the metadata"
-    yield from _numbers_problems(name, "scale", initializers[use.scale], entry["scale"], entry)
+    yield from _numbers_problems(name, "scale", initializers[use.scale], entry.get("dequantize_scale", entry["scale"]), entry)
     yield from _numbers_problems(name, "zero_point", initializers.get(use.zero_point) if use.zero_point else None,
                                  entry["zero_point"], entry)
 
