@@ -55,6 +55,8 @@ class TableSpec:
     note: str = ""
 
 
+DEFAULT_OUT = Path("runs/benchmarks")
+
 A4_RTOL = 0.2
 """The export check's tolerance for 4-bit activations (see the vision table's note)."""
 
@@ -187,13 +189,14 @@ def run_table(spec: TableSpec, out: Path, reuse: bool = False) -> tuple[list[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES))
-    parser.add_argument("--out", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--reuse", action="store_true", help="read the rows an interrupted run finished instead of rerunning them")
     args = parser.parse_args()
     for name in args.tables:
         started = datetime.datetime.now()
         lines, machine, seconds = run_table(TABLES[name], args.out, args.reuse)
-        lines.append(f"Command: `python benchmarks/recipes.py --tables {name}`; {machine['processor']} × {machine['cpu_count']} "
+        out = "" if args.out == DEFAULT_OUT else f" --out {args.out}"
+        lines.append(f"Command: `python benchmarks/recipes.py --tables {name}{out}`; {machine['processor']} × {machine['cpu_count']} "
                      f"({machine['accelerator']}), torch {machine['torch']}, onnxruntime {machine['onnxruntime']}; "
                      f"{started:%Y-%m-%d}; the runs took {seconds / 60:.0f} min. Per run: `{args.out}/<recipe>/<format>/results.md`.")
         write_block(f"recipes:{name}", lines)
