@@ -17,10 +17,11 @@ from qat.core.gate import GateQuantizer
 from qat.core.quantizer import Quantizer
 from qat.errors import ConfigError
 from qat.export import ort_kernels
-from qat.export.diagnose import Replay, replay
+from qat.export.diagnose import Replay, activation_codes, replay
 from qat.modules.activation import QuantHardsigmoid, QuantHardswish
 from qat.preparation.recipe import QuantRecipe
 from qat.preparation.residuals import OUTPUT_QUANTIZER
+from qat.training.control import deployed_inference
 
 ALL = ["add", "mul", "concat", "pool", "activation"]
 
@@ -205,6 +206,20 @@ def test_a_container_is_never_given_an_output_quantizer():
     assert "1" not in model.qat_state.residuals
     assert not hasattr(model[1], OUTPUT_QUANTIZER)
     assert model(torch.randn(1, 3, 6, 6)).shape == (1, 2, 6, 6)
+
+
+def test_codes_fed_back_include_the_gates_and_change_nothing():
+    model = _calibrated()
+    x = torch.randn(2, 3, 8, 8)
+    with deployed_inference(model):
+        reference = model(x)
+        codes = activation_codes(model, lambda: model(x))
+        outputs = []
+        again = activation_codes(model, lambda: outputs.append(model(x)), forced=codes)
+    assert {"stem.2.gate_quantized", "block.se.gate.gate_quantized"} <= set(codes)
+    assert codes["stem.2.gate_quantized"].min() >= 0 and codes["stem.2.gate_quantized"].max() <= 255
+    assert torch.equal(outputs[0], reference)
+    assert all(np.array_equal(codes[name], again[name]) for name in codes)
 
 
 def test_replay_tells_rounding_flips_from_a_wrong_graph():

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from qat.core.fake_quant import guarded
+from qat.core.gate import GATE_RANGE, GateQuantizer
 from qat.core.quantizer import Quantizer
 from qat.export import ort_kernels, parity
 from qat.training.control import deployed_inference
@@ -142,6 +143,7 @@ class Diagnosis:
     replay: Replay | None = None
     """PyTorch fed ORT's activation codes on that batch."""
     rtol: float = 0.0
+    """The tolerance the artifact was checked at (what the replay's output is judged against)."""
 
     @property
     def float_rounding(self) -> bool:
@@ -206,17 +208,21 @@ def rounding_sensitivity(model: nn.Module, batches: Sequence[torch.Tensor], seed
 
 def activation_codes(model: nn.Module, run: Callable[[], Any], forced: dict[str, np.ndarray] | None = None
                      ) -> dict[str, np.ndarray]:
-    """PyTorch's integer codes of every static activation quantizer while ``run()`` runs the model
-    once, keyed by the ONNX name of the tensor (``<prefix>_quantized``; the first call of a quantizer
-    that runs twice). With ``forced`` (codes by the same names), each quantizer that has codes
-    there returns them, dequantized, instead of its own output (the fifth measurement)."""
+    """PyTorch's integer codes of every static activation quantizer (and hard gate,
+    :mod:`qat.core.gate`) while ``run()`` runs the model once, keyed by the ONNX name of the tensor
+    (``<prefix>_quantized``; the first call of a quantizer that runs twice). With ``forced`` (codes
+    by the same names), each quantizer that has codes there returns them, dequantized, instead of
+    its own output (the fifth measurement)."""
     codes: dict[str, np.ndarray] = {}
 
     def hook(name: str):
-        def record(q: Quantizer, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
-            if name in codes or not q.fake_quant_enabled:
+        def record(q: Quantizer | GateQuantizer, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+            if name in codes or (isinstance(q, Quantizer) and not q.fake_quant_enabled):
                 return None
-            s, z = guarded(q.scale, q.zero_point, q.spec.qmin, q.spec.qmax)
+            if isinstance(q, GateQuantizer):  # its output is the codes times scale / 6
+                s, z = q.scale / GATE_RANGE, torch.zeros(())
+            else:
+                s, z = guarded(q.scale, q.zero_point, q.spec.qmin, q.spec.qmax)
             codes[name] = (torch.round(output.detach().float() / s) + z).cpu().numpy().astype(np.int64)
             given = (forced or {}).get(name)
             if given is None or given.shape != codes[name].shape:
@@ -226,7 +232,8 @@ def activation_codes(model: nn.Module, run: Callable[[], Any], forced: dict[str,
 
     with ExitStack() as stack:
         for name, module in model.named_modules():
-            if isinstance(module, Quantizer) and module.role == "activation" and not module.spec.dynamic:
+            static = isinstance(module, Quantizer) and module.role == "activation" and not module.spec.dynamic
+            if static or isinstance(module, GateQuantizer):
                 prefix = name.removesuffix("_quantizer")
                 stack.callback(module.register_forward_hook(hook(f"{prefix}_quantized")).remove)
         with torch.no_grad():
