@@ -203,7 +203,8 @@ BAD_FIT_CONFIGS = [
      f"`{CALLBACK}.recipez`: unknown key (did you mean `recipe`?); allowed: {CALLBACK_KEYS}"),
     ({"recipe": {"weight": {"bits": 4, "foo": {}}}}, f"`{CALLBACK}.recipe.weight.foo`: unknown key; allowed: {SPEC_KEYS}"),
     ({"recipe": {"weight": {"bits": 4}, "skipp": {}}},
-     f"`{CALLBACK}.recipe.skipp`: unknown key (did you mean `skip`?); allowed: weight, activation, rules, skip, fold_bn, residuals, operators, bias"),
+     f"`{CALLBACK}.recipe.skipp`: unknown key (did you mean `skip`?); allowed: weight, activation, rules, skip, fold_bn, "
+     "residuals, operators, bias"),
     ({"schedule": {"fake_quant_from": 2, "warmup": {}}},
      f"`{CALLBACK}.schedule.warmup`: unknown key; allowed: unit, calibrate_from, fake_quant_from, activation_fake_quant_from, "
      "learn_scales_from, freeze_observers_at, freeze_bn_at"),
