@@ -320,18 +320,15 @@ def replay(ort_codes: dict[str, np.ndarray], ort_outputs: Sequence[np.ndarray],
 
 def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
              compare: Callable[..., parity.Parity], rtol: float, min_top1: float | None,
-             torch_codes: Callable[[int], dict[str, np.ndarray]] | None = None,
-             torch_noise: Callable[[int], list[np.ndarray] | None] | None = None,
-             torch_forced: Callable[[int, dict[str, np.ndarray]], tuple[list[np.ndarray], dict[str, np.ndarray]]] | None = None,
-             ) -> Diagnosis:
+             torch_codes: Callable[[int, dict[str, np.ndarray] | None], tuple[list[np.ndarray], dict[str, np.ndarray]]] | None = None,
+             torch_noise: Callable[[int], list[np.ndarray] | None] | None = None) -> Diagnosis:
     """Explain why the artifact at ``path`` (run with session ``config`` on ``feeds``, giving
-    ``outputs``) is not within ``rtol`` of PyTorch: the module docstring's four measurements.
+    ``outputs``) is not within ``rtol`` of PyTorch: the module docstring's five measurements.
     ``compare`` turns ORT's outputs into :class:`~qat.export.parity.Parity` against PyTorch's (for
     all batches, or for one: ``compare(outputs, batch=i)``). On the batch where ORT is furthest from PyTorch,
     ``torch_noise(i)`` (PyTorch's outputs with the float inputs moved by :data:`NOISE`, or None
-    without float inputs) gives the third measurement, ``torch_codes(i)``
-    (:func:`activation_codes`) the fourth and ``torch_forced(i, codes)`` (PyTorch's outputs and
-    recomputed codes when fed ``codes``) the fifth."""
+    without float inputs) gives the third measurement, and ``torch_codes(i, forced)`` (PyTorch's
+    outputs and :func:`activation_codes`, fed ``forced`` codes where not None) the fourth and fifth."""
 
     def measured(options: ort.SessionOptions, disabled: Sequence[str] = ()) -> parity.Parity | None:
         try:
@@ -358,13 +355,13 @@ def diagnose(path: Path, config: dict[str, str], feeds: list[list[np.ndarray]], 
         noise = compare([moved], batch=worst)
     divergence = replayed = None
     if torch_codes is not None:
-        own = torch_codes(worst)
+        _, own = torch_codes(worst, None)
         try:
             codes = ort_activation_codes(path, config, feeds[worst], list(own))
         except Exception:  # the copy with more outputs does not load: leave these parts out
             codes = None
         if codes:
             divergence = first_divergence(codes, own)
-            if divergence is not None and torch_forced is not None:
-                replayed = replay(codes, outputs[worst], lambda given: torch_forced(worst, given))
+            if divergence is not None:
+                replayed = replay(codes, outputs[worst], lambda given: torch_codes(worst, given))
     return Diagnosis(unfused, unfused_within, rewrite, rewrite_parity, divergence, noise, per_batch[worst], replayed, rtol)

@@ -488,17 +488,12 @@ def export_onnx(
     # keyword inputs in the graph's order, whatever order the mapping had
     feeds = [numpy_leaves([k[name] for name in order if name in k]) if k else numpy_leaves(a) for a, k in batches]
 
-    def batch_codes(index: int) -> dict[str, np.ndarray]:
-        a, k = batches[index]
-        with deployed_inference(model):
-            return diagnose.activation_codes(model, lambda: traced(*a, **k))
-
-    def batch_forced(index: int, codes: dict[str, np.ndarray]) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    def batch_codes(index: int, forced: dict[str, np.ndarray] | None = None) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         a, k = batches[index]
         outputs: list[list[np.ndarray]] = []
         with deployed_inference(model):
-            recomputed = diagnose.activation_codes(model, lambda: outputs.append(numpy_leaves(traced(*a, **k))), forced=codes)
-        return outputs[0], recomputed
+            codes = diagnose.activation_codes(model, lambda: outputs.append(numpy_leaves(traced(*a, **k))), forced=forced)
+        return outputs[0], codes
 
     def batch_noise(index: int) -> list[np.ndarray] | None:
         a, k = batches[index]
@@ -509,7 +504,7 @@ def export_onnx(
             return numpy_leaves(traced(*[diagnose.perturbed(v, generator) for v in a],
                                        **{key: diagnose.perturbed(v, generator) for key, v in k.items()}))
 
-    reference = _Reference(feeds, references, traced.output_kind, rtol, min_top1, batch_codes, batch_noise, batch_forced)
+    reference = _Reference(feeds, references, traced.output_kind, rtol, min_top1, batch_codes, batch_noise)
     models: list[tuple[Path, Path]] = []  # (temporary, final), in the order of artifact_files
     sidecars: list[tuple[Path, Path]] = []
     written: dict[str, Artifact] = {}
@@ -540,12 +535,11 @@ class _Reference:
     output_kind: str | None
     rtol: float
     min_top1: float | None
-    activation_codes: Callable[[int], dict[str, np.ndarray]]
-    """PyTorch's activation codes on one batch (:func:`qat.export.diagnose.activation_codes`), for a failure's diagnosis."""
+    activation_codes: Callable[[int, dict[str, np.ndarray] | None], tuple[list[np.ndarray], dict[str, np.ndarray]]]
+    """PyTorch's outputs and activation codes on one batch, fed the given codes where there are some
+    (:func:`qat.export.diagnose.activation_codes`), for a failure's diagnosis."""
     noise: Callable[[int], list[np.ndarray] | None]
     """PyTorch's outputs on one batch with its float inputs moved by :data:`qat.export.diagnose.NOISE`, for a failure's diagnosis."""
-    forced: Callable[[int, dict[str, np.ndarray]], tuple[list[np.ndarray], dict[str, np.ndarray]]]
-    """PyTorch's outputs and recomputed codes on one batch when fed ORT's activation codes, for a failure's diagnosis."""
 
 
 def _build(kind: str, graph: ir.Model, model: nn.Module, target: Path, reference: _Reference,
@@ -625,7 +619,7 @@ def _verify(file: Path, final: Path, kind: str, layer_weights: dict[str, str], r
                 "runs them with u8·s8 kernels that saturate on x86 CPUs without VNNI. Use 7-bit weights (`weight: {bits: 7}`) "
                 "or signed int8 inputs (`activation: {signed: true, symmetric: true}`)") if u8s8 else ""
         found = diagnose.diagnose(file, config, feeds, outputs, compare, reference.rtol, reference.min_top1,
-                                  reference.activation_codes, reference.noise, reference.forced)
+                                  reference.activation_codes, reference.noise)
         explained = found.describe()
         raise QATError(f"ONNX Runtime differs from PyTorch in the {kind} artifact: {failure}; `{final}` was not written"
                        f"{hint}{'. ' + explained if explained else ''}")

@@ -267,10 +267,10 @@ def _residual_plan(model: nn.Module, recipe: QuantRecipe, example_inputs: Any, r
     sets ``residuals`` or ``operators``); traced on the float model, before any layer is swapped."""
     if not recipe.quantized_operators:
         return {}
-    modules = {*dict(model.named_modules()), *(folded_name(n, fold_pairs) for n, _ in model.named_modules())}
+    names = {*dict(model.named_modules()), *(folded_name(n, fold_pairs) for n, _ in model.named_modules())}
     if residuals is not None:
         for name, readers in residuals.items():
-            missing = [n for n in (name, *readers) if n not in modules]
+            missing = [n for n in (name, *readers) if n not in names]
             if missing:
                 raise QATError(f"residuals names `{missing[0]}`, which {type(model).__name__} does not have: was it built "
                                "with another configuration?")
