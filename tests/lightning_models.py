@@ -110,14 +110,14 @@ class DigitsClassifier(LitClassifier):
 
 
 class LitLlama(pl.LightningModule):
-    def __init__(self, lr: float = 3e-3, batch_size: int = 8, heads: int = 4) -> None:
+    def __init__(self, lr: float = 3e-3, batch_size: int = 8, heads: int = 4, optimizer: str = "adamw") -> None:
         super().__init__()
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
                              num_key_value_heads=heads // 2, max_position_embeddings=64)
         self.model = LlamaForCausalLM(config)
-        self.lr, self.batch_size = lr, batch_size
+        self.lr, self.batch_size, self.optimizer = lr, batch_size, optimizer
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         return self.model(**inputs)
@@ -140,7 +140,7 @@ class LitLlama(pl.LightningModule):
         return self(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer](self.parameters(), lr=self.lr)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TokenData(32, seed=0), batch_size=self.batch_size)

@@ -333,10 +333,16 @@ def test_learnable_scales_observe_one_step_before_learning_by_default():
     assert q_flags == [True, False, False]
 
 
-def test_sharded_strategies_are_refused():
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_fsdp1_is_refused_and_fsdp2_is_not_but_exports_at_fit_end_point_to_the_checkpoint():
+    from types import SimpleNamespace
 
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+    from qat.lightning.export_callback import refuse_sharding
     from qat.lightning.quantization_aware_training import check_strategy
 
-    with pytest.raises(qat.QATError, match=r"does not support FSDPStrategy.*strategy='ddp'"):
+    with pytest.raises(qat.QATError, match=r"does not support FSDPStrategy.*ModelParallelStrategy\(data_parallel_size=N.*'ddp'"):
         check_strategy(FSDPStrategy())
+    check_strategy(ModelParallelStrategy())
+    with pytest.raises(qat.QATError, match=r"GenaiFolderExport cannot export a model sharded.*qat export --checkpoint"):
+        refuse_sharding(SimpleNamespace(strategy=ModelParallelStrategy()), "GenaiFolderExport")

@@ -57,6 +57,8 @@ def test_fsdp2_ranks_agree_and_match_one_process(tmp_path):
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for rank in ranks:  # one thing is not supported, and says so: tensor parallelism
+        assert rank["tensor_parallel"].startswith("layer `0` is tensor-parallel") and "tensor_parallel_size=1" in rank["tensor_parallel"]
     for step, (a, b) in enumerate(zip(ranks[0]["states"], ranks[1]["states"], strict=True)):
         assert a.keys() == b.keys() and any(k.endswith("input_quantizer.observer.max_val") for k in a)
         for key in a:

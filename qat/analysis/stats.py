@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from qat.analysis.summary import observed_range, weight_sqnr_db
-from qat.modules import QuantizedLayer
 from qat.preparation.prepare import STATE_NAME
 from qat.training.clipping import ClipTracker, activation_quantizers
+from qat.training.sharding import quantized_layers
 
 
 @torch.no_grad()
@@ -41,9 +41,7 @@ def layer_stats(model: nn.Module, clips: ClipTracker | None = None) -> dict[str,
     clipped = clips.fractions() if clips is not None else {}
     state = getattr(model, STATE_NAME, None)
     at_calibration = getattr(state, "calibration_clipped", {})
-    for name, layer in model.named_modules():
-        if not isinstance(layer, QuantizedLayer):
-            continue
+    for name, layer in quantized_layers(model):
         wq = layer.weight_quantizer
         if wq is not None and wq.calibrated:
             weight, _ = layer.float_weight_bias()

@@ -18,6 +18,7 @@ from qat.modules import QuantConvNd, QuantizedLayer
 from qat.modules.activation import QuantizedActivation
 from qat.preparation.prepare import STATE_NAME, QATState, input_quantizers, replace_children
 from qat.preparation.residuals import OUTPUT_QUANTIZER, detach_output_quantizer
+from qat.training.sharding import quantized_layers
 
 
 def sqnr_db(reference: Tensor, approximation: Tensor) -> float:
@@ -139,6 +140,7 @@ def summary(model: nn.Module) -> QuantSummary:
     state = _state(model)
     modules = dict(model.named_modules())
     inputs = input_quantizers(model)
+    sqnr = {name: weight_sqnr_db(layer) for name, layer in quantized_layers(model)}  # weights whole under FSDP2 too
     reports = []
     for name, (iq, producer) in inputs.items():
         layer = modules[name]
@@ -150,7 +152,7 @@ def summary(model: nn.Module) -> QuantSummary:
             activation=(iq.spec.describe() if iq is not None else "float") + (f" (`{producer}` output)" if producer else ""),
             weight_range=observed_range(wq),
             input_range=observed_range(iq),
-            weight_sqnr_db=weight_sqnr_db(layer),
+            weight_sqnr_db=sqnr[name],
             bn_folded=isinstance(layer, QuantConvNd) and layer.bn is not None,
         ))
     outputs = {name: f"{q.spec.describe()} {_range(observed_range(q))}"

@@ -126,8 +126,13 @@ def finite_percentiles(rows: Tensor, low: float, high: float) -> tuple[Tensor, T
     return at(low), at(high)
 
 
+def world_size() -> int:
+    """How many processes share the data (``torch.distributed``'s world), 1 outside a process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _all_reduce(t: Tensor, op: dist.ReduceOp) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(t, op=op)
 
 
@@ -148,6 +153,9 @@ class Observer(nn.Module):
     ) -> None:
         super().__init__()
         self.spec, self.axis, self.accumulate, self.sync = spec, axis, accumulate, sync
+        # whether a weight given again unchanged (by its version counter and storage) may keep its range;
+        # off under FSDP2, which refills a gathered weight in place without moving its version (qat.training.sharding)
+        self.skip_unchanged_weights = True
         qshape = spec.qparam_shape(shape, axis)
         self.register_buffer("min_val", torch.full(qshape, float("inf")))
         self.register_buffer("max_val", torch.full(qshape, float("-inf")))
@@ -181,7 +189,8 @@ class Observer(nn.Module):
         parameter's storage. None for anything else (an activation, a folded weight made anew each
         call), which is always observed."""
         # compiling first: Dynamo cannot trace is_inference(), and a compiled graph observes every call
-        if torch.compiler.is_compiling() or self.accumulate or not isinstance(x, nn.Parameter) or x.is_inference():
+        if (torch.compiler.is_compiling() or self.accumulate or not self.skip_unchanged_weights
+                or not isinstance(x, nn.Parameter) or x.is_inference()):
             return None
         return x._version, x.data_ptr(), self.min_val._version, self.max_val._version
 

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from qat.core import faster
 from qat.core.fake_quant import MIN_SCALE, broadcast_qparam, fake_quantize, guarded, integer_codes
-from qat.core.observers import finite_range_checked, make_observer, reduce_groups
+from qat.core.observers import finite_range_checked, make_observer, reduce_groups, world_size
 from qat.core.qparams import qparams_from_range
 from qat.core.snapshot import snapshot
 from qat.core.spec import Granularity, QuantSpec, Role
@@ -107,6 +107,11 @@ class Quantizer(nn.Module):
         return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            # torch.distributed.checkpoint's placeholder (`_EXTRA_STATE`) for an extra state it does not carry: loading a full
+            # checkpoint into a fully_shard-ed model, Lightning sets one parameter at a time, and torch passes the
+            # placeholder for every extra state below it. The switches then stay as they are (the QAT schedule sets them).
+            return
         self.enable_observer(state.get("observer_enabled", True))
         self.enable_fake_quant(state.get("fake_quant_enabled", True))
 
@@ -120,8 +125,14 @@ class Quantizer(nn.Module):
         return bool(torch.isfinite(self.observer.min_val).all() and torch.isfinite(self.observer.max_val).all())
 
     def grad_factor(self, x: Tensor) -> float:
-        """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale."""
+        """LSQ's gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale.
+
+        An activation is the rank's share of the batch under data parallelism (DDP, FSDP2), where
+        the ranks' gradients are averaged, so N counts every rank's elements: the averaged gradient
+        is then the one a single process gets from the whole batch. A weight is whole on every rank."""
         per_scale = max(1, x.numel() // max(1, self.scale.numel()))
+        if self.role == "activation":
+            per_scale *= world_size()
         return 1.0 / math.sqrt(per_scale * max(1, self.spec.qmax))
 
     def dynamic_qparams(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils._pytree import tree_leaves, tree_map
 from typing_extensions import override
 
@@ -30,6 +31,15 @@ def check_on_rank_zero(trainer: pl.Trainer, check: Callable[[], object]) -> None
     problem = trainer.strategy.broadcast(problem, src=0)
     if problem is not None:
         raise QATError(problem)
+
+
+def refuse_sharding(trainer: pl.Trainer, callback: str) -> None:
+    """Export at the end of ``fit`` needs the whole model in one process; under FSDP2 each rank holds a
+    shard, so the export is made from the run's checkpoint instead, which gathers it (``qat export``)."""
+    if isinstance(trainer.strategy, ModelParallelStrategy):
+        raise QATError(f"{callback} cannot export a model sharded across ranks (ModelParallelStrategy): export from the run's "
+                       "checkpoint instead, which gathers the shards in one process: `qat export --checkpoint <checkpoint "
+                       "folder or file> ...`, or qat.lightning.load_checkpoint(model, path) and then qat.export_onnx")
 
 
 class ONNXExport(pl.Callback):
@@ -125,6 +135,7 @@ class ONNXExport(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharding(trainer, type(self).__name__)
         check_on_rank_zero(trainer, lambda: self.target(trainer))
 
     @override

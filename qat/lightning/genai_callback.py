@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from qat.errors import QATError
 from qat.export.genai import DEFAULT_RTOL, GenaiExport, GenerationCheck, check_folder, check_generation, export_genai
-from qat.lightning.export_callback import check_on_rank_zero
+from qat.lightning.export_callback import check_on_rank_zero, refuse_sharding
 
 
 class GenaiFolderExport(pl.Callback):
@@ -74,6 +74,7 @@ class GenaiFolderExport(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        refuse_sharding(trainer, type(self).__name__)
         check_on_rank_zero(trainer, lambda: self._check_folder(trainer))
 
     def _check_folder(self, trainer: pl.Trainer) -> None:

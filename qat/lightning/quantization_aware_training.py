@@ -34,7 +34,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
@@ -50,6 +50,7 @@ from qat.training.calibrate import record_calibration_clipping, warn_untrained_b
 from qat.training.clipping import ClipTracker
 from qat.training.control import evaluating, quantizers, set_weight_reuse
 from qat.training.schedule import MAX_POSITION, Phase, QATSchedule
+from qat.training.sharding import check_sharding, fsdp_modules, keep_ranks_in_step
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
@@ -99,14 +100,17 @@ def stage_dataloaders(trainer: pl.Trainer, stage: str) -> Callable[[], Any]:
 
 
 def check_strategy(strategy: Any) -> None:
-    """Reject strategies that shard parameters: a per-channel or per-group weight observer needs
-    the whole weight, and the shards are created before this callback could swap the layers."""
-    sharded = isinstance(strategy, FSDPStrategy | ModelParallelStrategy) or (
-        isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3)
-    if sharded:
-        raise QATError(f"QuantizationAwareTraining does not support {type(strategy).__name__} yet: it shards each weight across "
-                       "ranks, while weight observers need whole weights. Use strategy='ddp' (the model must fit on one device), "
-                       "or DeepSpeed ZeRO stage 1/2")
+    """Reject the strategies that shard parameters in a way the quantizers cannot follow.
+
+    ``ModelParallelStrategy`` with FSDP2 (``fully_shard`` in ``configure_model``) is supported: a
+    layer's weight is whole inside its forward. ``FSDPStrategy`` wraps the model in FSDP1, which
+    flattens every parameter of a unit, quantizer state included, into one sharded buffer, and
+    DeepSpeed ZeRO-3 partitions parameters outside PyTorch's modules: neither is supported."""
+    if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
+        raise QATError(f"QuantizationAwareTraining does not support {type(strategy).__name__}: it flattens or partitions "
+                       "quantizer state with the weights. Shard with FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
+                       "tensor_parallel_size=1) and qat.training.sharding.fully_shard_prepared(self, "
+                       "mesh=self.device_mesh['data_parallel']) in configure_model(); or strategy='ddp', or DeepSpeed ZeRO stage 1/2")
 
 
 def keep_quantizers_fp32(model: nn.Module) -> None:
@@ -186,6 +190,7 @@ class QuantizationAwareTraining(Callback):
         self._calibration_clips: ClipTracker | None = None
         self._logged_step = -1
         self._stats_pending = False
+        self._sharded = False
         self._evaluation = ExitStack()
 
     # -- setup: prepare the model before the optimizer and DDP see it ------------------------------
@@ -266,14 +271,21 @@ class QuantizationAwareTraining(Callback):
             self._calibration_clips = ClipTracker(pl_module).__enter__()
 
     def _print_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.print_summary and trainer.is_global_zero:
-            summary(pl_module).show()
+        if self.print_summary and (trainer.is_global_zero or self._sharded):
+            table = summary(pl_module)  # on every rank when sharded: it gathers the weights (qat.training.sharding)
+            if trainer.is_global_zero:
+                table.show()
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_quantizers_fp32(pl_module)
-        # micro-batches between two optimizer steps share their weights: fake-quantize them once
-        set_weight_reuse(pl_module, trainer.accumulate_grad_batches > 1)
+        check_sharding(pl_module)
+        self._sharded = bool(fsdp_modules(pl_module))  # configure_model applied fully_shard (ModelParallelStrategy)
+        if self._sharded:
+            keep_ranks_in_step(pl_module)
+        # micro-batches between two optimizer steps share their weights: fake-quantize them once (not under FSDP2,
+        # which frees each gathered weight after its forward: a kept copy would hold what it frees)
+        set_weight_reuse(pl_module, trainer.accumulate_grad_batches > 1 and not self._sharded)
         if self.retain_freed_memory and trainer.strategy.root_device.type == "cpu" and allocator.retain_freed_memory():
             rank_zero_info("QAT: glibc's malloc keeps freed CPU memory for the next step (retain_freed_memory=True)")
         self._phase = None
@@ -294,9 +306,11 @@ class QuantizationAwareTraining(Callback):
         if self._phase_checks and pl_module.training:
             self._check_calibration_start(trainer, pl_module)
         interval, step = self._stats_interval(trainer), trainer.global_step
-        if interval and step % interval == 0 and step != self._logged_step and trainer.is_global_zero and trainer.loggers:
+        if interval and step % interval == 0 and step != self._logged_step and trainer.loggers and (
+                trainer.is_global_zero or self._sharded):  # when sharded, every rank: the statistics gather the weights
             self._logged_step = step
-            self._clips = None if _compiled(pl_module) else ClipTracker(pl_module).__enter__()
+            if trainer.is_global_zero and not _compiled(pl_module):
+                self._clips = ClipTracker(pl_module).__enter__()
             self._stats_pending = True
 
     @override
@@ -313,13 +327,15 @@ class QuantizationAwareTraining(Callback):
             clips.__exit__(None, None, None)
         stats = {f"qat/{name}": value for name, value in layer_stats(pl_module, clips).items()}
         stats["qat/phase"] = float(self._phase.index) if self._phase is not None else 0.0
-        self._log(trainer, stats)
+        if trainer.is_global_zero:
+            self._log(trainer, stats)
 
     # -- evaluation: observers off ---------------------------------------------------------------------
 
     def _start_evaluation(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_quantizers_fp32(pl_module)
         if trainer.state.fn != "fit":
+            check_sharding(pl_module)  # (fit checked at its start)
             uncalibrated = [name for name, q in quantizers(pl_module) if q.fake_quant_enabled and not q.calibrated]
             if uncalibrated:
                 raise QATError(f"quantizer `{uncalibrated[0]}` was never calibrated ({len(uncalibrated)} in all): pass the QAT "

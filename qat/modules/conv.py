@@ -27,6 +27,7 @@ bias does there), so it is not added.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -110,6 +111,8 @@ class QuantConvNd(QuantizedLayer):
         return {"bn_frozen": self.bn_frozen}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, Mapping):
+            return  # a loader's placeholder for "no extra state here" (Quantizer.set_extra_state)
         self.freeze_bn_stats(bool(state.get("bn_frozen", False)))
 
     def _bn_factor(self) -> Tensor:

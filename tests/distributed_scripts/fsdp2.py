@@ -18,7 +18,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_sharding import batches, build, quantizer_state
 
 import qat
-from qat.training.sharding import fully_shard_prepared
+from qat.errors import QATError
+from qat.training.sharding import check_sharding, fully_shard_prepared
+
+
+def tensor_parallel_refused(world: int) -> str:
+    """What check_sharding says of a prepared model whose first layer is split column-wise across the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = qat.prepare(torch.nn.Sequential(torch.nn.Linear(16, 32)), {"weight": {"bits": 4}})
+    parallelize_module(model, init_device_mesh("cpu", (world,)), {"0": ColwiseParallel()})
+    try:
+        check_sharding(model)
+    except QATError as error:
+        return str(error)
+    return ""
 
 
 def run(rank: int, world: int, folder: Path, port: str) -> None:
@@ -39,7 +55,8 @@ def run(rank: int, world: int, folder: Path, port: str) -> None:
         losses.append(loss.detach())
         states.append(quantizer_state(model))
     weights = {name: p.full_tensor().detach() for name, p in model.named_parameters() if hasattr(p, "full_tensor")}
-    torch.save({"losses": losses, "states": states, "weights": weights}, folder / f"rank{rank}.pt")
+    torch.save({"losses": losses, "states": states, "weights": weights, "tensor_parallel": tensor_parallel_refused(world)},
+               folder / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
