@@ -21,14 +21,18 @@ something else in its forward, so it is reported as left float instead."""
 def twin_for(layer: nn.Module) -> type[QuantizedLayer] | None:
     """The twin class for ``layer``'s exact type, or None.
 
-    Hugging Face's ``Conv1D`` twin is registered on first use when ``transformers`` is already
-    imported (a model that contains a Conv1D has imported it), so lightning-qat never imports
-    transformers itself.
+    Hugging Face's ``Conv1D`` twin and peft's LoRA ``Linear`` twin are registered on first use when
+    ``transformers`` / ``peft`` is already imported (a model that contains such a layer has imported
+    it), so lightning-qat never imports either itself.
     """
     if "transformers.pytorch_utils" in sys.modules:
         from qat.modules.hf import QuantHFConv1D
 
         TWINS.setdefault(QuantHFConv1D.float_cls, QuantHFConv1D)
+    if "peft.tuners.lora" in sys.modules:
+        from qat.modules.lora import QuantLoRALinear
+
+        TWINS.setdefault(QuantLoRALinear.float_cls, QuantLoRALinear)
     return TWINS.get(type(layer))
 
 

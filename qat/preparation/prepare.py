@@ -204,7 +204,10 @@ def prepare(
         if skip or (weight is None and activation is None):
             float_layers[name] = skip or f"the recipe turns off its weight and input quantization (rules {matched})"
             continue
-        twins[id(layer)] = twin_names[name] = twin_cls.from_float(layer, weight, activation, int32_bias=recipe.bias == "int32")
+        try:
+            twins[id(layer)] = twin_names[name] = twin_cls.from_float(layer, weight, activation, int32_bias=recipe.bias == "int32")
+        except QATError as error:  # a layer the twin cannot take (a LoRA layer with adapter dropout): name it
+            raise QATError(f"layer `{name}`: {error}") from None
 
     names = list(twin_names) + list(float_layers)
     # a rule or skip pattern that matches nothing is a typo: an error keyed like the recipe's own (a

@@ -121,8 +121,9 @@ def keep_ranks_in_step(model: nn.Module) -> nn.Module:
 
 
 def fully_shard_prepared(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
-    """Apply ``fully_shard`` to every quantized layer of a prepared ``model`` and then to the model,
-    with the quantizers' parameters replicated, and keep the ranks in step
+    """Apply ``fully_shard`` to every quantized layer of a prepared ``model`` (layers that share a
+    parameter, such as a tied embedding and head, together) and then to the model, with the
+    quantizers' parameters replicated, and keep the ranks in step
     (:func:`keep_ranks_in_step`). ``fsdp_kwargs`` go to each ``fully_shard`` call (``mesh``,
     ``reshard_after_forward``, ``mp_policy``…). Returns ``model``, sharded in place."""
     from torch.distributed.fsdp import fully_shard
@@ -132,17 +133,40 @@ def fully_shard_prepared(model: nn.Module, **fsdp_kwargs: Any) -> nn.Module:
     if "ignored_params" in fsdp_kwargs:
         raise QATError("fully_shard_prepared sets ignored_params itself (the quantizers' parameters)")
     ignored = set(quantizer_parameters(model))
-    for layer in [m for m in model.modules() if isinstance(m, QuantizedLayer)]:
-        fully_shard(layer, ignored_params=ignored, **fsdp_kwargs)
+    for unit in tied_units([m for m in model.modules() if isinstance(m, QuantizedLayer)]):
+        fully_shard(unit if len(unit) > 1 else unit[0], ignored_params=ignored, **fsdp_kwargs)
     fully_shard(model, ignored_params=ignored, **fsdp_kwargs)
     return keep_ranks_in_step(model)
+
+
+def tied_units(modules: list[nn.Module]) -> list[list[nn.Module]]:
+    """``modules`` grouped so that modules sharing a parameter (a language model's embedding and its
+    tied head) are in one group, in first-seen order: FSDP2 needs them in one ``fully_shard`` unit."""
+    groups: list[list[nn.Module]] = []
+    owner: dict[int, list[nn.Module]] = {}  # a parameter's id → its group
+    for module in modules:
+        found = [owner[id(p)] for p in module.parameters() if id(p) in owner]
+        group = found[0] if found else []
+        for other in found[1:]:  # a module that ties two groups merges them
+            if other is not group:
+                group.extend(other)
+                groups.remove(other)
+        if not found:
+            groups.append(group)
+        group.append(module)
+        for member in group:
+            for p in member.parameters():
+                owner[id(p)] = group
+    return groups
 
 
 def check_sharding(model: nn.Module) -> None:
     """Refuse tensor parallelism: a quantized layer whose weight is still a ``DTensor`` with its
     ``fully_shard`` unit gathered is split across ranks inside its forward too, where a per-tensor,
-    per-channel or per-group range would be taken over a part of the weight. A model with no
-    ``DTensor`` parameter passes at no cost."""
+    per-channel or per-group range would be taken over a part of the weight. A model of plain
+    tensors passes at no cost; a sharded one has each unit gathered once (collective)."""
+    if not dist.is_available():
+        return
     from torch.distributed.tensor import DTensor
 
     if not any(isinstance(p, DTensor) for p in model.parameters()):
@@ -154,11 +178,18 @@ def check_sharding(model: nn.Module) -> None:
                        "tensor_parallel_size=1)), or leave the layer out of the recipe (skip)")
 
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that ``fully_shard`` was applied to (none when it is not sharded)."""
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` (never, where torch has no ``torch.distributed``)."""
+    if not dist.is_available():
+        return False
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return isinstance(module, FSDPModule)
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` was applied to (none when it is not sharded)."""
+    return [m for m in model.modules() if _is_fsdp_unit(m)]
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
@@ -170,14 +201,12 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
     collective: on a sharded model every rank must run the loop to its end. On any other model it
     is ``named_modules`` filtered to quantized layers.
     """
-    from torch.distributed.fsdp import FSDPModule
-
     owners: dict[str, nn.Module] = {}  # a module's name → the nearest fully_shard unit at or above it
     current: nn.Module | None = None
     try:
         for name, module in model.named_modules():
             parent = owners.get(name.rpartition(".")[0]) if name else None
-            owners[name] = module if isinstance(module, FSDPModule) else parent
+            owners[name] = module if _is_fsdp_unit(module) else parent
             if not isinstance(module, QuantizedLayer):
                 continue
             if owners[name] is not current:
