@@ -106,6 +106,21 @@ BUILDER = {"builder int4 (default: symmetric RTN)": [],
            "builder k_quant_mixed (int8 head and sensitive layers)": ["algo_config=k_quant_mixed"]}
 
 
+def smollm2_data(window: int, count: int) -> tuple[Path, dict[str, list[np.ndarray]], list[torch.Tensor], list[int]]:
+    """The packaged SmolLM2's GGUF file (its tokenizer too); the texts perplexity is taken on (``count``
+    windows of ``window`` tokens of the held-out pydoc split and of Python's ``LICENSE.txt``); 4
+    calibration windows of 256 tokens and the token ids of the pydoc training split."""
+    gguf = Path(resolve_model(MODEL))
+    tokenizer = load_tokenizer(gguf)
+    corpus = pydoc_corpus()
+    license_text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
+    texts = {"pydoc held-out": windows(tokenizer.encode(corpus.text("test")), window, count),
+             "LICENSE.txt": windows(tokenizer.encode(license_text), window, count)}
+    train_ids = tokenizer.encode(corpus.text("train"))
+    calibration = [torch.from_numpy(c[None]) for c in windows(train_ids, 256, 4)]
+    return gguf, texts, calibration, train_ids
+
+
 def windows(ids: list[int], length: int, count: int) -> list[np.ndarray]:
     usable = len(ids) // length
     return [np.asarray(ids[i * length:(i + 1) * length], dtype=np.int64) for i in range(min(usable, count))]
@@ -225,13 +240,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    gguf = Path(resolve_model(MODEL))
-    tokenizer = load_tokenizer(gguf)
-    corpus = pydoc_corpus()
-    license_text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
-    texts = {"pydoc held-out": windows(tokenizer.encode(corpus.text("test")), args.window, args.windows),
-             "LICENSE.txt": windows(tokenizer.encode(license_text), args.window, args.windows)}
-    calibration = [torch.from_numpy(c[None]) for c in windows(tokenizer.encode(corpus.text("train")), 256, 4)]
+    gguf, texts, calibration, train_ids = smollm2_data(args.window, args.windows)
     float_model = hf_model(MODEL, AutoModelForCausalLM).eval()
 
     rows, folders = [], {}
@@ -302,7 +311,6 @@ def main() -> None:
             for fmt in {r["format"] for r in measured}}  # format → its best PTQ row
 
     if args.qat_steps:
-        train_ids = tokenizer.encode(corpus.text("train"))
         name = f"float fine-tuned ({args.qat_steps} steps)"
         if not cached(name, args.work / f"float-ft{args.qat_steps}"):
             tuned = fine_tune(copy.deepcopy(float_model), train_ids, args, None)

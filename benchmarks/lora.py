@@ -28,22 +28,18 @@ import copy
 import datetime
 import shlex
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
 import onnxruntime_genai as og
 import peft
 import torch
-from llm_genai import INPUT_RTOL, INT8_BLOCKS, MODEL, W4G32, W4PC, windows
+from llm_genai import INPUT_RTOL, INT8_BLOCKS, MODEL, W4G32, W4PC, smollm2_data
 from overhead import LiveTensorBytes
 from results_md import cpu_description, write_block
 from transformers import AutoModelForCausalLM
 
 import qat
-from qat.app.data.corpus import pydoc_corpus
-from qat.app.data.tokenizer import load_tokenizer
-from qat.app.models import resolve_model
 from qat.app.tasks.language_model import hf_model
 from qat.export.genai import runtime_perplexity
 
@@ -125,14 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
 
-    gguf = Path(resolve_model(MODEL))
-    tokenizer = load_tokenizer(gguf)
-    corpus = pydoc_corpus()
-    license_text = (Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt").read_text()
-    texts = {"pydoc held-out": windows(tokenizer.encode(corpus.text("test")), args.window, args.windows),
-             "LICENSE.txt": windows(tokenizer.encode(license_text), args.window, args.windows)}
-    calibration = [torch.from_numpy(c[None]) for c in windows(tokenizer.encode(corpus.text("train")), 256, 4)]
-    train_ids = tokenizer.encode(corpus.text("train"))
+    gguf, texts, calibration, train_ids = smollm2_data(args.window, args.windows)
     base = hf_model(MODEL, AutoModelForCausalLM).eval()
 
     def perplexities(model: torch.nn.Module, folder: Path) -> dict[str, float]:

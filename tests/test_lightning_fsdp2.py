@@ -46,7 +46,7 @@ def runs(tmp_path_factory) -> Path:
 
 def single_process(kind: str) -> tuple[Recorder, pl.LightningModule]:
     """The same run in one process, with each step's batch the two ranks' batches together."""
-    _, arguments, recipe, schedule, _ = RUNS[kind]
+    _, arguments, recipe, schedule, _, _ = RUNS[kind]
     pl.seed_everything(0, verbose=False)
     module = LitLlama(batch_size=16, **arguments) if kind.startswith("llama") else LitClassifier(batch_size=32, **arguments)
     recorder = Recorder()
@@ -59,7 +59,7 @@ def single_process(kind: str) -> tuple[Recorder, pl.LightningModule]:
 @pytest.mark.parametrize("kind", list(RUNS))
 def test_ranks_agree_after_every_step(runs, kind):
     rank0, rank1 = (torch.load(runs / f"{kind}-rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert len(rank0["states"]) == len(rank1["states"]) == 6
+    assert len(rank0["states"]) == len(rank1["states"]) == 6  # training batches (the accumulating run: 3 steps)
     for step, (a, b) in enumerate(zip(rank0["states"], rank1["states"], strict=True)):
         assert a.keys() == b.keys() and any(k.endswith("weight_quantizer.observer.min_val") for k in a)
         for key in a:

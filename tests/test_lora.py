@@ -91,3 +91,32 @@ def test_quantizers_of_a_lora_layer_are_the_layers_own():
     names = [name for name, module in model.named_modules() if isinstance(module, Quantizer)]
     assert "base_model.model.model.layers.0.self_attn.q_proj.weight_quantizer" in names
     assert not any(".base_layer." in name for name in names)
+
+
+def test_the_callback_trains_a_lightning_module_that_holds_a_peft_model():
+    import lightning.pytorch as pl
+    from lightning_models import TokenData, trainer
+    from torch.utils.data import DataLoader
+
+    from qat.lightning import QuantizationAwareTraining
+
+    class LitLoRA(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = lora_llama()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
+
+        def train_dataloader(self):
+            return DataLoader(TokenData(16), batch_size=4)
+
+    module = LitLoRA()
+    base = module.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    trainer(max_steps=3, callbacks=[QuantizationAwareTraining(RECIPE, print_summary=False)]).fit(module)
+    layer = module.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLoRALinear) and layer.weight_quantizer.calibrated
+    assert torch.equal(layer.base_layer.weight, base)

@@ -16,7 +16,7 @@ from torch import nn
 import qat
 from qat.core.quantizer import Quantizer
 from qat.errors import QATError
-from qat.training.sharding import fully_shard_prepared, quantizer_parameters
+from qat.training.sharding import fully_shard_prepared, quantizer_parameters, tied_units
 
 RECIPE = {"weight": {"bits": 4, "learnable": True}}
 """Learnable weight scales: replicated, their gradients averaged. (A learnable *activation* scale's LSQ
@@ -82,6 +82,16 @@ def test_fsdp2_ranks_agree_and_match_one_process(tmp_path):
                 step, key, float((ranks[0]["states"][step][key] - value).abs().max()), float(value.abs().max()))
     for name, weight in ranks[0]["weights"].items():
         assert torch.allclose(weight, dict(model.named_parameters())[name].detach(), rtol=1e-5, atol=1e-6), name
+
+
+def test_layers_that_share_a_parameter_make_one_unit():
+    embedding, head, other = nn.Embedding(8, 4), nn.Linear(4, 8, bias=False), nn.Linear(4, 4)
+    head.weight = embedding.weight  # a language model's tied head
+    assert tied_units([embedding, other, head]) == [[embedding, head], [other]]
+    bridge = nn.Linear(4, 4)
+    bridge.bias = other.bias  # a module that ties two groups merges them
+    bridge.weight = embedding.weight
+    assert tied_units([embedding, other, bridge]) == [[embedding, other, bridge]]
 
 
 def test_sharding_needs_a_process_group_and_sets_ignored_params_itself():

@@ -109,7 +109,7 @@ def check_strategy(strategy: Any) -> None:
     if isinstance(strategy, FSDPStrategy) or (isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3):
         raise QATError(f"QuantizationAwareTraining does not support {type(strategy).__name__}: it flattens or partitions "
                        "quantizer state with the weights. Shard with FSDP2 instead: ModelParallelStrategy(data_parallel_size=N, "
-                       "tensor_parallel_size=1) and qat.training.sharding.fully_shard_prepared(self, "
+                       "tensor_parallel_size=1) and qat.training.sharding.fully_shard_prepared(<the module's model>, "
                        "mesh=self.device_mesh['data_parallel']) in configure_model(); or strategy='ddp', or DeepSpeed ZeRO stage 1/2")
 
 

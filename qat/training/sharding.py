@@ -91,8 +91,7 @@ def keep_ranks_in_step(model: nn.Module) -> nn.Module:
     - each BatchNorm's running statistics are averaged across ranks after every training forward
       (DDP copies rank 0's buffers instead), so every rank folds the same weight and its weight
       quantizer sees the same numbers. As under DDP, each rank still normalises its own share of
-      the batch with that share's statistics (``nn.SyncBatchNorm``, GPU only, shares them).
-
+      the batch with that share's statistics (``nn.SyncBatchNorm``, GPU only, shares them);
     - every weight observer observes every forward: FSDP2 refills a gathered weight in place
       without moving its version counter, so "the same parameter, unchanged" cannot be told, and a
       rank whose gathered weight landed at the same address would keep a stale range.

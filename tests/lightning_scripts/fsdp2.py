@@ -64,12 +64,14 @@ SGD = {"optimizer": "sgd", "lr": 0.5}
 """The Llama compared with one process trains with SGD: AdamW divides each gradient by the root of its running square,
 so an element whose gradient is near zero would step by up to the learning rate in a direction float noise sets."""
 
-RUNS = {  # module, its arguments, recipe, schedule, sharded checkpoint (else one full file)
-    "llama": (ShardedLlama, {}, LLAMA_RECIPE, SCHEDULE, True),
-    "cnn": (ShardedCNN, {}, CNN_RECIPE, SCHEDULE, False),
-    "llama-affine": (ShardedLlama, SGD, affine(LLAMA_RECIPE), SCHEDULE, True),
+RUNS = {  # module, its arguments, recipe, schedule, sharded checkpoint (else one full file), Trainer options
+    "llama": (ShardedLlama, {}, LLAMA_RECIPE, SCHEDULE, True, {}),
+    "cnn": (ShardedCNN, {}, CNN_RECIPE, SCHEDULE, False, {}),
+    # two micro-batches a step: the fake-quantized weights are made again for each (no reuse under FSDP2)
+    "llama-accumulate": (ShardedLlama, {}, LLAMA_RECIPE, SCHEDULE, True, {"accumulate_grad_batches": 2}),
+    "llama-affine": (ShardedLlama, SGD, affine(LLAMA_RECIPE), SCHEDULE, True, {}),
     # BatchNorm statistics frozen from the start, so each rank's share of the batch is normalised as the whole batch is:
-    "cnn-frozen-bn": (ShardedCNN, {}, CNN_RECIPE, {**SCHEDULE, "freeze_bn_at": 0}, False),
+    "cnn-frozen-bn": (ShardedCNN, {}, CNN_RECIPE, {**SCHEDULE, "freeze_bn_at": 0}, False, {}),
 }
 RESUMED = ("llama", "cnn")
 
@@ -91,14 +93,15 @@ class Recorder(Callback):
 
 
 def run(kind: str, folder: Path, ckpt_path: str | None = None) -> None:
-    module_cls, arguments, recipe, schedule, sharded_checkpoint = RUNS[kind]
+    module_cls, arguments, recipe, schedule, sharded_checkpoint, options = RUNS[kind]
     pl.seed_everything(0, verbose=False)
     module = module_cls(**arguments)
     recorder = Recorder()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=sharded_checkpoint)
     checkpoints = ModelCheckpoint(dirpath=folder / kind, every_n_epochs=1, save_top_k=-1)
     fit = trainer(strategy=strategy, devices=2, max_epochs=3, limit_val_batches=1, enable_checkpointing=True, use_distributed_sampler=False,
-                  callbacks=[QuantizationAwareTraining(recipe, schedule=schedule, print_summary=False), recorder, checkpoints])
+                  callbacks=[QuantizationAwareTraining(recipe, schedule=schedule, print_summary=False), recorder, checkpoints],
+                  **options)
     fit.fit(module, ckpt_path=ckpt_path)
     # collective: the whole model and optimizer state, on rank 0
     model, optimizer = get_state_dict(fit.strategy.model, fit.optimizers[0],
