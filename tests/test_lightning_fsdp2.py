@@ -22,6 +22,7 @@ from lightning_models import LitClassifier, LitLlama, TokenData, image_data, tra
 from test_lightning_resume import _equal
 
 import qat
+from qat.app.cli import main
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
 
 SCRIPT = Path(__file__).parent / "lightning_scripts" / "fsdp2.py"
@@ -107,6 +108,12 @@ def test_load_checkpoint_gathers_the_run_and_its_export_verifies(runs, kind, tmp
     _equal({k: v for k, v in final.items() if isinstance(v, torch.Tensor)},
            {k: v for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}, "model")
     assert module.model.lm_head.weight_quantizer.observer_enabled if kind == "llama" else module.model.conv1.bn_frozen
-    inputs = {"input_ids": TokenData(2, seed=3).ids} if kind == "llama" else (image_data(4, seed=3).tensors[0],)
-    result = qat.export_onnx(module.eval(), inputs, tmp_path / f"{kind}.onnx", artifacts=["ort"])
-    assert result.ort.path.is_file() and result.ort.integer_weights  # export_onnx raises when ORT parts from PyTorch
+    if kind == "cnn":
+        result = qat.export_onnx(module.eval(), (image_data(4, seed=3).tensors[0],), tmp_path / "cnn.onnx", artifacts=["ort"])
+        assert result.ort.path.is_file() and result.ort.integer_weights  # export_onnx raises when ORT parts from PyTorch
+    else:  # the command line, from the folder of shards
+        inputs = tmp_path / "inputs.pt"
+        torch.save({"input_ids": TokenData(2, seed=3).ids}, inputs)
+        assert main(["export", "--model", "lightning_models:LitLlama", "--checkpoint", str(checkpoint), "--inputs", str(inputs),
+                     "-o", str(tmp_path / "llama.onnx"), "--artifacts", "ort"]) == 0
+        assert (tmp_path / "llama.ort.onnx").is_file()
