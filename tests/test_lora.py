@@ -120,3 +120,16 @@ def test_the_callback_trains_a_lightning_module_that_holds_a_peft_model():
     layer = module.model.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantLoRALinear) and layer.weight_quantizer.calibrated
     assert torch.equal(layer.base_layer.weight, base)
+
+
+def test_export_genai_takes_the_peft_model_and_stores_the_merged_weights(tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    from test_export_genai import byte_tokenizer, tiny_llama
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS, init_lora_weights=False)
+    model = qat.prepare(peft.get_peft_model(tiny_llama(), lora),
+                        {"weight": {"bits": 4, "granularity": "per_group", "group_size": 32}, "activation": None})
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    qat.calibrate(model, [{"input_ids": ids}], progress=False)
+    result = qat.export_genai(model, tmp_path / "out", tokenizer=byte_tokenizer())  # checks the runtime against PyTorch
+    assert result.layers["base_model.model.model.layers.0.self_attn.q_proj"]["op"] == "MatMulNBits"

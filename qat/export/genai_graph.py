@@ -48,7 +48,9 @@ INT8_COMPUTE, FLOAT_COMPUTE = 4, 0
 def causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal language model in ``model`` (itself, or a submodule: a
     LightningModule's), checked to be of a supported family."""
-    found = next((m for m in model.modules() if hasattr(m, "config") and hasattr(m, "lm_head")), None)
+    found = next((m for m in model.modules() if hasattr(m, "config") and hasattr(m, "lm_head")
+                  and hasattr(getattr(m, "model", None), "layers")), None)  # not a wrapper that forwards both (peft's)
+    found = found or next((m for m in model.modules() if hasattr(m, "config") and hasattr(m, "lm_head")), None)
     if found is None:
         raise QATError(f"export_genai needs a Hugging Face causal language model (…ForCausalLM); found none in {type(model).__name__}")
     model_type = getattr(found.config, "model_type", None)
@@ -157,14 +159,15 @@ class DecoderGraph:
 
     def projection(self, module: nn.Module) -> _Projection:
         name = self.name(module)
-        bias = None if getattr(module, "bias", None) is None else _numpy(module.bias)
+        # a quantized layer's own float weight and bias: a LoRA layer's merged weight (qat.modules.lora)
+        weight, bias = module.float_weight_bias() if isinstance(module, QuantizedLayer) else (module.weight, module.bias)
+        bias = None if bias is None else _numpy(bias)
         if not _quantized_weight(module):
             if getattr(module, "input_quantizer", None) is not None and module.input_quantizer.fake_quant_enabled:
                 raise QATError(f"layer `{name}`: a float weight with a quantized input has no ONNX Runtime kernel in this graph; "
                                "quantize its weight too, or leave its input float")
-            return _Projection(name, None, FLOAT_COMPUTE, _numpy(module.weight).T.copy(), bias)
+            return _Projection(name, None, FLOAT_COMPUTE, _numpy(weight).T.copy(), bias)
         act = activation_block(name, module)
-        weight = module.weight
         block = block_size_for(name, module.weight_quantizer, weight.shape[1], act)
         blocked = blocked_weight(name, weight, module.weight_quantizer, block)
         return _Projection(name, blocked, FLOAT_COMPUTE if act is None else INT8_COMPUTE, None, bias)
