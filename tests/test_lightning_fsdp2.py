@@ -25,9 +25,9 @@ import qat
 from qat.app.cli import main
 from qat.lightning import QuantizationAwareTraining, load_checkpoint
 
-SCRIPT = Path(__file__).parent / "lightning_scripts" / "fsdp2.py"
+SCRIPT = Path(__file__).parent / "lightning_scripts" / "sharded.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from fsdp2 import RESUMED, RUNS, Recorder  # noqa: E402
+from sharded import RESUMED, RUNS, Recorder  # noqa: E402
 
 WEIGHT_ATOL = {"llama-affine": 1e-4, "cnn-frozen-bn": 1e-6}
 """Final weights and quantizer state against one process (test_matches_one_process_on_the_global_batch says why)."""

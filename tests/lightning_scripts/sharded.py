@@ -1,10 +1,10 @@
 """Train the tiny Llama and CNN under FSDP2 (ModelParallelStrategy, 2 CPU ranks, gloo) with the QAT
 callback. Lightning re-runs this script for rank 1.
 
-    python fsdp2.py fit OUT      3 epochs (6 steps); every rank saves its quantizer state and loss after
+    python sharded.py fit OUT      3 epochs (6 steps); every rank saves its quantizer state and loss after
                                  every step, rank 0 the whole final state; a checkpoint after every epoch
                                  (the Llama's sharded, the CNN's one full file)
-    python fsdp2.py resume OUT   the same runs resumed from the epoch-2 checkpoints in new processes
+    python sharded.py resume OUT   the same runs resumed from the epoch-2 checkpoints in new processes
 
 See tests/test_lightning_fsdp2.py.
 """
