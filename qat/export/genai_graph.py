@@ -48,9 +48,9 @@ INT8_COMPUTE, FLOAT_COMPUTE = 4, 0
 def causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal language model in ``model`` (itself, or a submodule: a
     LightningModule's), checked to be of a supported family."""
-    found = next((m for m in model.modules() if hasattr(m, "config") and hasattr(m, "lm_head")
-                  and hasattr(getattr(m, "model", None), "layers")), None)  # not a wrapper that forwards both (peft's)
-    found = found or next((m for m in model.modules() if hasattr(m, "config") and hasattr(m, "lm_head")), None)
+    candidates = [m for m in model.modules() if hasattr(m, "config") and hasattr(m, "lm_head")]
+    # the one that holds the decoder layers, not a wrapper that forwards config and lm_head to it (peft's)
+    found = next((m for m in candidates if hasattr(getattr(m, "model", None), "layers")), candidates[0] if candidates else None)
     if found is None:
         raise QATError(f"export_genai needs a Hugging Face causal language model (…ForCausalLM); found none in {type(model).__name__}")
     model_type = getattr(found.config, "model_type", None)

@@ -50,7 +50,7 @@ from qat.training.calibrate import record_calibration_clipping, warn_untrained_b
 from qat.training.clipping import ClipTracker
 from qat.training.control import evaluating, quantizers, set_weight_reuse
 from qat.training.schedule import MAX_POSITION, Phase, QATSchedule
-from qat.training.sharding import check_sharding, fsdp_modules, keep_ranks_in_step
+from qat.training.sharding import check_sharding, is_sharded, keep_ranks_in_step
 
 CHECKPOINT_KEY = "qat"
 """Where the recipe, folded pairs and schedule live in a Lightning checkpoint."""
@@ -280,7 +280,7 @@ class QuantizationAwareTraining(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keep_quantizers_fp32(pl_module)
         check_sharding(pl_module)
-        self._sharded = bool(fsdp_modules(pl_module))  # configure_model applied fully_shard (ModelParallelStrategy)
+        self._sharded = is_sharded(pl_module)  # configure_model applied fully_shard (ModelParallelStrategy)
         if self._sharded:
             keep_ranks_in_step(pl_module)
         # micro-batches between two optimizer steps share their weights: fake-quantize them once (not under FSDP2,

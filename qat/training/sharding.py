@@ -186,9 +186,9 @@ def _is_fsdp_unit(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` that ``fully_shard`` was applied to (none when it is not sharded)."""
-    return [m for m in model.modules() if _is_fsdp_unit(m)]
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` or to any module in it."""
+    return any(_is_fsdp_unit(m) for m in model.modules())
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
